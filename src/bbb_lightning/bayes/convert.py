@@ -1,0 +1,140 @@
+"""``bayesianize``: give every parameter of any ``nn.Module`` a variational posterior."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from fnmatch import fnmatchcase
+from typing import Any
+
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .layers import BAYESIAN_LAYERS, BayesianLayer, check_estimator
+from .posteriors import MeanFieldNormal, VariationalPosterior, named_posteriors
+from .priors import GaussianPrior, Prior
+
+__all__ = ["bayesianize", "is_bayesian"]
+
+
+def is_bayesian(net: nn.Module) -> bool:
+    """Whether ``net`` holds at least one variational tensor."""
+    return next(named_posteriors(net), None) is not None
+
+
+def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
+    if include is not None and not any(fnmatchcase(name, pattern) for pattern in include):
+        return False
+    return not (exclude and any(fnmatchcase(name, pattern) for pattern in exclude))
+
+
+def _check_untied(net: nn.Module) -> None:
+    seen: dict[int, str] = {}
+    for name, parameter in net.named_parameters(remove_duplicate=False):
+        if id(parameter) in seen:
+            raise ValueError(
+                f"parameters {seen[id(parameter)]!r} and {name!r} are tied (one tensor); "
+                "bayesianize cannot give a shared tensor one posterior: untie them or exclude one"
+            )
+        seen[id(parameter)] = name
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def bayesianize(
+    net: nn.Module,
+    prior: Prior | None = None,
+    posterior: Callable[..., VariationalPosterior] = MeanFieldNormal,
+    estimator: str = "reparameterization",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> nn.Module:
+    """Make the parameters of ``net`` variational, in place, and return ``net``.
+
+    Every ``nn.Linear`` and ``nn.Conv{1,2,3}d`` child (exact type) becomes a
+    :class:`~bbb_lightning.bayes.layers.BayesianLayer` with the chosen ``estimator``; every other
+    parameter (norm layers, embeddings, raw ``nn.Parameter`` attributes, a bare root layer) is
+    backed by a posterior through ``torch.nn.utils.parametrize`` and drawn by weight
+    reparameterization once per forward pass of ``net`` (``parametrize.cached``). The current
+    values become the posterior means, so a pretrained network starts where it was.
+
+    Args:
+        net: any module.
+        prior: p(w) for every tensor (default N(0, 1)); ``prior.for_parameter`` may specialise it.
+        posterior: builds q for one tensor, called as ``posterior(initial_value, prior=...)``:
+            a :class:`VariationalPosterior` class or a ``functools.partial`` of one.
+        estimator: ``"reparameterization"``, ``"local"`` or ``"flipout"`` for Linear/Conv layers.
+        include: glob patterns on parameter names (``"fc.*"``, ``"*.weight"``); default all.
+        exclude: glob patterns of parameters that stay deterministic.
+
+    Trainable tensors are named ``<layer>.weight_posterior.mu`` / ``.rho`` in Bayesian layers
+    and ``<module>.parametrizations.<name>.0.mu`` / ``.rho`` elsewhere;
+    :func:`~bbb_lightning.bayes.named_posteriors` lists them under their original names.
+
+    Example:
+        >>> net = bayesianize(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2)))
+        >>> [name for name, _ in named_posteriors(net)]
+        ['0.weight', '0.bias', '1.weight', '1.bias', '2.weight', '2.bias']
+    """
+    check_estimator(estimator)
+    if is_bayesian(net):
+        raise ValueError("the network is already Bayesian; bayesianize it only once")
+    _check_untied(net)
+    prior = GaussianPrior(0.0, 1.0) if prior is None else prior
+
+    def make_posterior(value: Tensor) -> VariationalPosterior:
+        return posterior(value, prior=prior.for_parameter(value))
+
+    def selected(name: str) -> bool:
+        return _selected(name, include, exclude)
+
+    for prefix, module in list(net.named_modules()):
+        for child_name, child in list(module.named_children()):
+            layer_type = BAYESIAN_LAYERS.get(type(child))
+            path = _join(prefix, child_name)
+            if layer_type is not None and selected(_join(path, "weight")):
+                bias_selected = child.bias is not None and selected(_join(path, "bias"))
+                layer = layer_type.__new__(layer_type)
+                BayesianLayer.__init__(layer, child, make_posterior, estimator, bias_selected)
+                setattr(module, child_name, layer)
+
+    parametrized = False
+    for prefix, module in list(net.named_modules()):
+        if isinstance(module, BayesianLayer | VariationalPosterior | Prior):
+            continue
+        for name, value in list(module.named_parameters(recurse=False)):
+            if selected(_join(prefix, name)):
+                parametrize.register_parametrization(module, name, make_posterior(value))
+                parametrized = True
+    if parametrized:
+        _install_parametrization_cache(net)
+    return net
+
+
+# One draw per forward pass of the root: every read of a parametrized tensor inside it sees the
+# same sample (as in ``parametrize.cached()``), and the Monte Carlo KL sees that sample too.
+_open_caches: list[Any] = []
+
+
+def _enter_cache(module: nn.Module, args: Any) -> None:
+    cache = parametrize.cached()
+    cache.__enter__()
+    _open_caches.append(cache)
+
+
+def _exit_cache(module: nn.Module, args: Any, output: Any) -> None:
+    _open_caches.pop().__exit__(None, None, None)
+
+
+def _install_parametrization_cache(net: nn.Module) -> None:
+    net.register_forward_pre_hook(_enter_cache)
+    net.register_forward_hook(_exit_cache, always_call=True)
+
+
+def remove_parametrization_cache(net: nn.Module) -> None:
+    """Undo :func:`_install_parametrization_cache` (used when the network becomes plain again)."""
+    for hooks, hook in ((net._forward_pre_hooks, _enter_cache), (net._forward_hooks, _exit_cache)):
+        for key in [key for key, value in hooks.items() if value is hook]:
+            del hooks[key]
+            net._forward_hooks_always_called.pop(key, None)

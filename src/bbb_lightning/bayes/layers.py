@@ -1,0 +1,372 @@
+"""Bayesian Linear and Conv{1,2,3}d layers with three gradient estimators.
+
+For an affine map a = W x + b with a factorised Gaussian q(W) = N(mu, sigma^2):
+
+- ``"reparameterization"``: one draw W = mu + sigma * eps, eps ~ N(0, I), per forward pass,
+  shared by the whole minibatch (Blundell et al. 2015).
+- ``"local"``: local reparameterization (Kingma et al. 2015). The pre-activations of each
+  example are drawn directly from their exact marginal,
+  a ~ N(mu x + mu_b, sigma^2 x^2 + sigma_b^2) (squares elementwise), so every example gets
+  independent noise and the gradient variance drops. No weight is ever drawn.
+- ``"flipout"`` (Wen et al. 2018): one shared perturbation dW = sigma * eps, decorrelated
+  across examples by random signs, a_n = mu x_n + ((x_n * s_n) dW^T) * r_n with s_n, r_n
+  uniform in {-1, +1} per input and output channel. Each example sees the valid weight draw
+  mu + dW * r_n s_n^T.
+
+All three give each pre-activation the same mean and variance; they differ in how the noise
+is correlated across examples, hence in gradient variance and cost.
+
+Several posterior samples in one call (:func:`~bbb_lightning.bayes.sample_forward`) are
+folded into the batch dimension: under ``"local"`` every row already gets independent noise;
+under ``"reparameterization"`` the layer draws one weight per sample, and under ``"flipout"``
+one perturbation dW per sample (a shared dW would leave the S copies of an example differing
+only by random signs), and runs one batched matmul (``torch.baddbmm``) or grouped convolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .posteriors import MeanFieldNormal, VariationalPosterior
+from .priors import Prior
+
+__all__ = [
+    "ESTIMATORS",
+    "BayesianConv1d",
+    "BayesianConv2d",
+    "BayesianConv3d",
+    "BayesianLayer",
+    "BayesianLinear",
+    "folded_samples",
+]
+
+ESTIMATORS = ("reparameterization", "local", "flipout")
+
+# Variances below this are clamped before the square root, so that an input row of zeros
+# (e.g. a dead ReLU layer) never produces an infinite gradient of sqrt at 0.
+_MIN_VARIANCE = 1e-12
+
+_NUM_FOLDED_SAMPLES: ContextVar[int] = ContextVar("bbb_num_folded_samples", default=1)
+
+
+@contextmanager
+def folded_samples(num_samples: int) -> Iterator[None]:
+    """Within this block, a batch holds ``num_samples`` posterior samples folded as (S*B, ...)."""
+    token = _NUM_FOLDED_SAMPLES.set(num_samples)
+    try:
+        yield
+    finally:
+        _NUM_FOLDED_SAMPLES.reset(token)
+
+
+def check_estimator(estimator: str) -> str:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}")
+    return estimator
+
+
+def _random_signs(reference: Tensor, channel_dim: int) -> Tensor:
+    """Rademacher signs, one per example and channel, broadcast over all other dimensions."""
+    shape = [1] * reference.dim()
+    shape[0] = reference.shape[0]
+    shape[channel_dim] = reference.shape[channel_dim]
+    signs = torch.empty(shape, dtype=reference.dtype, device=reference.device).bernoulli_(0.5)
+    return signs.mul_(2).sub_(1)
+
+
+PosteriorBuilder = Callable[[Tensor], VariationalPosterior]
+
+
+class BayesianLayer(nn.Module):
+    """Shared machinery of the Bayesian affine layers.
+
+    Holds ``weight_posterior`` and either ``bias_posterior`` (variational bias) or a plain
+    ``bias`` parameter (deterministic, or ``None``). Subclasses say how to apply the affine map.
+    """
+
+    PLAIN: ClassVar[type[nn.Module]]
+    CHANNEL_DIM: ClassVar[int]
+
+    bias: nn.Parameter | None
+
+    def __init__(
+        self,
+        plain: nn.Module,
+        make_posterior: PosteriorBuilder,
+        estimator: str,
+        variational_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.estimator = check_estimator(estimator)
+        self.plain_config = self._config_of(plain)
+        self.weight_posterior = make_posterior(plain.weight)
+        plain_bias = plain.bias
+        if plain_bias is not None and variational_bias:
+            self.bias_posterior: VariationalPosterior | None = make_posterior(plain_bias)
+            self.register_parameter("bias", None)
+        else:
+            self.bias_posterior = None
+            self.bias = None if plain_bias is None else nn.Parameter(plain_bias.detach().clone())
+        if estimator != "reparameterization":
+            for q in (self.weight_posterior, self.bias_posterior):
+                if q is not None and not isinstance(q, MeanFieldNormal):
+                    raise TypeError(
+                        f"estimator {estimator!r} needs a Gaussian (MeanFieldNormal) posterior, "
+                        f"got {type(q).__name__}; use estimator='reparameterization'"
+                    )
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        prior: Prior,
+        posterior: Callable[..., VariationalPosterior] = MeanFieldNormal,
+        estimator: str = "reparameterization",
+        variational_bias: bool = True,
+    ) -> BayesianLayer:
+        """The Bayesian counterpart of ``module``; its weights become the posterior means."""
+        layer = cls.__new__(cls)
+        BayesianLayer.__init__(
+            layer,
+            module,
+            lambda value: posterior(value, prior=prior.for_parameter(value)),
+            estimator,
+            variational_bias,
+        )
+        return layer
+
+    # -- what subclasses define -------------------------------------------------------------
+    @staticmethod
+    def _config_of(plain: nn.Module) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _affine(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def _affine_per_sample(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """x folds S samples as (S*B, ...); ``weight`` is (S, *weight_shape), ``bias`` (S, out)."""
+        raise NotImplementedError
+
+    # -- the estimators ---------------------------------------------------------------------
+    def _bias_mean(self) -> Tensor | None:
+        return self.bias if self.bias_posterior is None else self.bias_posterior.mean
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.weight_posterior.frozen:
+            return self._affine(x, self.weight_posterior.mean, self._bias_mean())
+        if self.estimator == "local":
+            return self._local_reparameterization(x)
+        if self.estimator == "flipout":
+            return self._flipout(x)
+        num_samples = _NUM_FOLDED_SAMPLES.get()
+        if num_samples == 1:
+            bias = self.bias if self.bias_posterior is None else self.bias_posterior()
+            return self._affine(x, self.weight_posterior(), bias)
+        return self._reparameterization_per_sample(x, num_samples)
+
+    def _reparameterization_per_sample(self, x: Tensor, num_samples: int) -> Tensor:
+        if x.shape[0] % num_samples:
+            raise ValueError(
+                f"a batch of {x.shape[0]} rows cannot hold {num_samples} folded samples"
+            )
+        weight = self.weight_posterior.rsample((num_samples,))
+        self.weight_posterior.last_sample = weight
+        if self.bias_posterior is not None:
+            bias: Tensor | None = self.bias_posterior.rsample((num_samples,))
+            self.bias_posterior.last_sample = bias
+        else:
+            bias = None if self.bias is None else self.bias.expand(num_samples, -1)
+        return self._affine_per_sample(x, weight, bias)
+
+    def _local_reparameterization(self, x: Tensor) -> Tensor:
+        weight_q, bias_q = self.weight_posterior, self.bias_posterior
+        assert isinstance(weight_q, MeanFieldNormal)
+        mean = self._affine(x, weight_q.mu, self._bias_mean())
+        bias_var = None
+        if isinstance(bias_q, MeanFieldNormal):
+            bias_var = bias_q.scale.square()
+            bias_q.last_sample = None
+        variance = self._affine(x.square(), weight_q.scale.square(), bias_var)
+        weight_q.last_sample = None
+        return mean + variance.clamp_min(_MIN_VARIANCE).sqrt() * torch.randn_like(mean)
+
+    def _flipout(self, x: Tensor) -> Tensor:
+        weight_q, bias_q = self.weight_posterior, self.bias_posterior
+        assert isinstance(weight_q, MeanFieldNormal)
+        # One shared perturbation per posterior sample: with S samples folded in the batch, the
+        # S copies of an example must not share dW (they would only differ by random signs).
+        num_samples = _NUM_FOLDED_SAMPLES.get()
+        if num_samples > 1 and x.shape[0] % num_samples:
+            raise ValueError(
+                f"a batch of {x.shape[0]} rows cannot hold {num_samples} folded samples"
+            )
+        sample_shape = (num_samples,) if num_samples > 1 else ()
+
+        def noise(q: MeanFieldNormal) -> Tensor:
+            return q.scale * torch.randn(
+                (*sample_shape, *q.mu.shape), dtype=q.mu.dtype, device=q.mu.device
+            )
+
+        weight_noise = noise(weight_q)
+        weight_q.last_sample = weight_q.mu + weight_noise
+        bias_noise = None
+        if isinstance(bias_q, MeanFieldNormal):
+            bias_noise = noise(bias_q)
+            bias_q.last_sample = bias_q.mu + bias_noise
+        mean = self._affine(x, weight_q.mu, self._bias_mean())
+        input_signs = _random_signs(x, self.CHANNEL_DIM)
+        affine = self._affine_per_sample if sample_shape else self._affine
+        perturbation = affine(x * input_signs, weight_noise, bias_noise)
+        return mean + perturbation * _random_signs(perturbation, self.CHANNEL_DIM)
+
+    # -- back to a plain module -------------------------------------------------------------
+    def to_plain(self, weight: Tensor, bias: Tensor | None) -> nn.Module:
+        """A plain ``nn.Linear``/``nn.ConvNd`` holding the given weight and bias."""
+        plain = self.PLAIN(
+            **self.plain_config,
+            bias=bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            plain.weight.copy_(weight)
+            if bias is not None:
+                plain.bias.copy_(bias)
+        return plain
+
+    def extra_repr(self) -> str:
+        config = ", ".join(f"{k}={v}" for k, v in self.plain_config.items())
+        return f"{config}, estimator={self.estimator!r}"
+
+
+class BayesianLinear(BayesianLayer):
+    """Bayesian ``nn.Linear``: y = x W^T + b with W, b ~ q (see the module docstring).
+
+    Example:
+        >>> from bbb_lightning.bayes.priors import GaussianPrior
+        >>> layer = BayesianLinear.from_module(nn.Linear(3, 2), GaussianPrior(), estimator="local")
+        >>> layer(torch.randn(5, 3)).shape
+        torch.Size([5, 2])
+    """
+
+    PLAIN = nn.Linear
+    CHANNEL_DIM = -1
+
+    @staticmethod
+    def _config_of(plain: nn.Module) -> dict[str, Any]:
+        return {"in_features": plain.in_features, "out_features": plain.out_features}
+
+    def _affine(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    def _affine_per_sample(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        samples = x.reshape(weight.shape[0], -1, x.shape[-1])
+        if bias is None:
+            out = torch.bmm(samples, weight.transpose(1, 2))
+        else:
+            out = torch.baddbmm(bias.unsqueeze(1), samples, weight.transpose(1, 2))
+        return out.reshape(*x.shape[:-1], weight.shape[1])
+
+
+_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class _BayesianConvNd(BayesianLayer):
+    """Bayesian ``nn.ConvNd`` with the same stride, padding (any mode), dilation and groups."""
+
+    CHANNEL_DIM = 1
+    SPATIAL_DIMS: ClassVar[int]
+
+    @staticmethod
+    def _config_of(plain: nn.Module) -> dict[str, Any]:
+        keys = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation")
+        return {
+            **{key: getattr(plain, key) for key in keys},
+            "groups": plain.groups,
+            "padding_mode": plain.padding_mode,
+        }
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+        config = self.plain_config
+        padding = config["padding"]
+        if config["padding_mode"] != "zeros":
+            x = F.pad(x, self._explicit_padding(), mode=config["padding_mode"])
+            padding = 0
+        conv = _CONV_FUNCTIONS[self.SPATIAL_DIMS]
+        return conv(x, weight, bias, config["stride"], padding, config["dilation"], groups)
+
+    def _explicit_padding(self) -> list[int]:
+        """``F.pad`` amounts for non-zero padding modes, last dimension first (as nn.ConvNd)."""
+        config = self.plain_config
+        padding = config["padding"]
+        if isinstance(padding, str):  # 'same' (odd or even kernels) or 'valid'
+            amounts = []
+            for dilation, kernel in zip(config["dilation"], config["kernel_size"], strict=True):
+                total = 0 if padding == "valid" else dilation * (kernel - 1)
+                amounts.append((total // 2, total - total // 2))
+        else:
+            amounts = [(p, p) for p in padding]
+        return [side for pair in reversed(amounts) for side in pair]
+
+    def _affine(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return self._conv(x, weight, bias, self.plain_config["groups"])
+
+    def _affine_per_sample(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        num_samples, out_channels = weight.shape[:2]
+        batch = x.shape[0] // num_samples
+        # (S*B, C, *spatial) -> (B, S*C, *spatial): one grouped convolution over all samples.
+        grouped = x.reshape(num_samples, batch, *x.shape[1:]).transpose(0, 1)
+        grouped = grouped.reshape(batch, num_samples * x.shape[1], *x.shape[2:])
+        out = self._conv(
+            grouped,
+            weight.reshape(num_samples * out_channels, *weight.shape[2:]),
+            None if bias is None else bias.reshape(-1),
+            self.plain_config["groups"] * num_samples,
+        )
+        out = out.reshape(batch, num_samples, out_channels, *out.shape[2:]).transpose(0, 1)
+        return out.reshape(num_samples * batch, out_channels, *out.shape[3:])
+
+
+class BayesianConv1d(_BayesianConvNd):
+    """Bayesian ``nn.Conv1d``."""
+
+    PLAIN = nn.Conv1d
+    SPATIAL_DIMS = 1
+
+
+class BayesianConv2d(_BayesianConvNd):
+    """Bayesian ``nn.Conv2d``.
+
+    Example:
+        >>> from bbb_lightning.bayes.priors import GaussianPrior
+        >>> conv = BayesianConv2d.from_module(
+        ...     nn.Conv2d(1, 4, 3), GaussianPrior(), estimator="flipout"
+        ... )
+        >>> conv(torch.randn(2, 1, 8, 8)).shape
+        torch.Size([2, 4, 6, 6])
+    """
+
+    PLAIN = nn.Conv2d
+    SPATIAL_DIMS = 2
+
+
+class BayesianConv3d(_BayesianConvNd):
+    """Bayesian ``nn.Conv3d``."""
+
+    PLAIN = nn.Conv3d
+    SPATIAL_DIMS = 3
+
+
+BAYESIAN_LAYERS: dict[type[nn.Module], type[BayesianLayer]] = {
+    nn.Linear: BayesianLinear,
+    nn.Conv1d: BayesianConv1d,
+    nn.Conv2d: BayesianConv2d,
+    nn.Conv3d: BayesianConv3d,
+}

@@ -1,0 +1,214 @@
+"""Variational posteriors q(w) over one weight tensor.
+
+A posterior is an ``nn.Module`` that owns the trainable variational parameters of one tensor
+of the network and the :class:`~bbb_lightning.bayes.priors.Prior` of that tensor. Calling it
+(``posterior()``) draws w ~ q by reparameterization and remembers the draw, so that the Monte
+Carlo KL can be evaluated at the weights used in the forward pass (Blundell et al. 2015). It is
+also a valid ``torch.nn.utils.parametrize`` parametrization with no original tensors, which is
+how any ``nn.Parameter`` of any module becomes variational while the module's own ``forward``
+stays untouched.
+
+To add a posterior, subclass :class:`VariationalPosterior`: implement ``distribution``,
+``mean`` and ``rsample``; pass the class (or a ``functools.partial`` of it) as ``posterior=``
+to :func:`~bbb_lightning.bayes.bayesianize`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Distribution, Normal
+
+from .priors import Prior
+
+__all__ = [
+    "MeanFieldNormal",
+    "PosteriorFactory",
+    "VariationalPosterior",
+    "named_posteriors",
+    "posterior_scales",
+    "signal_to_noise",
+]
+
+
+class VariationalPosterior(nn.Module):
+    """Base class: q(w) for one tensor, with its prior p(w) attached as ``self.prior``.
+
+    ``frozen`` (set by :func:`~bbb_lightning.bayes.freeze`) makes ``forward`` return the mean
+    instead of a draw.
+    """
+
+    def __init__(self, prior: Prior) -> None:
+        super().__init__()
+        self.prior = prior
+        self.frozen = False
+        self.last_sample: Tensor | None = None
+
+    def distribution(self) -> Distribution:
+        """q(w) as a ``torch.distributions`` object with the tensor's shape as batch shape."""
+        raise NotImplementedError
+
+    @property
+    def mean(self) -> Tensor:
+        """E_q[w], the tensor's shape."""
+        raise NotImplementedError
+
+    def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
+        """A reparameterized draw of shape ``sample_shape + mean.shape``."""
+        raise NotImplementedError
+
+    def forward(self) -> Tensor:
+        """The weight for one forward pass: a draw from q (remembered), or the mean if frozen."""
+        if self.frozen:
+            return self.mean
+        weight = self.rsample()
+        self.last_sample = weight
+        return weight
+
+    def right_inverse(self, value: Tensor) -> tuple[()]:
+        """``module.weight = value`` on a parametrized module sets the posterior mean."""
+        self.set_mean_(value)
+        return ()
+
+    def set_mean_(self, value: Tensor) -> None:
+        """Overwrite the posterior mean in place (e.g. with pretrained weights)."""
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The remembered draw is part of an autograd graph: it cannot be deep-copied or pickled.
+        return {**self.__dict__, "last_sample": None}
+
+
+class PosteriorFactory(Protocol):
+    """Builds the posterior of one tensor; a :class:`VariationalPosterior` class qualifies."""
+
+    def __call__(self, initial_value: Tensor, prior: Prior) -> VariationalPosterior: ...
+
+
+RhoInit = float | Sequence[float]
+
+
+class MeanFieldNormal(VariationalPosterior):
+    """Mean-field Gaussian q(w) = N(mu, sigma^2), sigma = softplus(rho) + min_scale.
+
+    ``softplus`` is ``torch.nn.functional.softplus`` (linear above rho = 20, exp below), so
+    sigma is finite for any finite rho and strictly positive for rho > -87 in float32
+    (rho in [-50, 50] gives sigma in [2e-22, 50]). ``min_scale`` is an optional floor.
+
+    Args:
+        initial_value: becomes mu, so a pretrained network starts where it was.
+        prior: p(w) for this tensor.
+        rho_init: a constant, or ``(low, high)`` for rho ~ U(low, high). The default
+            U(-5, -4) (sigma between 0.0067 and 0.018) trains well on MNIST.
+        min_scale: floor added to sigma (default 0).
+
+    Example:
+        >>> from bbb_lightning.bayes.priors import GaussianPrior
+        >>> q = MeanFieldNormal(torch.zeros(3), GaussianPrior(), rho_init=0.0)
+        >>> q.scale
+        tensor([0.6931, 0.6931, 0.6931], grad_fn=<SoftplusBackward0>)
+    """
+
+    def __init__(
+        self,
+        initial_value: Tensor,
+        prior: Prior,
+        rho_init: RhoInit = (-5.0, -4.0),
+        min_scale: float = 0.0,
+    ) -> None:
+        super().__init__(prior)
+        if min_scale < 0:
+            raise ValueError(f"posterior min_scale must be >= 0, got {min_scale!r}")
+        self.mu = nn.Parameter(initial_value.detach().clone())
+        self.rho = nn.Parameter(torch.empty_like(self.mu))
+        self.min_scale = float(min_scale)
+        self.rho_init = rho_init
+        self.reset_rho()
+
+    def reset_rho(self) -> None:
+        """Re-initialise rho from ``rho_init`` (constant or uniform range)."""
+        with torch.no_grad():
+            if isinstance(self.rho_init, int | float):
+                self.rho.fill_(float(self.rho_init))
+            elif len(self.rho_init) == 2 and self.rho_init[0] <= self.rho_init[1]:
+                self.rho.uniform_(float(self.rho_init[0]), float(self.rho_init[1]))
+            else:
+                raise ValueError(
+                    f"posterior rho_init must be a number or [low, high] with low <= high, "
+                    f"got {self.rho_init!r}"
+                )
+
+    @property
+    def scale(self) -> Tensor:
+        """sigma = softplus(rho) + min_scale > 0."""
+        scale = F.softplus(self.rho)
+        return scale + self.min_scale if self.min_scale else scale
+
+    @property
+    def mean(self) -> Tensor:
+        return self.mu
+
+    def distribution(self) -> Normal:
+        return Normal(self.mu, self.scale, validate_args=False)
+
+    def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
+        noise = torch.randn(
+            (*sample_shape, *self.mu.shape), dtype=self.mu.dtype, device=self.mu.device
+        )
+        return self.mu + self.scale * noise
+
+    def set_mean_(self, value: Tensor) -> None:
+        with torch.no_grad():
+            self.mu.copy_(value)
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.mu.shape)}, min_scale={self.min_scale:g}"
+
+
+_PARAMETRIZED = re.compile(r"^(?:(.*)\.)?parametrizations\.([^.]+)\.0$")
+
+
+def _tensor_name(module_path: str) -> str:
+    """``'a.parametrizations.weight.0'`` or ``'a.weight_posterior'`` -> ``'a.weight'``."""
+    match = _PARAMETRIZED.match(module_path)
+    if match:
+        owner, tensor = match.groups()
+        return f"{owner}.{tensor}" if owner else tensor
+    return module_path.removesuffix("_posterior")
+
+
+def named_posteriors(net: nn.Module) -> Iterator[tuple[str, VariationalPosterior]]:
+    """``(tensor name, posterior)`` for every variational tensor of ``net``.
+
+    The name is the one the tensor had in the deterministic network (``'0.weight'``,
+    ``'norm.bias'``, ``'scale'``), whether it lives in a Bayesian layer or a parametrization.
+    """
+    for path, module in net.named_modules():
+        if isinstance(module, VariationalPosterior):
+            yield _tensor_name(path), module
+
+
+def signal_to_noise(net: nn.Module) -> dict[str, Tensor]:
+    """Per-weight signal-to-noise ratio |mu| / sigma of every Gaussian posterior (detached).
+
+    Blundell et al. 2015 (section 5.2) prune the weights with the lowest ratio.
+    """
+    return {
+        name: (q.mu.abs() / q.scale).detach()
+        for name, q in named_posteriors(net)
+        if isinstance(q, MeanFieldNormal)
+    }
+
+
+def posterior_scales(net: nn.Module) -> dict[str, Tensor]:
+    """Per-weight sigma of every Gaussian posterior (detached), e.g. for histograms."""
+    return {
+        name: q.scale.detach()
+        for name, q in named_posteriors(net)
+        if isinstance(q, MeanFieldNormal)
+    }

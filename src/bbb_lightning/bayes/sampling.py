@@ -1,0 +1,139 @@
+"""Drawing from the posterior: multi-sample forward, deterministic networks, freezing.
+
+Which modules get independent noise per sample in :func:`sample_forward`: every Bayesian
+Linear/Conv layer, under all three estimators (one weight draw per sample under weight
+reparameterization, one perturbation per sample under flipout, fresh noise per row under local
+reparameterization). Tensors
+backed by a parametrization (norm layers, embeddings, raw parameters) are drawn once per
+forward call and shared by the S samples of that call.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_map
+
+from .convert import remove_parametrization_cache
+from .layers import BayesianLayer, folded_samples
+from .posteriors import VariationalPosterior
+
+__all__ = [
+    "freeze",
+    "posterior_mean",
+    "posterior_mean_network",
+    "sample_forward",
+    "sample_network",
+    "unfreeze",
+]
+
+
+def sample_forward(net: nn.Module, x: Tensor, num_samples: int) -> Tensor:
+    """Outputs for ``num_samples`` posterior draws in one vectorized forward: shape (S, B, ...).
+
+    The S copies of the batch are folded into the batch dimension (S*B, ...), so the network
+    runs once; no Python loop over samples. ``net`` must treat dimension 0 as the batch.
+
+    Example:
+        >>> import torch
+        >>> from bbb_lightning.bayes import bayesianize
+        >>> net = bayesianize(nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)))
+        >>> sample_forward(net, torch.randn(5, 3), num_samples=4).shape
+        torch.Size([4, 5, 2])
+    """
+    if not (isinstance(num_samples, int) and num_samples >= 1):
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    if num_samples == 1:
+        return tree_map(lambda out: out.unsqueeze(0), net(x))
+    batch = x.shape[0]
+    folded = x.unsqueeze(0).expand(num_samples, *x.shape).reshape(num_samples * batch, *x.shape[1:])
+    with folded_samples(num_samples):
+        out = net(folded)
+    return tree_map(lambda t: t.reshape(num_samples, batch, *t.shape[1:]), out)
+
+
+def _posteriors(net: nn.Module) -> Iterator[VariationalPosterior]:
+    return (m for m in net.modules() if isinstance(m, VariationalPosterior))
+
+
+def freeze(net: nn.Module) -> nn.Module:
+    """Predict with the posterior mean, in place: every forward becomes deterministic."""
+    for posterior in _posteriors(net):
+        posterior.frozen = True
+    return net
+
+
+def unfreeze(net: nn.Module) -> nn.Module:
+    """Undo :func:`freeze`: forwards draw from the posterior again."""
+    for posterior in _posteriors(net):
+        posterior.frozen = False
+    return net
+
+
+@contextmanager
+def posterior_mean(net: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, ``net`` predicts with the posterior mean; its state is restored after."""
+    states = [(posterior, posterior.frozen) for posterior in _posteriors(net)]
+    freeze(net)
+    try:
+        yield net
+    finally:
+        for posterior, frozen in states:
+            posterior.frozen = frozen
+
+
+def _materialize(net: nn.Module, use_mean: bool) -> nn.Module:
+    """A deep copy of ``net`` turned into a plain module holding one set of weights."""
+    plain = copy.deepcopy(net)
+    (freeze if use_mean else unfreeze)(plain)
+
+    def value(posterior: VariationalPosterior) -> Tensor:
+        return posterior.mean.detach().clone() if use_mean else posterior.rsample().detach()
+
+    for module in list(plain.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, BayesianLayer):
+                weight = value(child.weight_posterior)
+                q_bias = child.bias_posterior
+                bias = child.bias if q_bias is None else value(q_bias)
+                setattr(module, child_name, child.to_plain(weight, bias))
+    for module in list(plain.modules()):
+        if parametrize.is_parametrized(module):
+            _remove_posterior_parametrizations(module, value)
+    remove_parametrization_cache(plain)
+    return plain
+
+
+def _remove_posterior_parametrizations(
+    module: nn.Module, value: Callable[[VariationalPosterior], Tensor]
+) -> None:
+    """Replace every parametrized tensor of ``module`` by a plain parameter holding ``value``.
+
+    ``parametrize.remove_parametrizations`` would delete the property from the injected
+    ``Parametrized<Class>``, which a deep copy shares with the original network; so we restore
+    the original class on the copy instead and leave the shared class alone.
+    """
+    values = {name: value(plist[0]) for name, plist in module.parametrizations.items()}
+    del module.parametrizations
+    module.__class__ = module.__class__.__bases__[0]
+    for name, tensor in values.items():
+        module.register_parameter(name, nn.Parameter(tensor))
+
+
+def sample_network(net: nn.Module) -> nn.Module:
+    """One posterior draw as a plain deterministic ``nn.Module`` (a deep copy).
+
+    The copy holds no posterior, no parametrization and no randomness: two calls on the same
+    input give the same output, and autograd on the input works as in any network (e.g. the
+    input gradient d loss / d x under one posterior draw).
+    """
+    return _materialize(net, use_mean=False)
+
+
+def posterior_mean_network(net: nn.Module) -> nn.Module:
+    """The network at the posterior mean, as a plain deterministic ``nn.Module`` (a deep copy)."""
+    return _materialize(net, use_mean=True)

@@ -1,0 +1,105 @@
+"""TensorBoard callbacks: posterior histograms and the regression predictive figure.
+
+Both write only from global rank 0 and only through a ``TensorBoardLogger``; with another
+logger (or none) they do nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display needed; set before pyplot is imported
+
+import matplotlib.pyplot as plt
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from matplotlib.figure import Figure
+
+from .bayes import posterior_scales, signal_to_noise
+from .objectives import GaussianLikelihood
+
+__all__ = ["PosteriorHistograms", "RegressionFigure", "tensorboard_writer"]
+
+
+def tensorboard_writer(trainer: Trainer) -> Any | None:
+    """The ``SummaryWriter`` of the trainer's first TensorBoard logger, if any."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+class PosteriorHistograms(Callback):
+    """Each ``every_n_epochs`` epochs: histograms of sigma and of |mu| / sigma per tensor.
+
+    Tags: ``sigma/<tensor>`` and ``snr/<tensor>`` (e.g. ``sigma/net.0.weight``).
+    """
+
+    def __init__(self, every_n_epochs: int = 1) -> None:
+        self.every_n_epochs = every_n_epochs
+
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        writer = tensorboard_writer(trainer)
+        if writer is None or trainer.current_epoch % self.every_n_epochs:
+            return
+        step = trainer.global_step
+        for name, sigma in posterior_scales(pl_module).items():
+            writer.add_histogram(f"sigma/{name}", sigma.float().cpu(), step)
+        for name, snr in signal_to_noise(pl_module).items():
+            writer.add_histogram(f"snr/{name}", snr.float().cpu(), step)
+
+
+class RegressionFigure(Callback):
+    """Each ``every_n_epochs`` epochs (and after the last): data, predictive mean, +-2 sigma.
+
+    Needs a datamodule with ``plot_grid()`` and ``train_x`` / ``train_y`` (the toy regression)
+    and a :class:`~bbb_lightning.objectives.GaussianLikelihood`. The band is the total
+    predictive standard deviation (epistemic + aleatoric) over ``num_samples`` draws.
+    """
+
+    def __init__(self, every_n_epochs: int = 25, num_points: int = 200, num_samples: int = 100):
+        self.every_n_epochs = every_n_epochs
+        self.num_points = num_points
+        self.num_samples = num_samples
+
+    @staticmethod
+    def applies(trainer: Trainer, pl_module: LightningModule) -> bool:
+        datamodule = getattr(trainer, "datamodule", None)
+        return hasattr(datamodule, "plot_grid") and isinstance(
+            getattr(pl_module, "likelihood", None), GaussianLikelihood
+        )
+
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        last_epoch = trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
+        if (trainer.current_epoch + 1) % self.every_n_epochs and not last_epoch:
+            return
+        writer = tensorboard_writer(trainer)
+        if writer is None or not self.applies(trainer, pl_module):
+            return
+        figure = self.figure(trainer, pl_module)
+        writer.add_figure("figures/predictive", figure, trainer.global_step)
+        plt.close(figure)
+
+    def figure(self, trainer: Trainer, pl_module: LightningModule) -> Figure:
+        datamodule = trainer.datamodule
+        grid = datamodule.plot_grid(self.num_points).to(pl_module.device)
+        with torch.no_grad():
+            outputs = pl_module(grid, self.num_samples)
+            mean, epistemic, aleatoric = pl_module.likelihood.predictive_moments(outputs)
+        x = grid[:, 0].cpu()
+        mean = mean[:, 0].cpu()
+        std = (epistemic + aleatoric)[:, 0].sqrt().cpu()
+        figure, axes = plt.subplots(figsize=(6, 4))
+        axes.scatter(datamodule.train_x[:, 0], datamodule.train_y[:, 0], s=6, c="k", label="train")
+        axes.plot(x, mean, c="C0", label="predictive mean")
+        axes.fill_between(x, mean - 2 * std, mean + 2 * std, color="C0", alpha=0.25, label="±2σ")
+        axes.set(xlabel="x", ylabel="y", title=f"epoch {trainer.current_epoch + 1}")
+        axes.legend(loc="upper left")
+        figure.tight_layout()
+        return figure

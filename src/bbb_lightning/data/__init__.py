@@ -1,0 +1,13 @@
+"""LightningDataModules sharing the :class:`BBBDataModule` interface."""
+
+from bbb_lightning.data.base import BBBDataModule
+from bbb_lightning.data.csv import CSVDataModule
+from bbb_lightning.data.mnist import MNISTDataModule
+from bbb_lightning.data.toy_regression import ToyRegressionDataModule
+
+__all__ = [
+    "BBBDataModule",
+    "CSVDataModule",
+    "MNISTDataModule",
+    "ToyRegressionDataModule",
+]

@@ -1,0 +1,204 @@
+"""Tabular data from a CSV file with a header row, read with the standard ``csv`` module."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+from bbb_lightning.data.base import TASKS, BBBDataModule
+
+__all__ = ["CSVDataModule"]
+
+
+class CSVDataModule(BBBDataModule):
+    """Numeric feature columns and one target column of a CSV file, split at random.
+
+    The file is read when the datamodule is built, so every attribute is available at once.
+    Rows are split by a permutation drawn from ``seed`` into test (``test_fraction``),
+    validation (``val_fraction``) and training (the rest); every split keeps at least one row.
+
+    For classification the target values, strings or integers, become class indices in the
+    order of :attr:`classes`: the sorted unique labels (numerically sorted when all of them
+    are integers). For regression the target must be numeric.
+
+    With ``standardize``, features (and regression targets) are shifted and scaled by the mean
+    and standard deviation of the training split only (a constant column keeps scale 1);
+    :attr:`target_mean` and :attr:`target_std` map standardized predictions back.
+
+    Args:
+        path: The CSV file; its first row names the columns.
+        target: Name of the target column.
+        task: ``"classification"`` or ``"regression"``.
+        features: Feature columns, in order; ``None`` takes every column except ``target``.
+        standardize: Standardize features and regression targets with training statistics.
+        val_fraction: Fraction of rows for validation, in ``(0, 1)``.
+        test_fraction: Fraction of rows for testing, in ``(0, 1)``.
+        batch_size, num_workers, seed, pin_memory: See :class:`BBBDataModule`.
+
+    Attributes:
+        features: The feature column names.
+        classes: The labels behind the class indices (classification), else ``None``.
+        feature_mean, feature_std: Per-feature shift and scale (0 and 1 without ``standardize``).
+        target_mean, target_std: Shift and scale of the regression target (likewise); ``None``
+            for classification.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        target: str,
+        task: str = "classification",
+        features: Sequence[str] | None = None,
+        standardize: bool = True,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed, pin_memory)
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
+        for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0 < fraction < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {fraction}")
+        if val_fraction + test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}"
+            )
+        self.path = Path(path)
+        self.task = task
+        self.target = target
+        self.standardize = standardize
+
+        header, rows = _read_table(self.path)
+        self.features = _select_features(self.path, header, target, features)
+        self.input_shape = (len(self.features),)
+        x = _numeric_columns(self.path, header, rows, self.features)
+        train_idx, val_idx, test_idx = self._split(len(rows), val_fraction, test_fraction)
+        self.feature_mean, self.feature_std = _stats(x[train_idx], standardize)
+        x = (x - self.feature_mean) / self.feature_std
+
+        self.classes: list[str] | list[int] | None = None
+        self.target_mean: Tensor | None = None
+        self.target_std: Tensor | None = None
+        if task == "classification":
+            target_position = header.index(target)
+            self.classes, y = _encode_labels([row[target_position] for _, row in rows])
+            self.num_classes = len(self.classes)
+        else:
+            y = _numeric_columns(self.path, header, rows, [target])
+            self.target_dim = 1
+            self.target_mean, self.target_std = _stats(y[train_idx], standardize)
+            y = (y - self.target_mean) / self.target_std
+        self.train_set = TensorDataset(x[train_idx], y[train_idx])
+        self.val_set = TensorDataset(x[val_idx], y[val_idx])
+        self.test_set = TensorDataset(x[test_idx], y[test_idx])
+
+    def _split(
+        self, n: int, val_fraction: float, test_fraction: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        num_val = max(1, round(n * val_fraction))
+        num_test = max(1, round(n * test_fraction))
+        if n - num_val - num_test < 1:
+            raise ValueError(
+                f"{self.path} has {n} data rows, too few for training, validation and test splits"
+            )
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        return order[num_val + num_test :], order[:num_val], order[num_val : num_val + num_test]
+
+
+def _read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The stripped header and the non-blank rows, each with its line number."""
+    if not path.is_file():
+        raise FileNotFoundError(f"CSV file not found: {path}")
+    with path.open(newline="") as handle:
+        reader = csv.reader(handle)
+        header = [name.strip() for name in next(reader, [])]
+        if not header:
+            raise ValueError(f"{path} is empty: expected a header row naming the columns")
+        if len(set(header)) != len(header):
+            raise ValueError(f"{path} has duplicate column names: {', '.join(header)}")
+        rows = []
+        for row in reader:
+            if not any(field.strip() for field in row):
+                continue
+            if len(row) != len(header):
+                raise ValueError(
+                    f"{path} line {reader.line_num}: {len(row)} fields, the header has "
+                    f"{len(header)}"
+                )
+            rows.append((reader.line_num, row))
+    if not rows:
+        raise ValueError(f"{path} has a header but no data rows")
+    return header, rows
+
+
+def _select_features(
+    path: Path, header: list[str], target: str, features: Sequence[str] | None
+) -> list[str]:
+    available = ", ".join(header)
+    if target not in header:
+        raise ValueError(f"target column {target!r} not in {path}; available: {available}")
+    if features is None:
+        return [name for name in header if name != target]
+    features = list(features)
+    for name in features:
+        if name == target:
+            raise ValueError(f"feature column {name!r} is also the target column")
+        if name not in header:
+            raise ValueError(f"feature column {name!r} not in {path}; available: {available}")
+    return features
+
+
+def _numeric_columns(
+    path: Path, header: list[str], rows: list[tuple[int, list[str]]], columns: list[str]
+) -> Tensor:
+    """The named columns as ``float32 (rows, columns)``; a non-finite value is an error."""
+    positions = [header.index(name) for name in columns]
+    values = []
+    for line, row in rows:
+        parsed = []
+        for name, position in zip(columns, positions, strict=True):
+            try:
+                value = float(row[position])
+            except ValueError:
+                value = math.nan
+            if not math.isfinite(value):
+                raise ValueError(
+                    f"{path} line {line}, column {name!r}: expected a finite number, "
+                    f"got {row[position]!r}"
+                )
+            parsed.append(value)
+        values.append(parsed)
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def _encode_labels(values: list[str]) -> tuple[list[str] | list[int], Tensor]:
+    """Sorted unique labels and the ``int64`` index of each value among them."""
+    labels = [value.strip() for value in values]
+    try:
+        numeric = [int(label) for label in labels]
+    except ValueError:
+        classes: list[str] | list[int] = sorted(set(labels))
+        keys: list[str] | list[int] = labels
+    else:
+        classes, keys = sorted(set(numeric)), numeric
+    index = {label: i for i, label in enumerate(classes)}
+    return classes, torch.tensor([index[key] for key in keys], dtype=torch.int64)
+
+
+def _stats(values: Tensor, standardize: bool) -> tuple[Tensor, Tensor]:
+    """Per-column mean and standard deviation (0 and 1 when not standardizing)."""
+    if not standardize:
+        width = values.shape[1:]
+        return torch.zeros(width), torch.ones(width)
+    std = values.std(dim=0, correction=0)
+    return values.mean(dim=0), torch.where(std > 0, std, torch.ones_like(std))

@@ -1,0 +1,230 @@
+"""The LightningModule: a Bayes-by-Backprop network trained on the minibatch negative ELBO.
+
+The loss of minibatch i (see :mod:`bbb_lightning.objectives` for the weighting) is
+
+    loss_i = [ NLL_i + kl_weight_i * KL(q || p) ] / B,
+    NLL_i  = -(1/S) sum_s sum_b log p(y_b | x_b, w_s),       S = ``num_samples``.
+
+Under data parallelism with R processes each rank sees B examples and gradients are averaged,
+so the KL is divided by the global batch R * B: it enters each optimizer step's gradient
+once, not once per rank. M (minibatches per epoch) is the number of optimizer steps per epoch,
+the same on every rank.
+
+Logged per example: ``loss``; ``nll`` = NLL_i / B; ``kl`` = KL / N (the KL each training
+example carries over an epoch); ``kl_weight``; ``elbo`` = -(nll + kl), the per-example ELBO.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torchmetrics import MeanSquaredError, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+from .bayes import bayesianize, is_bayesian, kl_divergence, sample_forward
+from .bayes.posteriors import VariationalPosterior
+from .bayes.priors import Prior
+from .objectives import CategoricalLikelihood, GaussianLikelihood, KLTerm, Likelihood
+
+__all__ = ["BayesByBackprop"]
+
+Config = Mapping[str, Any]
+DEFAULT_OPTIMIZER: Config = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
+DEFAULT_POSTERIOR: Config = {
+    "_target_": "bbb_lightning.bayes.MeanFieldNormal",
+    "_partial_": True,
+    "estimator": "local",
+}
+
+
+def _build(value: Any) -> Any:
+    """Objects pass through; a mapping with ``_target_`` is instantiated (Hydra-style)."""
+    return instantiate(value) if isinstance(value, Mapping) else value
+
+
+def _check_samples(name: str, value: int) -> int:
+    if not (isinstance(value, int) and value >= 1):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+class BayesByBackprop(LightningModule):
+    """Train any network as a Bayesian neural network by Bayes by Backprop.
+
+    Every component may be given as an object or as a config mapping with ``_target_``. Given
+    as configs (as ``python -m bbb_lightning.train`` does), they are saved in the checkpoint and
+    ``BayesByBackprop.load_from_checkpoint(path)`` rebuilds the model with no arguments.
+
+    Args:
+        net: the deterministic network; made Bayesian here (unless it already is).
+        likelihood: :class:`CategoricalLikelihood` or :class:`GaussianLikelihood`.
+        prior: p(w) for every weight (default N(0, 1)).
+        posterior: builds q for one tensor (a class or ``_partial_`` config); a config may carry
+            ``estimator``: ``reparameterization``, ``local`` (default) or ``flipout``.
+        kl: a :class:`KLTerm` or its fields (weighting, reduction, scale, warmup_steps, ...).
+        optimizer: called with the parameters (``_partial_`` config or factory); default Adam.
+        num_samples: S, Monte Carlo likelihood samples per example in training.
+        eval_samples: samples of the predictive at validation, test and prediction.
+        include, exclude: glob patterns of the parameters to make (or keep from being) Bayesian.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module | Config,
+        likelihood: Likelihood | Config,
+        prior: Prior | Config | None = None,
+        posterior: Callable[..., VariationalPosterior] | Config = DEFAULT_POSTERIOR,
+        kl: KLTerm | Config | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | Config = DEFAULT_OPTIMIZER,
+        num_samples: int = 1,
+        eval_samples: int = 10,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        objects = {"net": net, "likelihood": likelihood, "prior": prior, "posterior": posterior}
+        objects |= {"kl": kl, "optimizer": optimizer}
+        self.save_hyperparameters(
+            logger=False,
+            ignore=[name for name, value in objects.items() if not isinstance(value, Mapping)],
+        )
+        self.num_samples = _check_samples("num_samples", num_samples)
+        self.eval_samples = _check_samples("eval_samples", eval_samples)
+        self.kl_term = kl if isinstance(kl, KLTerm) else KLTerm(**(kl or {}))
+        self.likelihood = _build(likelihood)
+        self.optimizer_factory = _build(optimizer)
+        net = _build(net)
+        if not is_bayesian(net):
+            posterior_config = dict(posterior) if isinstance(posterior, Mapping) else None
+            estimator = (posterior_config or {}).pop("estimator", "reparameterization")
+            bayesianize(
+                net,
+                prior=_build(prior),
+                posterior=_build(posterior_config) if posterior_config else posterior,
+                estimator=estimator,
+                include=include,
+                exclude=exclude,
+            )
+        self.net = net
+        self.metrics = nn.ModuleDict(
+            {stage: self._make_metrics() for stage in ("train_", "val_", "test_")}
+        )
+
+    # -- metrics ------------------------------------------------------------------------------
+    @property
+    def is_classifier(self) -> bool:
+        return isinstance(self.likelihood, CategoricalLikelihood)
+
+    def _make_metrics(self) -> MetricCollection:
+        if isinstance(self.likelihood, CategoricalLikelihood):
+            num_classes = self.likelihood.num_classes
+            return MetricCollection(
+                {
+                    "accuracy": MulticlassAccuracy(num_classes, average="micro"),
+                    "ece": MulticlassCalibrationError(num_classes, n_bins=15, norm="l1"),
+                }
+            )
+        return MetricCollection({"rmse": MeanSquaredError(squared=False)})
+
+    # -- forward and loss ---------------------------------------------------------------------
+    def forward(self, x: Tensor, num_samples: int | None = None) -> Tensor:
+        """Network outputs for S posterior draws, shape (S, B, ...)."""
+        return sample_forward(self.net, x, num_samples or self.eval_samples)
+
+    @property
+    def num_train(self) -> int:
+        """N, the number of training examples (global, whatever the number of processes)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "num_train"):
+            return int(datamodule.num_train)
+        return len(self.trainer.train_dataloader.dataset)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        batch_size = x.shape[0]
+        outputs = sample_forward(self.net, x, self.num_samples)
+        nll = -self.likelihood.log_prob(outputs, y).mean(0).sum()
+        kl = kl_divergence(self.net, self.kl_term.reduction, self.kl_term.monte_carlo)
+        num_batches = self.trainer.num_training_batches
+        if not math.isfinite(num_batches):
+            raise ValueError("the ELBO needs a sized training dataloader (M minibatches per epoch)")
+        kl_weight = self.kl_term.weight(batch_idx, int(num_batches), self.global_step)
+        global_batch = batch_size * self.trainer.world_size
+        loss = nll / batch_size + kl_weight * kl / global_batch
+        self._raise_if_not_finite(loss, nll, kl)
+
+        kl_per_example = kl.detach() / self.num_train
+        nll_per_example = nll.detach() / batch_size
+        logged = {
+            "loss": loss.detach(),
+            "nll": nll_per_example,
+            "kl": kl_per_example,
+            "kl_weight": torch.tensor(kl_weight),
+            "elbo": -(nll_per_example + kl_per_example),
+        }
+        self.log_dict(
+            {f"train/{name}": value for name, value in logged.items()},
+            on_step=True,
+            on_epoch=True,
+            batch_size=batch_size,
+            sync_dist=True,
+            prog_bar=False,
+        )
+        self._update_metrics("train_", outputs.detach(), y)
+        return loss
+
+    def _raise_if_not_finite(self, loss: Tensor, nll: Tensor, kl: Tensor) -> None:
+        if not torch.isfinite(loss):
+            term = "NLL" if not torch.isfinite(nll) else "KL" if not torch.isfinite(kl) else "loss"
+            raise FloatingPointError(
+                f"non-finite {term} at step {self.global_step} (nll={nll.item():.4g}, "
+                f"kl={kl.item():.4g}); likely causes: a learning rate too high or a badly "
+                "scaled input; checkpoints written so far are kept"
+            )
+
+    def _update_metrics(self, stage: str, outputs: Tensor, y: Tensor) -> None:
+        metrics = self.metrics[stage]
+        if self.is_classifier:
+            metrics.update(CategoricalLikelihood.predictive_probs(outputs), y)
+        else:
+            assert isinstance(self.likelihood, GaussianLikelihood)
+            mean, _, _ = self.likelihood.predictive_moments(outputs)
+            metrics.update(mean, y)
+        name = stage.removesuffix("_")
+        self.log_dict(
+            {f"{name}/{key}": metric for key, metric in metrics.items()},
+            on_step=False,
+            on_epoch=True,
+            prog_bar=stage != "train_",
+        )
+
+    def _evaluate(self, stage: str, batch: tuple[Tensor, Tensor]) -> None:
+        x, y = batch
+        outputs = self(x, self.eval_samples)
+        nll = self.likelihood.predictive_nll(outputs, y).mean()
+        self.log(f"{stage}/nll", nll, batch_size=x.shape[0], sync_dist=True, prog_bar=True)
+        self._update_metrics(f"{stage}_", outputs, y)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate("val", batch)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate("test", batch)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Predictive class probabilities (B, C), or predictive mean (B, D) for regression."""
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        outputs = self(x, self.eval_samples)
+        if self.is_classifier:
+            return CategoricalLikelihood.predictive_probs(outputs)
+        assert isinstance(self.likelihood, GaussianLikelihood)
+        return self.likelihood.predictive_moments(outputs)[0]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(self.parameters())

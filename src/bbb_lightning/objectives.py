@@ -1,0 +1,198 @@
+"""Likelihoods, the predictive distribution, and the minibatch negative ELBO with KL weighting.
+
+Notation: minibatch i of M per epoch (i = 1..M), B examples in it, N in the training set,
+S Monte Carlo samples w_s ~ q(w). The per-minibatch objective (Blundell et al. 2015, eq. 8-9)
+is
+
+    F_i = NLL_i + kl_weight_i * KL(q || p),
+    NLL_i = -(1/S) sum_s sum_b log p(y_b | x_b, w_s),
+
+and we minimise F_i / B (per example, so that curves and learning rates compare across batch
+sizes). ``kl_weight_i = beta * warmup(t) * pi_i`` with
+
+- ``uniform``:   pi_i = 1 / M                        (Graves 2011)
+- ``minibatch``: pi_i = 2^(M-i) / (2^M - 1)          (Blundell 2015; sum_i pi_i = 1, early
+  minibatches of an epoch carry most of the KL, later ones almost none)
+- ``warmup(t) = min(1, t / warmup_steps)`` at optimizer step t (1 when warmup_steps = 0).
+
+Both weightings put exactly one KL into an epoch, so with beta = 1 the epoch's sum of F_i is an
+unbiased estimate of the negative ELBO. ``reduction="mean"`` (KL divided by the number of
+weights) is a common heuristic that is not the ELBO.
+
+The predictive distribution averages the S sampled likelihoods (probabilities, not logits):
+p(y | x) ~= (1/S) sum_s p(y | x, w_s), so its NLL is a log-mean-exp over samples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .bayes.kl import KL_REDUCTIONS
+
+__all__ = [
+    "KL_WEIGHTINGS",
+    "CategoricalLikelihood",
+    "GaussianLikelihood",
+    "KLTerm",
+    "Likelihood",
+    "log_mean_exp",
+]
+
+KL_WEIGHTINGS = ("uniform", "minibatch")
+NOISE_MODELS = ("fixed", "homoscedastic", "heteroscedastic")
+
+
+def log_mean_exp(values: Tensor, dim: int = 0) -> Tensor:
+    """log((1/S) sum_s exp(values_s)) along ``dim``, computed stably."""
+    return torch.logsumexp(values, dim=dim) - math.log(values.shape[dim])
+
+
+class Likelihood(nn.Module):
+    """p(y | f(x; w)) for one network output f; learnable noise lives here, not in the net."""
+
+    task: str
+    num_outputs: int
+    """How many outputs the network needs."""
+
+    def log_prob(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """log p(y | f) per example: outputs (..., B, out) -> (..., B)."""
+        raise NotImplementedError
+
+    def predictive_nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """-log (1/S) sum_s p(y | f_s) per example, for outputs of shape (S, B, out)."""
+        return -log_mean_exp(self.log_prob(outputs, targets), dim=0)
+
+
+class CategoricalLikelihood(Likelihood):
+    """p(y | f) = softmax(f)_y, f the logits of ``num_classes`` classes."""
+
+    task = "classification"
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        if not (isinstance(num_classes, int) and num_classes >= 2):
+            raise ValueError(f"likelihood num_classes must be an integer >= 2, got {num_classes!r}")
+        self.num_classes = self.num_outputs = num_classes
+
+    def log_prob(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        log_probs = F.log_softmax(outputs, dim=-1)
+        index = targets.expand(*outputs.shape[:-1]).unsqueeze(-1)
+        return log_probs.gather(-1, index).squeeze(-1)
+
+    @staticmethod
+    def predictive_probs(outputs: Tensor) -> Tensor:
+        """(1/S) sum_s softmax(f_s): outputs (S, B, C) -> (B, C)."""
+        return F.softmax(outputs, dim=-1).mean(dim=0)
+
+
+class GaussianLikelihood(Likelihood):
+    """p(y | f) = N(y; mean(f), sigma^2), elementwise over the ``target_dim`` target dimensions.
+
+    Noise models: ``fixed`` (sigma = ``noise_std``), ``homoscedastic`` (one learned sigma per
+    target dimension, initialised at ``noise_std``), ``heteroscedastic`` (the network outputs
+    mean and a raw scale per dimension; sigma = softplus(raw) + ``min_std``).
+    """
+
+    task = "regression"
+
+    def __init__(
+        self,
+        target_dim: int = 1,
+        noise: str = "homoscedastic",
+        noise_std: float = 0.1,
+        min_std: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        if not (isinstance(target_dim, int) and target_dim >= 1):
+            raise ValueError(f"likelihood target_dim must be an integer >= 1, got {target_dim!r}")
+        if noise not in NOISE_MODELS:
+            raise ValueError(
+                f"likelihood noise must be one of {', '.join(NOISE_MODELS)}; got {noise!r}"
+            )
+        if not noise_std > 0:
+            raise ValueError(f"likelihood noise_std must be > 0, got {noise_std!r}")
+        self.noise = noise
+        self.min_std = float(min_std)
+        self.target_dim = target_dim
+        self.num_outputs = 2 * target_dim if noise == "heteroscedastic" else target_dim
+        raw = torch.full((target_dim,), math.log(math.expm1(noise_std)))  # softplus^-1(std)
+        if noise == "homoscedastic":
+            self.raw_std = nn.Parameter(raw)
+        else:
+            self.register_buffer("raw_std", raw)
+
+    def mean_and_std(self, outputs: Tensor) -> tuple[Tensor, Tensor]:
+        """Predicted mean and noise sigma, each of the target's shape."""
+        if self.noise == "heteroscedastic":
+            mean, raw = outputs.chunk(2, dim=-1)
+            return mean, F.softplus(raw) + self.min_std
+        return outputs, (F.softplus(self.raw_std) + self.min_std).expand_as(outputs)
+
+    def log_prob(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        mean, std = self.mean_and_std(outputs)
+        log_density = -0.5 * ((targets - mean) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)
+        return log_density.sum(dim=-1)
+
+    def predictive_moments(self, outputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, epistemic and aleatoric variance of the predictive mixture over S samples.
+
+        mean = (1/S) sum_s m_s; epistemic = Var_s(m_s); aleatoric = (1/S) sum_s sigma_s^2;
+        the predictive variance is their sum (law of total variance).
+        """
+        mean, std = self.mean_and_std(outputs)
+        return mean.mean(0), mean.var(0, unbiased=False), std.square().mean(0)
+
+
+@dataclass(frozen=True)
+class KLTerm:
+    """How the KL enters each minibatch's loss: kl_weight_i = scale * warmup(t) * pi_i.
+
+    ``reduction`` and ``monte_carlo`` are passed on to
+    :func:`bbb_lightning.bayes.kl_divergence` (``monte_carlo`` forces the sampled estimate
+    even where a closed form exists).
+
+    Example:
+        >>> w = KLTerm(weighting="minibatch")
+        >>> [round(w.weight(i, num_batches=3, step=0), 4) for i in range(3)]
+        [0.5714, 0.2857, 0.1429]
+    """
+
+    weighting: str = "uniform"
+    reduction: str = "sum"
+    scale: float = 1.0
+    warmup_steps: int = 0
+    monte_carlo: bool = False
+
+    def __post_init__(self) -> None:
+        if self.weighting not in KL_WEIGHTINGS:
+            raise ValueError(
+                f"kl.weighting must be one of {', '.join(KL_WEIGHTINGS)}; got {self.weighting!r}"
+            )
+        if self.reduction not in KL_REDUCTIONS:
+            raise ValueError(
+                f"kl.reduction must be one of {', '.join(KL_REDUCTIONS)}; got {self.reduction!r}"
+            )
+        if not (math.isfinite(self.scale) and self.scale >= 0):
+            raise ValueError(f"kl.scale must be a finite number >= 0, got {self.scale!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"kl.warmup_steps must be >= 0, got {self.warmup_steps!r}")
+
+    def minibatch_share(self, batch_index: int, num_batches: int) -> float:
+        """pi_i for the 0-based ``batch_index`` (i = batch_index + 1) of ``num_batches``."""
+        if self.weighting == "uniform":
+            return 1.0 / num_batches
+        # 2^(M-i) / (2^M - 1) = 2^-i / (1 - 2^-M), without overflow for large M.
+        return math.ldexp(1.0, -(batch_index + 1)) / -math.expm1(-num_batches * math.log(2))
+
+    def warmup(self, step: int) -> float:
+        """Linear warm-up factor min(1, t / warmup_steps) at optimizer step t."""
+        return 1.0 if self.warmup_steps == 0 else min(1.0, step / self.warmup_steps)
+
+    def weight(self, batch_index: int, num_batches: int, step: int) -> float:
+        """The multiplier of KL(q || p) in the loss of this minibatch."""
+        return self.scale * self.warmup(step) * self.minibatch_share(batch_index, num_batches)
