@@ -1,0 +1,107 @@
+"""The LightningModule's loss against a hand computation, for each KL weighting."""
+
+from __future__ import annotations
+
+import functools
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.distributions import Normal, kl_divergence
+from torch.utils.data import DataLoader, TensorDataset
+
+from bbb_lightning.bayes import GaussianPrior, MeanFieldNormal, freeze
+from bbb_lightning.module import BayesByBackprop
+from bbb_lightning.objectives import GaussianLikelihood, KLTerm
+
+
+class RecordLosses(pl.Callback):
+    def __init__(self) -> None:
+        self.records: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        x, y = batch
+        self.records.append((batch_idx, x, y, float(outputs["loss"])))
+
+
+def _fit_frozen(kl: KLTerm, num_examples: int = 10, batch_size: int = 4):
+    torch.manual_seed(0)
+    x = torch.randn(num_examples, 2)
+    y = torch.randn(num_examples, 1)
+    model = BayesByBackprop(
+        net=nn.Sequential(nn.Linear(2, 1)),
+        likelihood=GaussianLikelihood(target_dim=1, noise="fixed", noise_std=0.5),
+        prior=GaussianPrior(0.0, 1.0),
+        posterior=functools.partial(MeanFieldNormal, rho_init=(-2.0, 0.0)),
+        kl=kl,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.0),
+    )
+    freeze(model.net)  # forwards use the posterior mean: the NLL is deterministic
+    recorder = RecordLosses()
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder],
+    )
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
+    trainer.fit(model, train_dataloaders=loader)
+    return model, recorder.records
+
+
+@torch.no_grad()
+def _hand_loss(model, x, y, kl_weight: float, reduction: str = "sum") -> float:
+    layer = model.net[0]
+    w_q, b_q = layer.weight_posterior, layer.bias_posterior
+    mean = x.double() @ w_q.mu.double().T + b_q.mu.double()
+    nll = -Normal(mean, 0.5 + 1e-4).log_prob(y.double()).sum()
+    kl = sum(
+        kl_divergence(
+            Normal(q.mu.double(), torch.log1p(torch.exp(q.rho.double()))), Normal(0.0, 1.0)
+        ).sum()
+        for q in (w_q, b_q)
+    )
+    if reduction == "mean":
+        kl = kl / 3  # two weights and one bias
+    return (nll / x.shape[0] + kl_weight * kl / x.shape[0]).item()
+
+
+@pytest.mark.parametrize(
+    ("kl", "weights"),
+    [
+        (KLTerm(weighting="uniform"), [1 / 3, 1 / 3, 1 / 3]),
+        (KLTerm(weighting="minibatch"), [4 / 7, 2 / 7, 1 / 7]),  # 2^(M-i) / (2^M - 1), M = 3
+        (KLTerm(weighting="uniform", reduction="mean"), [1 / 3, 1 / 3, 1 / 3]),
+        (
+            KLTerm(weighting="minibatch", scale=0.5, warmup_steps=4),
+            [0, 0.5 * 0.25 * 2 / 7, 0.5 * 0.5 / 7],
+        ),
+    ],
+    ids=["uniform", "minibatch", "mean-reduction", "warmup-and-scale"],
+)
+def test_loss_matches_hand_computation(kl, weights):
+    model, records = _fit_frozen(kl)
+    assert [r[0] for r in records] == [0, 1, 2]  # M = 3 minibatches: 4 + 4 + 2 examples
+    for (batch_idx, x, y, loss), weight in zip(records, weights, strict=True):
+        # warm-up: step t = batch_idx, factor min(1, t / 4), is folded into ``weights``
+        expected = _hand_loss(model, x, y, weight, kl.reduction)
+        assert loss == pytest.approx(expected, rel=1e-5), batch_idx
+
+
+def test_non_finite_loss_stops_with_a_named_term():
+    model, _ = _fit_frozen(KLTerm())
+    with torch.no_grad():
+        model.net[0].weight_posterior.mu.fill_(float("nan"))
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = DataLoader(TensorDataset(torch.randn(4, 2), torch.randn(4, 1)), batch_size=4)
+    with pytest.raises(FloatingPointError, match="non-finite NLL at step 0"):
+        trainer.fit(model, train_dataloaders=loader)

@@ -1,0 +1,103 @@
+"""Likelihoods, the predictive, and the KL weighting against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal
+
+from bbb_lightning.objectives import (
+    CategoricalLikelihood,
+    GaussianLikelihood,
+    KLTerm,
+    log_mean_exp,
+)
+
+
+def test_uniform_weighting_is_one_over_m():
+    term = KLTerm(weighting="uniform")
+    assert [term.weight(i, 4, step=0) for i in range(4)] == [0.25] * 4
+
+
+@pytest.mark.parametrize("num_batches", [1, 3, 10, 2000])
+def test_minibatch_weighting_matches_blundell_and_sums_to_one(num_batches):
+    term = KLTerm(weighting="minibatch")
+    weights = [term.weight(i, num_batches, step=0) for i in range(num_batches)]
+    if num_batches <= 10:  # 2^(M-i) / (2^M - 1), i = 1..M, exactly as in the paper
+        expected = [
+            2 ** (num_batches - i) / (2**num_batches - 1) for i in range(1, num_batches + 1)
+        ]
+        assert weights == pytest.approx(expected, rel=1e-12)
+    assert all(math.isfinite(w) and w >= 0 for w in weights)
+    assert math.fsum(weights) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_warmup_and_scale_multiply_the_weight():
+    term = KLTerm(weighting="uniform", scale=0.5, warmup_steps=10)
+    assert term.weight(0, 2, step=0) == 0.0
+    assert term.weight(0, 2, step=5) == pytest.approx(0.5 * 0.5 * 0.5)
+    assert term.weight(0, 2, step=25) == pytest.approx(0.5 * 0.5)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("weighting", "linear", "kl.weighting must be one of uniform, minibatch; got 'linear'"),
+        ("reduction", "max", "kl.reduction must be one of sum, mean; got 'max'"),
+        ("scale", -1.0, "kl.scale must be a finite number >= 0, got -1.0"),
+        ("warmup_steps", -3, "kl.warmup_steps must be >= 0, got -3"),
+    ],
+)
+def test_bad_kl_settings_are_named(field, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        KLTerm(**{field: value})
+
+
+def test_categorical_log_prob_and_predictive_nll():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 3, 4, dtype=torch.float64)  # S=5, B=3, C=4
+    y = torch.tensor([0, 3, 1])
+    likelihood = CategoricalLikelihood(num_classes=4)
+    expected = torch.stack(
+        [torch.distributions.Categorical(logits=logits[s]).log_prob(y) for s in range(5)]
+    )
+    assert torch.allclose(likelihood.log_prob(logits, y), expected)
+    probs = torch.softmax(logits, -1).mean(0)
+    assert torch.allclose(likelihood.predictive_probs(logits), probs)
+    reference_nll = -probs[torch.arange(3), y].log()
+    assert torch.allclose(likelihood.predictive_nll(logits, y), reference_nll)
+
+
+@pytest.mark.parametrize("noise", ["fixed", "homoscedastic", "heteroscedastic"])
+def test_gaussian_log_prob_against_torch_distributions(noise):
+    torch.manual_seed(1)
+    likelihood = GaussianLikelihood(target_dim=2, noise=noise, noise_std=0.3).double()
+    outputs = torch.randn(4, 6, likelihood.num_outputs, dtype=torch.float64)
+    y = torch.randn(6, 2, dtype=torch.float64)
+    if noise == "heteroscedastic":
+        mean, raw = outputs.chunk(2, -1)
+        std = torch.nn.functional.softplus(raw) + likelihood.min_std
+    else:
+        mean, std = outputs, torch.full_like(outputs, 0.3 + likelihood.min_std)
+    expected = Normal(mean, std).log_prob(y).sum(-1)
+    assert torch.allclose(likelihood.log_prob(outputs, y), expected)
+    mixture_nll = -torch.logsumexp(expected, 0) + math.log(4)
+    assert torch.allclose(likelihood.predictive_nll(outputs, y), mixture_nll)
+    predictive_mean, epistemic, aleatoric = likelihood.predictive_moments(outputs)
+    assert torch.allclose(predictive_mean, mean.mean(0))
+    assert torch.allclose(epistemic, mean.var(0, unbiased=False))
+    assert torch.allclose(aleatoric, std.square().mean(0))
+
+
+def test_homoscedastic_noise_is_learned_and_fixed_noise_is_not():
+    assert [n for n, _ in GaussianLikelihood(noise="homoscedastic").named_parameters()] == [
+        "raw_std"
+    ]
+    assert list(GaussianLikelihood(noise="fixed").parameters()) == []
+
+
+def test_log_mean_exp_is_stable():
+    values = torch.tensor([-1000.0, -1000.0])
+    assert log_mean_exp(values).item() == pytest.approx(-1000.0)

@@ -1,0 +1,215 @@
+"""End to end through the real config and entry points: runs, files, TensorBoard, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from bbb_lightning.bayes import posterior_mean
+from bbb_lightning.module import BayesByBackprop
+from bbb_lightning.train import train
+
+QUICK = [
+    "trainer.max_epochs=2",
+    "callbacks.progress_bar=null",
+    "trainer.enable_model_summary=false",
+]
+
+
+def compose_config(output_dir: Path, *overrides: str):
+    with initialize_config_module("bbb_lightning.conf", version_base="1.3"):
+        return compose("config", overrides=[f"paths.output_dir={output_dir}", *overrides])
+
+
+def events(run_dir: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "bbb_lightning.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_default_run_writes_metrics_checkpoints_and_tensorboard(tmp_path):
+    cfg = compose_config(tmp_path, *QUICK, "callbacks.regression_figure.every_n_epochs=1")
+    metrics = train(cfg)
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk == pytest.approx(metrics)
+    assert {"test/nll", "test/rmse", "val/nll", "val/rmse"} <= set(metrics)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+    accumulator = events(tmp_path)
+    tags = accumulator.Tags()
+    for name in ("loss", "nll", "kl", "kl_weight", "elbo"):
+        assert f"train/{name}_step" in tags["scalars"] and f"train/{name}_epoch" in tags["scalars"]
+    assert {"val/nll", "val/rmse", "test/nll", "hp/test_nll"} <= set(tags["scalars"])
+    assert any(tag.startswith("sigma/net.") for tag in tags["histograms"])
+    assert "figures/predictive" in tags["images"]
+    hparams = accumulator.summary_metadata  # the HParams plugin's session info
+    assert any(meta.plugin_data.plugin_name == "hparams" for meta in hparams.values())
+    assert metrics["test/nll"] == pytest.approx(
+        accumulator.Scalars("hp/test_nll")[-1].value, rel=1e-6
+    )
+
+
+def test_checkpoint_reloads_without_arguments(tmp_path):
+    train(compose_config(tmp_path, *QUICK, "logger=csv"))
+    model = BayesByBackprop.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert torch.equal(
+        model.state_dict()["net.layers.1.weight_posterior.mu"],
+        state["net.layers.1.weight_posterior.mu"],
+    )
+    x = torch.linspace(0, 0.5, 7).unsqueeze(1)
+    with posterior_mean(model.net):
+        assert model(x, 1).shape == (1, 7, 1)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["prior=scale_mixture", "kl.weighting=minibatch"],
+        ["prior=laplace", "posterior.estimator=flipout"],
+        ["prior=empirical", "posterior.estimator=reparameterization", "num_samples=3"],
+        ["likelihood.noise=heteroscedastic", "kl.reduction=mean", "kl.warmup_steps=5"],
+        ["model=cnn", "dataset=mnist", "+dataset.limit_train=256", "trainer.limit_val_batches=2"],
+    ],
+    ids=["scale-mixture", "laplace-flipout", "empirical-S3", "heteroscedastic", "mnist-cnn"],
+)
+def test_config_choices_train(tmp_path, mnist_dir, overrides):
+    cfg = compose_config(
+        tmp_path,
+        "trainer.max_epochs=1",
+        "trainer.limit_test_batches=2",
+        "callbacks.progress_bar=null",
+        f"dataset.data_dir={mnist_dir}" if "dataset=mnist" in overrides else "seed=1",
+        *overrides,
+    )
+    metrics = train(cfg)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+
+
+def test_mnist_mlp_learns(tmp_path, mnist_dir):
+    cfg = compose_config(
+        tmp_path,
+        "dataset=mnist",
+        "model=mlp",
+        f"dataset.data_dir={mnist_dir}",
+        "+dataset.limit_train=5000",
+        "trainer.max_epochs=2",
+        "callbacks.progress_bar=null",
+    )
+    metrics = train(cfg)
+    assert metrics["test/accuracy"] > 0.85
+    assert 0 <= metrics["test/ece"] < 0.1
+
+
+def test_csv_dataset(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, generator=generator)
+    label = (x[:, 0] + x[:, 1] > 0).long()
+    table = tmp_path / "table.csv"
+    rows = ["a,b,c,label"] + [
+        f"{a:.4f},{b:.4f},{c:.4f},{'yes' if y else 'no'}"
+        for (a, b, c), y in zip(x.tolist(), label, strict=True)
+    ]
+    table.write_text("\n".join(rows) + "\n")
+    cfg = compose_config(
+        tmp_path / "run",
+        "dataset=csv",
+        f"dataset.path={table}",
+        "dataset.target=label",
+        "model=mlp_small",
+        "trainer.max_epochs=20",
+        "optimizer.lr=0.01",
+        "callbacks.progress_bar=null",
+    )
+    metrics = train(cfg)
+    assert metrics["test/accuracy"] > 0.8
+
+
+def test_cli_runs_from_any_directory_into_outputs(tmp_path):
+    result = run_cli(*QUICK, "trainer.max_epochs=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (metrics_file,) = (tmp_path / "outputs").glob("*/*/metrics.json")
+    run_dir = metrics_file.parent
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_multirun_gives_one_run_per_combination(tmp_path):
+    result = run_cli(
+        "-m",
+        "prior=gaussian,scale_mixture",
+        "kl.weighting=uniform,minibatch",
+        "trainer.max_epochs=1",
+        "callbacks.progress_bar=null",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    job_dirs = sorted(p for p in (tmp_path / "multirun").iterdir() if p.is_dir())
+    assert [p.name for p in job_dirs] == ["0", "1", "2", "3"]
+    seen = set()
+    for job in job_dirs:
+        assert json.loads((job / "metrics.json").read_text())["test/nll"] > -10
+        assert list((job / "tensorboard").glob("events.out.tfevents.*"))
+        overrides = (job / ".hydra" / "overrides.yaml").read_text()
+        seen.add(
+            tuple(
+                line for line in overrides.splitlines() if "prior=" in line or "weighting" in line
+            )
+        )
+    assert len(seen) == 4
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "kl.weighting=linear",
+            "kl.weighting='linear' is not allowed: one of ['uniform', 'minibatch']",
+        ),
+        ("num_samples=0", "num_samples=0 is not allowed: an integer >= 1"),
+        ("optimizer.lr=-0.1", "optimizer.lr=-0.1 is not allowed: a number > 0"),
+        ("posterior.estimator=magic", "posterior.estimator='magic' is not allowed"),
+        ("prior.scale=-1", "prior scale must be a finite number > 0, got -1"),
+        (
+            "prior=scale_mixture prior.pi=1.5",
+            "prior pi (mixture weight) must be in (0, 1), got 1.5",
+        ),
+        ("ckpt_path=/nonexistent.ckpt", "ckpt_path='/nonexistent.ckpt' is not allowed"),
+        ("dataset=mnist dataset.data_dir=/nonexistent dataset.download=false", "/nonexistent"),
+    ],
+)
+def test_bad_overrides_fail_early_with_one_line(tmp_path, override, message):
+    result = run_cli(*override.split(), cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_choice_lists_the_options(tmp_path):
+    result = run_cli("prior=cauchy", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Could not find 'prior/cauchy'" in result.stderr
+    assert "scale_mixture" in result.stderr
