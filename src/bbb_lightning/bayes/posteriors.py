@@ -150,6 +150,21 @@ class MeanFieldNormal(VariationalPosterior):
         return scale + self.min_scale if self.min_scale else scale
 
     @property
+    def log_scale(self) -> Tensor:
+        """log sigma, finite with a finite gradient for any finite rho.
+
+        ``scale.log()`` is not: in float32 sigma^2 underflows below rho ~ -50 and sigma itself
+        below rho ~ -103. For rho < -20, log softplus(rho) = rho - exp(rho) / 2 + O(exp(2 rho)).
+        """
+        if self.min_scale:
+            return self.scale.log()
+        # Both branches are evaluated: clamp each to its side so neither overflows (a NaN in
+        # the unused branch would still poison the gradient of torch.where).
+        rho = self.rho
+        tiny = rho - 0.5 * rho.clamp_max(-20).exp()
+        return torch.where(rho < -20, tiny, F.softplus(rho.clamp_min(-20)).log())
+
+    @property
     def mean(self) -> Tensor:
         return self.mu
 

@@ -1,0 +1,254 @@
+"""bayesianize: every parameter of any module gets a posterior; names, values, copies, saving."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from bbb_lightning.bayes import (
+    BayesianLayer,
+    BayesianLinear,
+    VariationalPosterior,
+    bayesianize,
+    is_bayesian,
+    kl_divergence,
+    named_posteriors,
+    posterior_mean,
+    posterior_mean_network,
+    sample_forward,
+    sample_network,
+)
+
+
+class Custom(nn.Module):
+    """Embedding + Linear + LayerNorm + a raw parameter: one of each kind of tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.fc = nn.Linear(4, 3)
+        self.norm = nn.LayerNorm(3)
+        self.gain = nn.Parameter(torch.tensor([1.5, -0.5, 2.0]))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.norm(self.fc(self.embed(tokens))) * self.gain
+
+
+def custom() -> Custom:
+    torch.manual_seed(0)
+    net = Custom()
+    with torch.no_grad():  # LayerNorm starts at ones/zeros: make it look trained
+        net.norm.weight.normal_()
+        net.norm.bias.normal_()
+    return net
+
+
+TOKENS = torch.tensor([[1, 2, 3], [4, 5, 9]])
+ORIGINAL_NAMES = ["gain", "embed.weight", "fc.weight", "fc.bias", "norm.weight", "norm.bias"]
+
+
+def test_every_parameter_gets_a_posterior() -> None:
+    original = custom()
+    values = {name: p.detach().clone() for name, p in original.named_parameters()}
+    assert sorted(values) == sorted(ORIGINAL_NAMES)
+    net = bayesianize(custom())
+
+    posteriors = dict(named_posteriors(net))
+    assert sorted(posteriors) == sorted(ORIGINAL_NAMES)
+    assert isinstance(net.fc, BayesianLinear)
+    for module in (net, net.embed, net.norm):
+        assert parametrize.is_parametrized(module)
+    # Trainable tensors are the variational parameters, two per original tensor.
+    trainable = [name for name, _ in net.named_parameters()]
+    assert len(trainable) == 2 * len(ORIGINAL_NAMES)
+    assert all(name.endswith((".mu", ".rho")) for name in trainable)
+    # The values become the posterior means.
+    for name, q in posteriors.items():
+        assert torch.equal(q.mean, values[name]), name
+    assert is_bayesian(net) and not is_bayesian(original)
+
+
+def test_pretrained_start_posterior_mean_is_the_original_network() -> None:
+    original = custom()
+    expected = original(TOKENS)
+    net = bayesianize(custom())
+    assert torch.equal(posterior_mean_network(net)(TOKENS), expected)
+    with posterior_mean(net):
+        assert torch.equal(net(TOKENS), expected)
+    assert not torch.equal(net(TOKENS), expected)  # a draw from q is not the mean
+
+
+def test_include_globs() -> None:
+    net = bayesianize(custom(), include=["fc.*"])
+    assert [name for name, _ in named_posteriors(net)] == ["fc.weight", "fc.bias"]
+    assert not parametrize.is_parametrized(net.norm)
+    assert isinstance(net.norm.weight, nn.Parameter)
+
+
+def test_exclude_globs() -> None:
+    net = bayesianize(custom(), exclude=["*.bias", "gain"])
+    assert sorted(name for name, _ in named_posteriors(net)) == [
+        "embed.weight",
+        "fc.weight",
+        "norm.weight",
+    ]
+    # fc stays a Bayesian layer with a deterministic bias, still trainable.
+    assert isinstance(net.fc, BayesianLinear) and net.fc.bias_posterior is None
+    names = dict(net.named_parameters())
+    assert {"fc.bias", "norm.bias", "gain"} <= set(names)
+    assert torch.equal(names["fc.bias"], custom().fc.bias)
+
+
+def test_bias_only_leaves_the_layer_plain_with_a_parametrized_bias() -> None:
+    net = bayesianize(custom(), include=["fc.bias"])
+    assert [name for name, _ in named_posteriors(net)] == ["fc.bias"]
+    assert isinstance(net.fc, nn.Linear) and not isinstance(net.fc, BayesianLayer)
+    assert parametrize.is_parametrized(net.fc, "bias")
+
+
+def test_tied_parameters_raise() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.Linear(3, 3)
+            self.decoder = nn.Linear(3, 3)
+            self.decoder.weight = self.encoder.weight
+
+    with pytest.raises(ValueError, match="tied"):
+        bayesianize(Tied())
+
+
+def test_bayesianize_twice_raises() -> None:
+    net = bayesianize(custom())
+    with pytest.raises(ValueError, match="already"):
+        bayesianize(net)
+
+
+def test_sequential() -> None:
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Conv1d(1, 2, 3), nn.Flatten())
+    net = bayesianize(copy.deepcopy(plain))
+    assert [name for name, _ in named_posteriors(net)] == [
+        "0.weight",
+        "0.bias",
+        "2.weight",
+        "2.bias",
+    ]
+    assert all(isinstance(net[i], BayesianLayer) for i in (0, 2))
+    x = torch.randn(5, 1, 4)
+    assert net(x).shape == plain(x).shape == (5, 12)
+    assert torch.equal(posterior_mean_network(net)(x), plain(x))
+
+
+def test_bare_root_layer_is_parametrized() -> None:
+    net = bayesianize(nn.Linear(3, 2))
+    assert [name for name, _ in named_posteriors(net)] == ["weight", "bias"]
+    assert parametrize.is_parametrized(net)
+    assert net(torch.randn(4, 3)).shape == (4, 2)
+
+
+def test_state_dict_round_trip(tmp_path: Path) -> None:
+    source = bayesianize(custom())
+    with torch.no_grad():  # move away from the initial state
+        for _, q in named_posteriors(source):
+            q.mu.add_(0.1 * torch.randn_like(q.mu))
+            q.rho.uniform_(-3.0, -1.0)
+    torch.save(source.state_dict(), tmp_path / "bnn.pt")
+
+    torch.manual_seed(123)  # a fresh copy with other values everywhere
+    target = bayesianize(Custom())
+    target.load_state_dict(torch.load(tmp_path / "bnn.pt", weights_only=True))
+
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        expected = source(TOKENS)
+        torch.manual_seed(seed)
+        assert torch.equal(target(TOKENS), expected)
+    torch.testing.assert_close(kl_divergence(target), kl_divergence(source), rtol=0, atol=0)
+
+
+def test_to_float64() -> None:
+    net = bayesianize(custom()).to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in net.parameters())
+    assert all(b.dtype == torch.float64 for b in net.buffers())
+    assert net(TOKENS).dtype == torch.float64
+    assert kl_divergence(net).dtype == torch.float64
+
+    seq = bayesianize(nn.Sequential(nn.Linear(3, 2), nn.LayerNorm(2)), estimator="flipout")
+    seq.to(torch.float64)
+    assert sample_forward(seq, torch.randn(4, 3, dtype=torch.float64), 5).dtype == torch.float64
+
+
+def test_deepcopy_is_independent() -> None:
+    net = bayesianize(custom())
+    net(TOKENS).sum().backward()  # leaves remembered draws (autograd graph) behind
+    clone = copy.deepcopy(net)
+
+    with torch.no_grad():
+        for _, q in named_posteriors(clone):
+            q.mu.add_(1.0)
+    with posterior_mean(net):
+        expected = net(TOKENS)
+    assert torch.equal(posterior_mean_network(net)(TOKENS), expected)
+    with posterior_mean(clone):
+        assert not torch.equal(clone(TOKENS), expected)
+    for (name, q), (_, q_clone) in zip(named_posteriors(net), named_posteriors(clone), strict=True):
+        assert q is not q_clone and q.mu is not q_clone.mu, name
+        assert not torch.equal(q.mu, q_clone.mu)
+
+    # Materialising the copy leaves the original (which shares the parametrized classes) intact.
+    plain = sample_network(clone)
+    assert plain(TOKENS).shape == (2, 3, 3)
+    assert sorted(name for name, _ in named_posteriors(net)) == sorted(ORIGINAL_NAMES)
+    assert parametrize.is_parametrized(net.norm) and parametrize.is_parametrized(clone.norm)
+    for model in (net, clone):
+        torch.manual_seed(0)
+        first = model(TOKENS)
+        torch.manual_seed(1)
+        assert not torch.equal(model(TOKENS), first)
+    with posterior_mean(net):
+        assert torch.equal(net(TOKENS), expected)
+
+
+class ReadsTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.w - self.w, self.w * x
+
+
+def test_a_tensor_read_twice_in_one_forward_is_one_draw() -> None:
+    net = bayesianize(ReadsTwice())
+    q = dict(named_posteriors(net))["w"]
+    x = torch.ones(5)
+    difference, used = net(x)
+    assert torch.equal(difference, torch.zeros(5))
+    assert torch.equal(used, q.last_sample)  # the KL sees the draw the forward used
+    assert not torch.equal(q.last_sample, q.mu)
+    # Outside a forward of the root there is no cache: each read is a new draw.
+    assert not torch.equal(net.w - net.w, torch.zeros(5))
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = ReadsTwice()
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.inner(x)[0]
+
+    outer = bayesianize(Outer())
+    assert torch.equal(outer(x), torch.zeros(5))
+
+
+def test_posteriors_are_modules_with_their_prior() -> None:
+    net = bayesianize(custom())
+    for _, q in named_posteriors(net):
+        assert isinstance(q, VariationalPosterior)
+        assert q.prior is not None

@@ -1,0 +1,159 @@
+"""Posterior draws as plain networks, the posterior mean, freezing, and input gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bbb_lightning.bayes import (
+    BayesianLayer,
+    VariationalPosterior,
+    bayesianize,
+    freeze,
+    named_posteriors,
+    posterior_mean,
+    posterior_mean_network,
+    sample_forward,
+    sample_network,
+    unfreeze,
+)
+from bbb_lightning.bayes.priors import Prior
+
+
+class Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.norm = nn.LayerNorm(6)
+        self.conv = nn.Conv1d(1, 2, 3)
+        self.gain = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = torch.relu(self.norm(self.fc(x)))
+        return self.conv(hidden.unsqueeze(1)).mean(-1) * self.gain
+
+
+def mixed(estimator: str = "reparameterization") -> nn.Module:
+    torch.manual_seed(0)
+    return bayesianize(Mixed(), estimator=estimator)
+
+
+X = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("estimator", ["reparameterization", "local", "flipout"])
+def test_sample_network_is_a_plain_module(estimator: str) -> None:
+    net = mixed(estimator)
+    plain = sample_network(net)
+    for module in plain.modules():
+        assert not isinstance(module, VariationalPosterior | BayesianLayer | Prior)
+        assert not hasattr(module, "parametrizations")
+    assert type(plain.fc) is nn.Linear and type(plain.conv) is nn.Conv1d
+    assert type(plain.norm) is nn.LayerNorm and type(plain) is Mixed
+    assert not plain._forward_hooks and not plain._forward_pre_hooks
+    names = sorted(name for name, _ in plain.named_parameters())
+    assert names == sorted(name for name, _ in named_posteriors(net))
+    # Deterministic, and the original is untouched and still Bayesian.
+    assert torch.equal(plain(X), plain(X))
+    assert not torch.equal(sample_network(net)(X), plain(X))
+    assert len(list(named_posteriors(net))) == 7
+    assert net(X).shape == plain(X).shape
+
+
+def test_sample_network_holds_one_draw_from_q() -> None:
+    """Averaged over draws, the weights of sample_network are mu with sd sigma (5 SE)."""
+    torch.manual_seed(2)
+    net = bayesianize(nn.Sequential(nn.Linear(3, 2)))
+    q = net[0].weight_posterior
+    draws = torch.stack([sample_network(net)[0].weight.detach() for _ in range(400)])
+    mu, sigma = q.mu.detach(), q.scale.detach()
+    assert ((draws.mean(0) - mu).abs() <= 5 * sigma / 20).all()
+    assert ((draws.std(0) / sigma - 1).abs() <= 5 * (1 / 800) ** 0.5).all()
+
+
+@pytest.mark.parametrize("estimator", ["reparameterization", "local", "flipout"])
+def test_posterior_mean_network_equals_the_context_manager(estimator: str) -> None:
+    net = mixed(estimator)
+    with posterior_mean(net) as same:
+        assert same is net
+        expected = net(X)
+        assert torch.equal(net(X), expected)
+    assert torch.equal(posterior_mean_network(net)(X), expected)
+    assert not torch.equal(net(X), expected)  # sampling again after the block
+
+    freeze(net)
+    with posterior_mean(net):
+        pass
+    assert all(q.frozen for _, q in named_posteriors(net))  # a frozen net stays frozen
+    unfreeze(net)
+
+
+def test_freeze_and_unfreeze() -> None:
+    net = mixed()
+    assert freeze(net) is net
+    assert torch.equal(net(X), net(X))
+    assert torch.equal(net(X), posterior_mean_network(net)(X))
+    samples = sample_forward(net, X, 4)
+    assert torch.equal(samples, samples[:1].expand_as(samples))
+    assert unfreeze(net) is net
+    assert not torch.equal(net(X), net(X))
+
+
+def test_sample_forward_shapes_and_validation() -> None:
+    net = mixed()
+    assert sample_forward(net, X, 1).shape == (1, 5, 2)
+    assert sample_forward(net, X, 7).shape == (7, 5, 2)
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="num_samples"):
+            sample_forward(net, X, bad)
+
+
+def pyro_classifier() -> nn.Module:
+    """A Pyro user's 784-512-512-512-10 leaky-ReLU classifier."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(784, 512),
+        nn.LeakyReLU(0.1),
+        nn.Linear(512, 512),
+        nn.LeakyReLU(0.1),
+        nn.Linear(512, 512),
+        nn.LeakyReLU(0.1),
+        nn.Linear(512, 10),
+    )
+
+
+def input_gradient(model: nn.Module, x: Tensor, labels: Tensor) -> Tensor:
+    x = x.clone().requires_grad_()
+    (gradient,) = torch.autograd.grad(F.cross_entropy(model(x), labels), x)
+    return gradient
+
+
+def test_input_gradients_averaged_over_posterior_draws() -> None:
+    net = bayesianize(pyro_classifier())
+    generator = torch.Generator().manual_seed(3)
+    x = torch.rand(8, 784, generator=generator)
+    labels = torch.randint(0, 10, (8,), generator=generator)
+
+    torch.manual_seed(4)
+    draws = torch.stack([input_gradient(sample_network(net), x, labels) for _ in range(20)])
+    assert draws.shape == (20, 8, 784)
+    assert torch.isfinite(draws).all()
+    average = draws.mean(0)
+    # The draws differ from each other, so the average differs from any single draw.
+    assert not torch.equal(draws[0], draws[1])
+    assert (average - draws[0]).norm() > 1e-3 * draws[0].norm()
+    # The network itself is untouched and still samples.
+    assert all(p.grad is None for p in net.parameters())
+    assert not torch.equal(net(x), net(x))
+
+    # As sigma -> 0 every draw's gradient becomes the posterior-mean network's.
+    with torch.no_grad():
+        for _, q in named_posteriors(net):
+            q.rho.fill_(-30.0)  # sigma = softplus(-30) ~ 1e-13
+    mean_gradient = input_gradient(posterior_mean_network(net), x, labels)
+    tiny = torch.stack([input_gradient(sample_network(net), x, labels) for _ in range(3)])
+    for gradient in tiny:
+        torch.testing.assert_close(gradient, mean_gradient, rtol=1e-5, atol=1e-9)
+    assert (average - mean_gradient).norm() > 1e-3 * mean_gradient.norm()
