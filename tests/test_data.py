@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import RandomSampler
+from torch.utils.data import SequentialSampler
 
 from bbb_lightning.data import CSVDataModule, MNISTDataModule, ToyRegressionDataModule
 from bbb_lightning.data.idx import read_idx
+from bbb_lightning.data.sampler import EpochPermutationSampler
 from bbb_lightning.data.toy_regression import blundell_curve
 
 # --- toy regression -------------------------------------------------------------------------
@@ -78,12 +79,22 @@ def test_toy_regression_rejects_bad_arguments() -> None:
         ToyRegressionDataModule(batch_size=0)
 
 
-def test_loaders_shuffle_train_only_and_keep_workers() -> None:
+def test_train_order_is_a_function_of_seed_and_epoch_only() -> None:
     dm = ToyRegressionDataModule(num_workers=1)
     train = dm.train_dataloader()
-    assert isinstance(train.sampler, RandomSampler) and train.drop_last is False
-    assert train.persistent_workers
-    assert not isinstance(dm.val_dataloader().sampler, RandomSampler)
+    assert isinstance(train.sampler, EpochPermutationSampler) and train.drop_last is False
+    assert list(train.sampler) == list(dm.train_dataloader().sampler)  # same epoch, same order
+    assert list(EpochPermutationSampler(512, seed=0, epoch=1)) != list(train.sampler)
+    assert isinstance(dm.val_dataloader().sampler, SequentialSampler)
+
+
+def test_shards_of_a_step_form_the_single_process_batch() -> None:
+    order = list(EpochPermutationSampler(10, seed=3, epoch=2))
+    shards = [list(EpochPermutationSampler(10, 3, 2, rank=r, world_size=2)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 5
+    for step in range(2):  # per-rank batch 2 <-> single-process batch 4
+        union = shards[0][2 * step : 2 * step + 2] + shards[1][2 * step : 2 * step + 2]
+        assert sorted(union) == sorted(order[4 * step : 4 * step + 4])
 
 
 # --- IDX reader -----------------------------------------------------------------------------

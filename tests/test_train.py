@@ -3,48 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bbb_lightning.bayes import posterior_mean
+from bbb_lightning.config_checks import UserError
 from bbb_lightning.module import BayesByBackprop
 from bbb_lightning.train import train
-
-QUICK = [
-    "trainer.max_epochs=2",
-    "callbacks.progress_bar=null",
-    "trainer.enable_model_summary=false",
-]
-
-
-def compose_config(output_dir: Path, *overrides: str):
-    with initialize_config_module("bbb_lightning.conf", version_base="1.3"):
-        return compose("config", overrides=[f"paths.output_dir={output_dir}", *overrides])
-
-
-def events(run_dir: Path) -> EventAccumulator:
-    accumulator = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
-    accumulator.Reload()
-    return accumulator
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, "-m", "bbb_lightning.train", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+from bbb_testing import QUICK, compose_config, events, run_cli
 
 
 def test_default_run_writes_metrics_checkpoints_and_tensorboard(tmp_path):
@@ -182,29 +149,53 @@ def test_multirun_gives_one_run_per_combination(tmp_path):
     assert len(seen) == 4
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        (
-            "kl.weighting=linear",
-            "kl.weighting='linear' is not allowed: one of ['uniform', 'minibatch']",
-        ),
-        ("num_samples=0", "num_samples=0 is not allowed: an integer >= 1"),
-        ("optimizer.lr=-0.1", "optimizer.lr=-0.1 is not allowed: a number > 0"),
-        ("posterior.estimator=magic", "posterior.estimator='magic' is not allowed"),
-        ("prior.scale=-1", "prior scale must be a finite number > 0, got -1"),
-        (
-            "prior=scale_mixture prior.pi=1.5",
-            "prior pi (mixture weight) must be in (0, 1), got 1.5",
-        ),
-        ("ckpt_path=/nonexistent.ckpt", "ckpt_path='/nonexistent.ckpt' is not allowed"),
-        ("dataset=mnist dataset.data_dir=/nonexistent dataset.download=false", "/nonexistent"),
-    ],
-)
-def test_bad_overrides_fail_early_with_one_line(tmp_path, override, message):
+BAD_INPUTS = [  # docs/errors.md, row by row
+    (
+        "kl.weighting=linear",
+        "kl.weighting='linear' is not allowed: one of ['uniform', 'minibatch']",
+    ),
+    ("kl.scale=-1", "kl.scale=-1 is not allowed: a number >= 0"),
+    ("num_samples=0", "num_samples=0 is not allowed: an integer >= 1"),
+    ("eval_samples=abc", "eval_samples='abc' is not allowed: an integer >= 1"),
+    ("optimizer.lr=-0.1", "optimizer.lr=-0.1 is not allowed: a number > 0"),
+    ("trainer.max_epochs=-5", "trainer.max_epochs=-5 is not allowed: an integer >= 1"),
+    ("posterior.estimator=magic", "posterior.estimator='magic' is not allowed"),
+    ("prior.scale=-1", "prior scale must be a finite number > 0, got -1"),
+    ("prior=scale_mixture prior.pi=1.5", "prior pi (mixture weight) must be in (0, 1), got 1.5"),
+    ("posterior.rho_init=[1,0]", "posterior rho_init must be a number or [low, high]"),
+    ("dataset.batch_size=abc", "dataset batch_size must be an integer >= 1, got 'abc'"),
+    ("dataset=mnist dataset.data_dir=/nonexistent dataset.download=false", "/nonexistent"),
+    ("dataset=csv dataset.path=missing.csv dataset.target=y", "missing.csv"),
+    ("dataset=csv dataset.path={table} dataset.target=nope", "target column 'nope' not in"),
+    ("model.net.input_shape=[3]", "an input of shape (1,) does not fit the network"),
+    ("trainer=gpu", "trainer.accelerator='gpu' is not allowed: no CUDA GPU on this machine"),
+    ("ckpt_path=/nonexistent.ckpt", "ckpt_path='/nonexistent.ckpt' is not allowed"),
+    ("ckpt_path={damaged}", "is not allowed: not a readable checkpoint"),
+    ("on_nonfinite=ignore", "on_nonfinite='ignore' is not allowed: one of ['stop', 'skip']"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_INPUTS)
+def test_bad_input_is_named_before_anything_runs(tmp_path, override, message):
+    table = tmp_path / "table.csv"
+    table.write_text("a,y\n1,0\n2,1\n")
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    overrides = override.format(table=table, damaged=damaged).split()
+    if "gpu" in override and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(UserError) as error:
+        train(compose_config(tmp_path / "run", *overrides))
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "run").exists()  # nothing was written
+
+
+@pytest.mark.parametrize(("override", "message"), [BAD_INPUTS[0], BAD_INPUTS[7], BAD_INPUTS[11]])
+def test_cli_reports_bad_input_in_one_line_without_traceback(tmp_path, override, message):
     result = run_cli(*override.split(), cwd=tmp_path)
-    assert result.returncode != 0
-    assert message in result.stderr + result.stdout
+    assert result.returncode == 1
+    assert message in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -12,14 +12,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from .bayes.kl import KL_REDUCTIONS
 from .bayes.layers import ESTIMATORS
+from .guard import NONFINITE_MODES
 from .objectives import KL_WEIGHTINGS
 
-__all__ = ["UserError", "check_config", "user_errors"]
+__all__ = [
+    "UserError",
+    "check_checkpoint",
+    "check_config",
+    "check_fresh_output_dir",
+    "check_input_fits",
+    "user_errors",
+]
 
 
 class UserError(Exception):
@@ -32,7 +41,7 @@ class UserError(Exception):
             cause = error.__cause__ or error
             key = getattr(error, "full_key", None)
             where = f" (config key {key!r})" if key else ""
-            return f"{type(cause).__name__}: {cause}{where}".splitlines()[0]
+            return f"{cause}{where}".splitlines()[0]
         return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
@@ -78,6 +87,55 @@ def check_config(cfg: DictConfig) -> None:
         lambda v: v is None or v == -1 or _is_int(1)(v),
         "an integer >= 1 (or -1: no limit)",
     )
+    accelerator = cfg.get("trainer", {}).get("accelerator")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"trainer.accelerator={accelerator!r} is not allowed: no CUDA GPU on this machine; "
+            "use trainer=cpu (or trainer=ddp_cpu)"
+        )
+    _require(cfg, "on_nonfinite", lambda v: v in NONFINITE_MODES, f"one of {list(NONFINITE_MODES)}")
     ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is not None and not Path(ckpt_path).is_file():
-        raise UserError(f"ckpt_path={ckpt_path!r} is not allowed: no such checkpoint file")
+    if ckpt_path is not None:
+        check_checkpoint(Path(ckpt_path))
+
+
+def check_checkpoint(path: Path) -> None:
+    """A readable Lightning checkpoint, or a one-line UserError naming the path."""
+    if not path.is_file():
+        raise UserError(f"ckpt_path={str(path)!r} is not allowed: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:  # torch raises several types for a damaged file
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(
+            f"ckpt_path={str(path)!r} is not allowed: not a readable checkpoint ({reason})"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(f"ckpt_path={str(path)!r} is not allowed: no state_dict in the file")
+
+
+def check_input_fits(model: torch.nn.Module, batch: Any) -> None:
+    """One forward pass on two examples of ``batch``; a shape error becomes a UserError."""
+    x = batch[0][:2]
+    try:
+        with torch.no_grad():
+            model(x, 1)
+    except RuntimeError as error:
+        reason = str(error).splitlines()[0]
+        raise UserError(
+            f"an input of shape {tuple(x.shape[1:])} does not fit the network ({reason}); check "
+            "model.net (e.g. its input_shape) against the dataset"
+        ) from None
+
+
+def check_fresh_output_dir(output_dir: Path, ckpt_path: str | None) -> None:
+    """Refuse to write a new run over an earlier one (resuming into its own directory is fine)."""
+    earlier = (output_dir / "metrics.json").exists() or any(output_dir.glob("checkpoints/*.ckpt"))
+    resuming_here = (
+        ckpt_path is not None and output_dir.resolve() in Path(ckpt_path).resolve().parents
+    )
+    if earlier and not resuming_here:
+        raise UserError(
+            f"output directory {str(output_dir)!r} already holds a run; choose another "
+            "hydra.run.dir, or resume that run with ckpt_path=<its checkpoints/last.ckpt>"
+        )

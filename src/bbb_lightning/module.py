@@ -30,7 +30,15 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 from .bayes import bayesianize, is_bayesian, kl_divergence, sample_forward
 from .bayes.posteriors import VariationalPosterior
 from .bayes.priors import Prior
+from .guard import (
+    NONFINITE_MODES,
+    NonFiniteError,
+    first_nonfinite,
+    keep_last_good_state,
+    stop_message,
+)
 from .objectives import CategoricalLikelihood, GaussianLikelihood, KLTerm, Likelihood
+from .seeding import derive_seed
 
 __all__ = ["BayesByBackprop"]
 
@@ -72,6 +80,11 @@ class BayesByBackprop(LightningModule):
         num_samples: S, Monte Carlo likelihood samples per example in training.
         eval_samples: samples of the predictive at validation, test and prediction.
         include, exclude: glob patterns of the parameters to make (or keep from being) Bayesian.
+        seed: if given, the randomness of training step t (posterior noise, dropout) is seeded
+            from (seed, t, rank), and that of each validation/test pass from (seed, epoch):
+            a resumed run repeats an uninterrupted one exactly.
+        on_nonfinite: ``stop`` or ``skip`` a step whose loss or gradients are not finite
+            (see :mod:`bbb_lightning.guard`).
     """
 
     def __init__(
@@ -86,6 +99,8 @@ class BayesByBackprop(LightningModule):
         eval_samples: int = 10,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
+        seed: int | None = None,
+        on_nonfinite: str = "stop",
     ) -> None:
         super().__init__()
         objects = {"net": net, "likelihood": likelihood, "prior": prior, "posterior": posterior}
@@ -94,6 +109,13 @@ class BayesByBackprop(LightningModule):
             logger=False,
             ignore=[name for name, value in objects.items() if not isinstance(value, Mapping)],
         )
+        if on_nonfinite not in NONFINITE_MODES:
+            raise ValueError(
+                f"on_nonfinite must be one of {', '.join(NONFINITE_MODES)}; got {on_nonfinite!r}"
+            )
+        self.on_nonfinite = on_nonfinite
+        self.seed = seed
+        self.skipped_steps = 0
         self.num_samples = _check_samples("num_samples", num_samples)
         self.eval_samples = _check_samples("eval_samples", eval_samples)
         self.kl_term = kl if isinstance(kl, KLTerm) else KLTerm(**(kl or {}))
@@ -145,7 +167,7 @@ class BayesByBackprop(LightningModule):
             return int(datamodule.num_train)
         return len(self.trainer.train_dataloader.dataset)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x, y = batch
         batch_size = x.shape[0]
         outputs = sample_forward(self.net, x, self.num_samples)
@@ -157,7 +179,11 @@ class BayesByBackprop(LightningModule):
         kl_weight = self.kl_term.weight(batch_idx, int(num_batches), self.global_step)
         global_batch = batch_size * self.trainer.world_size
         loss = nll / batch_size + kl_weight * kl / global_batch
-        self._raise_if_not_finite(loss, nll, kl)
+        bad_term = first_nonfinite([("NLL", nll), ("KL", kl), ("loss", loss)])
+        if self._any_rank(bad_term is not None):
+            return self._nonfinite(
+                f"{bad_term or 'loss'} (nll={nll.item():.4g}, kl={kl.item():.4g})"
+            )
 
         kl_per_example = kl.detach() / self.num_train
         nll_per_example = nll.detach() / batch_size
@@ -179,14 +205,48 @@ class BayesByBackprop(LightningModule):
         self._update_metrics("train_", outputs.detach(), y)
         return loss
 
-    def _raise_if_not_finite(self, loss: Tensor, nll: Tensor, kl: Tensor) -> None:
-        if not torch.isfinite(loss):
-            term = "NLL" if not torch.isfinite(nll) else "KL" if not torch.isfinite(kl) else "loss"
-            raise FloatingPointError(
-                f"non-finite {term} at step {self.global_step} (nll={nll.item():.4g}, "
-                f"kl={kl.item():.4g}); likely causes: a learning rate too high or a badly "
-                "scaled input; checkpoints written so far are kept"
-            )
+    # -- non-finite guard and seeding ---------------------------------------------------------
+    def _any_rank(self, flag: bool) -> bool:
+        return bool(self.trainer.strategy.reduce_boolean_decision(flag, all=False))
+
+    def _nonfinite(self, what: str) -> None:
+        """Stop (after keeping the last good state) or skip the current step."""
+        if self.on_nonfinite == "skip":
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps), sync_dist=False)
+            return None
+        saved = keep_last_good_state(self.trainer, self)
+        raise NonFiniteError(stop_message(what, self.global_step, saved))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        bad = first_nonfinite((f"gradient of {n}", p.grad) for n, p in self.named_parameters())
+        if not self._any_rank(bad is not None):
+            return
+        if self.on_nonfinite == "skip":
+            optimizer.zero_grad(set_to_none=True)  # the step then changes nothing
+        self._nonfinite(bad or "gradient (on another process)")
+
+    def _reseed(self, *keys: object) -> None:
+        if self.seed is not None:
+            torch.manual_seed(derive_seed(self.seed, *keys, self.global_rank))
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._reseed("train", self.global_step)
+
+    def on_validation_epoch_start(self) -> None:
+        self._reseed("val", self.current_epoch)
+
+    def on_test_epoch_start(self) -> None:
+        self._reseed("test")
+
+    def on_predict_epoch_start(self) -> None:
+        self._reseed("predict")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)
 
     def _update_metrics(self, stage: str, outputs: Tensor, y: Tensor) -> None:
         metrics = self.metrics[stage]

@@ -8,19 +8,31 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
-from .config_checks import UserError, check_config, user_errors
+from .config_checks import (
+    UserError,
+    check_config,
+    check_fresh_output_dir,
+    check_input_fits,
+    user_errors,
+)
 from .module import BayesByBackprop
 
 log = logging.getLogger(__name__)
@@ -66,6 +78,8 @@ def build_model(cfg: DictConfig, datamodule: pl.LightningDataModule) -> BayesByB
         eval_samples=cfg.eval_samples,
         include=_container(cfg.model.get("include")),
         exclude=_container(cfg.model.get("exclude")),
+        seed=cfg.seed,
+        on_nonfinite=cfg.on_nonfinite,
     )
 
 
@@ -108,19 +122,62 @@ def _report(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float]) -> 
     log.info("Metrics (also in %s):\n%s", output_dir / "metrics.json", "\n".join(lines))
 
 
+@contextmanager
+def _relaunch_as_this_job() -> Iterator[None]:
+    """Make data-parallel processes started during a multirun job join that job.
+
+    Lightning re-runs ``sys.argv`` for ranks > 0 with ``hydra.run.dir`` set to the run
+    directory. In a multirun, ``sys.argv`` is the whole sweep (``-m a=1,2``) and the run
+    directory is not the job's: each rank would start its own sweep. Within this block the
+    command line is this job's overrides and the run directory is this job's directory; after
+    it, the environment variables Lightning set for the launch (``LOCAL_RANK``, ``MASTER_PORT``,
+    ...) are removed, so that the next job launches its own processes.
+    """
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        yield
+        return
+    hydra_config = HydraConfig.get()
+    argv, run_dir, environment = sys.argv, hydra_config.run.dir, dict(os.environ)
+    sys.argv = [argv[0], *hydra_config.overrides.task]
+    with read_write(hydra_config):
+        hydra_config.run.dir = hydra_config.runtime.output_dir
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        os.environ.clear()
+        os.environ.update(environment)
+        with read_write(hydra_config):
+            hydra_config.run.dir = run_dir
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, write ``metrics.json``; return the metrics."""
     check_config(cfg)
+    check_fresh_output_dir(Path(cfg.paths.output_dir), cfg.get("ckpt_path"))
     pl.seed_everything(cfg.seed, workers=True)
     with user_errors():
         datamodule = instantiate(cfg.dataset)
         datamodule.prepare_data()
         datamodule.setup("fit")
         model = build_model(cfg, datamodule)
+        check_input_fits(model, next(iter(datamodule.train_dataloader())))
         callbacks = _instantiate_all(cfg.get("callbacks"))
         loggers = _instantiate_all(cfg.get("logger"))
         trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
+    with _relaunch_as_this_job():
+        metrics = _fit_and_test(cfg, trainer, model, datamodule)
+    _report(cfg, trainer, metrics)
+    return metrics
+
+
+def _fit_and_test(
+    cfg: DictConfig,
+    trainer: pl.Trainer,
+    model: BayesByBackprop,
+    datamodule: pl.LightningDataModule,
+) -> dict[str, float]:
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_seconds = time.perf_counter() - started
@@ -133,7 +190,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics |= {"fit_seconds": fit_seconds, "epochs": float(trainer.current_epoch)}
     if best:
         metrics[f"best/{cfg.optimized_metric}"] = float(checkpoint.best_model_score)
-    _report(cfg, trainer, metrics)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # The next job of a multirun starts new processes: it needs a new process group.
+        torch.distributed.destroy_process_group()
     return metrics
 
 
@@ -144,6 +203,8 @@ def main(cfg: DictConfig) -> float | None:
         metrics = train(cfg)
     except (UserError, FloatingPointError) as error:
         log.error("%s", UserError.describe(error))
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra records the job as failed and runs the others
         sys.exit(1)
     return metrics.get(cfg.optimized_metric)
 

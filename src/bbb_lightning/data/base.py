@@ -8,11 +8,18 @@ the number of training examples ``N`` (which scales the KL term of the ELBO).
 from __future__ import annotations
 
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+from bbb_lightning.data.sampler import EpochPermutationSampler
 
 __all__ = ["TASKS", "BBBDataModule"]
 
 TASKS = ("classification", "regression")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        raise ValueError(f"dataset {name} must be an integer >= {minimum}, got {value!r}")
 
 
 class BBBDataModule(LightningDataModule):
@@ -25,7 +32,7 @@ class BBBDataModule(LightningDataModule):
 
     Args:
         batch_size: Examples per batch, for every split.
-        num_workers: Loader worker processes; workers persist across epochs when ``> 0``.
+        num_workers: Loader worker processes (0: load in the main process).
         seed: Seed for the data splits (and for synthetic data).
         pin_memory: Pin batches in page-locked memory (useful for GPU training).
     """
@@ -43,10 +50,9 @@ class BBBDataModule(LightningDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        _check_int("batch_size", batch_size, minimum=1)
+        _check_int("num_workers", num_workers, minimum=0)
+        _check_int("seed", seed, minimum=0)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
@@ -63,22 +69,40 @@ class BBBDataModule(LightningDataModule):
         return len(self.train_set)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches (the last, smaller batch is kept)."""
-        return self._loader(self.train_set, "train", shuffle=True)
+        """Training batches in the order of :class:`EpochPermutationSampler` (last batch kept).
+
+        The order depends only on (seed, epoch) and, under data parallelism, the process's rank:
+        a resumed run sees the same batches as an uninterrupted one, and R processes with batch B
+        see the batches of one process with batch R * B. Attached to a trainer, the loader is
+        built for the trainer's current epoch (the configs reload it every epoch).
+        """
+        if self.train_set is None:
+            raise RuntimeError(f"{type(self).__name__} has no train set yet: call setup() first")
+        trainer = self.trainer
+        sampler = EpochPermutationSampler(
+            len(self.train_set),
+            seed=self.seed,
+            epoch=trainer.current_epoch if trainer is not None else 0,
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+        )
+        return self._loader(self.train_set, "train", sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in a fixed order."""
-        return self._loader(self.val_set, "val", shuffle=False)
+        return self._loader(self.val_set, "val")
 
     def test_dataloader(self) -> DataLoader:
         """Test batches in a fixed order."""
-        return self._loader(self.test_set, "test", shuffle=False)
+        return self._loader(self.test_set, "test")
 
     def predict_dataloader(self) -> DataLoader:
         """Prediction runs over the test set."""
         return self.test_dataloader()
 
-    def _loader(self, dataset: TensorDataset | None, split: str, shuffle: bool) -> DataLoader:
+    def _loader(
+        self, dataset: TensorDataset | None, split: str, sampler: Sampler[int] | None = None
+    ) -> DataLoader:
         if dataset is None:
             raise RuntimeError(
                 f"{type(self).__name__} has no {split} set yet: call setup() before the loaders"
@@ -86,9 +110,8 @@ class BBBDataModule(LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
         )

@@ -1,0 +1,67 @@
+"""Non-finite losses and gradients: caught at the step they happen, never trained on.
+
+``stop`` (default): keep a checkpoint of the last good state (the weights before this step) and
+end the run with a one-line error naming the step, the term and the likely cause.
+``skip``: drop the step (no optimizer update) and count it in ``train/skipped_steps``.
+Under data parallelism the decision is taken jointly, so every process stops or skips together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NONFINITE_MODES",
+    "NonFiniteError",
+    "first_nonfinite",
+    "keep_last_good_state",
+    "stop_message",
+]
+
+NONFINITE_MODES = ("stop", "skip")
+
+LIKELY_CAUSES = (
+    "likely causes: a learning rate too high, badly scaled inputs or targets, or too small a "
+    "likelihood noise floor"
+)
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient became NaN or infinite."""
+
+
+def first_nonfinite(named: Iterable[tuple[str, Tensor | None]]) -> str | None:
+    """The name of the first tensor holding a NaN or an infinity, if any (one device sync)."""
+    present = [(name, tensor) for name, tensor in named if tensor is not None]
+    if not present:
+        return None
+    device = present[0][1].device
+    finite = torch.stack([torch.isfinite(tensor).all().to(device) for _, tensor in present])
+    if bool(finite.all()):
+        return None
+    return present[int((~finite).nonzero()[0])][0]
+
+
+def keep_last_good_state(trainer: pl.Trainer, module: pl.LightningModule) -> Path | None:
+    """Save the current (still finite) state as ``nonfinite-step<N>-last-good.ckpt``.
+
+    The weights are checked first: if an earlier update already made them non-finite there is
+    no good state to keep, and the last regular checkpoint is the one to resume from.
+    """
+    if first_nonfinite(module.named_parameters()) is not None:
+        return None
+    callback = trainer.checkpoint_callback
+    directory = Path(getattr(callback, "dirpath", None) or trainer.default_root_dir)
+    path = directory / f"nonfinite-step{trainer.global_step}-last-good.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def stop_message(what: str, step: int, saved: Path | None) -> str:
+    kept = f"last good state saved to {saved}" if saved else "earlier checkpoints are kept"
+    return f"non-finite {what} at step {step}; {LIKELY_CAUSES}; {kept}"

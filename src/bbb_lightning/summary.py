@@ -1,0 +1,119 @@
+"""One table for a multirun: each job's overrides, status and metrics, best first.
+
+``python -m bbb_lightning.summary multirun/<date>/<time> [--sort val/nll] [--descending]`` writes
+``summary.csv`` and ``summary.md`` into that directory and prints the markdown. During a
+multirun the :class:`SweepSummary` Hydra callback rewrites both after every job, so a failed
+job shows up (status ``failed`` and its one-line error) while the others go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+__all__ = ["SweepSummary", "collect", "main", "write_summary"]
+
+ERROR_FILE = "error.txt"
+
+
+def _job_row(job_dir: Path) -> dict[str, Any] | None:
+    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    if not overrides_file.is_file():
+        return None
+    overrides = yaml.safe_load(overrides_file.read_text()) or []
+    row: dict[str, Any] = {"job": job_dir.name, "overrides": " ".join(overrides)}
+    metrics_file, error_file = job_dir / "metrics.json", job_dir / ERROR_FILE
+    if metrics_file.is_file():
+        row |= {"status": "ok", **json.loads(metrics_file.read_text())}
+    elif error_file.is_file():
+        row |= {"status": "failed", "error": error_file.read_text().strip()}
+    else:
+        row["status"] = "running or killed"
+    return row
+
+
+def collect(sweep_dir: Path, sort_by: str = "val/nll", descending: bool = False) -> list[dict]:
+    """A row per job directory of ``sweep_dir``; finished jobs sorted by ``sort_by`` first."""
+    rows = [row for job in sorted(sweep_dir.iterdir()) if (row := _job_row(job)) is not None]
+
+    def key(row: dict) -> tuple[bool, float]:
+        value = row.get(sort_by)
+        missing = not isinstance(value, int | float) or math.isnan(value)
+        return missing, 0.0 if missing else (-value if descending else value)
+
+    return sorted(rows, key=key)
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    first = ["job", "status", "overrides"]
+    rest = sorted({name for row in rows for name in row} - {*first, "error"})
+    return first + rest + (["error"] if any("error" in row for row in rows) else [])
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value if value is not None else "")
+
+
+def write_summary(sweep_dir: Path, sort_by: str = "val/nll", descending: bool = False) -> str:
+    """Write ``summary.csv`` and ``summary.md`` in ``sweep_dir``; return the markdown."""
+    rows = collect(sweep_dir, sort_by, descending)
+    columns = _columns(rows)
+    with (sweep_dir / "summary.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        f"Sorted by `{sort_by}` ({'descending' if descending else 'ascending'}).",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+        *("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows),
+    ]
+    markdown = "\n".join(lines) + "\n"
+    (sweep_dir / "summary.md").write_text(markdown)
+    return markdown
+
+
+class SweepSummary(Callback):
+    """Hydra callback: after each multirun job, record a failure and refresh the summary."""
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        hydra_config = HydraConfig.get()
+        if hydra_config.mode != RunMode.MULTIRUN:
+            return
+        job_dir = Path(hydra_config.runtime.output_dir)
+        if job_return.status == JobStatus.FAILED:
+            error = job_return._return_value
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            (job_dir / ERROR_FILE).write_text(f"{type(error).__name__}: {message}\n")
+        sort_by = config.get("optimized_metric", "val/nll")
+        write_summary(Path(hydra_config.sweep.dir), sort_by)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bbb_lightning.summary",
+        description="Collect the metrics.json of every job of a multirun into summary.csv/.md.",
+    )
+    parser.add_argument("sweep_dir", type=Path, help="e.g. multirun/2026-11-24/12-00-00")
+    parser.add_argument("--sort", default="val/nll", help="metric to sort by (default val/nll)")
+    parser.add_argument("--descending", action="store_true", help="largest first (accuracy)")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        parser.error(f"sweep_dir {str(args.sweep_dir)!r} is not a directory")
+    print(write_summary(args.sweep_dir, args.sort, args.descending), end="")
+
+
+if __name__ == "__main__":
+    main()

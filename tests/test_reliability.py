@@ -1,0 +1,202 @@
+"""Reliability: non-finite guard, exact resume after SIGKILL, reproducibility, nothing lost."""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from bbb_lightning.bayes import GaussianPrior, MeanFieldNormal
+from bbb_lightning.config_checks import UserError
+from bbb_lightning.guard import NonFiniteError
+from bbb_lightning.module import BayesByBackprop
+from bbb_lightning.objectives import GaussianLikelihood
+from bbb_lightning.train import train
+from bbb_testing import compose_config, run_cli
+
+QUIET = ["callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
+
+
+def _without_timing(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "fit_seconds"}
+
+
+# -- non-finite loss and gradients -------------------------------------------------------------
+class SqrtAtZero(nn.Module):
+    """Finite output, infinite gradient: d sqrt(u) / du at u = 0."""
+
+    def forward(self, out: torch.Tensor) -> torch.Tensor:
+        return out + torch.sqrt(out - out.detach())
+
+
+def _model(net: nn.Module, on_nonfinite: str) -> BayesByBackprop:
+    return BayesByBackprop(
+        net=net,
+        likelihood=GaussianLikelihood(noise="fixed", noise_std=0.5),
+        prior=GaussianPrior(),
+        posterior=functools.partial(MeanFieldNormal, rho_init=-3.0),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.01),
+        on_nonfinite=on_nonfinite,
+    )
+
+
+class SnapshotWeights(pl.Callback):
+    def __init__(self) -> None:
+        self.weights: dict[int, list[torch.Tensor]] = {}
+
+    def _mu(self, pl_module: BayesByBackprop) -> torch.Tensor:
+        return pl_module.net[0].weight_posterior.mu.detach().clone()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.weights[batch_idx] = [self._mu(pl_module)]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.weights[batch_idx].append(self._mu(pl_module))
+
+
+def _fit(
+    model: BayesByBackprop,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    root: Path,
+    callbacks: list[pl.Callback] | None = None,
+) -> pl.Trainer:
+    trainer = pl.Trainer(
+        callbacks=callbacks,
+        max_epochs=1,
+        logger=False,
+        default_root_dir=root,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=4))
+    return trainer
+
+
+def _finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_nan_target_is_skipped_and_counted(tmp_path):
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 2), torch.randn(16, 1)
+    y[5] = float("nan")  # the second of four minibatches
+    model = _model(nn.Sequential(nn.Linear(2, 1)), "skip")
+    snapshots = SnapshotWeights()
+    _fit(model, x, y, tmp_path, callbacks=[snapshots])
+    assert model.skipped_steps == 1
+    before, after = snapshots.weights[1]
+    assert torch.equal(before, after)  # the bad step changed nothing
+    assert not torch.equal(*snapshots.weights[2])  # the next one trained on
+    assert _finite(model)
+
+
+def test_nan_target_stops_with_the_step_the_term_and_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 2), torch.randn(16, 1)
+    y[5] = float("nan")
+    model = _model(nn.Sequential(nn.Linear(2, 1)), "stop")
+    with pytest.raises(
+        NonFiniteError, match=r"^non-finite NLL \(nll=nan, kl=.*\) at step 1; "
+    ) as error:
+        _fit(model, x, y, tmp_path)
+    (saved,) = tmp_path.glob("nonfinite-step1-last-good.ckpt")
+    assert str(saved) in str(error.value)
+    state = torch.load(saved, weights_only=False)["state_dict"]
+    assert all(bool(torch.isfinite(t).all()) for t in state.values())
+    assert _finite(model)
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_infinite_gradient_with_a_finite_loss_is_caught(tmp_path, mode):
+    torch.manual_seed(0)
+    model = _model(nn.Sequential(nn.Linear(2, 1), SqrtAtZero()), mode)
+    x, y = torch.randn(8, 2), torch.randn(8, 1)
+    if mode == "stop":
+        expected = r"non-finite gradient of net\.0\.weight_posterior"
+        with pytest.raises(NonFiniteError, match=expected):
+            _fit(model, x, y, tmp_path)
+    else:
+        _fit(model, x, y, tmp_path)
+        assert model.skipped_steps == 2
+    assert _finite(model)
+
+
+def test_cli_reports_a_diverging_run_in_one_line(tmp_path):
+    result = run_cli("optimizer.lr=1e30", "hydra.run.dir=run", *QUIET, cwd=tmp_path)
+    assert result.returncode == 1
+    (line,) = [line for line in result.stderr.splitlines() if "non-finite" in line]
+    assert "at step" in line and "likely causes" in line
+    assert "Traceback" not in result.stderr
+
+
+# -- reproducibility and resume ------------------------------------------------------------------
+def test_same_seed_gives_identical_metrics(tmp_path):
+    runs = [train(compose_config(tmp_path / name, "trainer.max_epochs=3", *QUIET)) for name in "ab"]
+    assert _without_timing(runs[0]) == _without_timing(runs[1])
+    other = train(compose_config(tmp_path / "c", "trainer.max_epochs=3", "seed=1", *QUIET))
+    assert _without_timing(other) != _without_timing(runs[0])
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    overrides = ["trainer.max_epochs=40", "kl.warmup_steps=60", "kl.weighting=minibatch", *QUIET]
+    reference = train(compose_config(tmp_path / "reference", *overrides))
+
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bbb_lightning.train", f"hydra.run.dir={killed_dir}", *overrides],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    last = killed_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists() or torch.load(last, weights_only=False)["epoch"] < 10:
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed_dir / "metrics.json").exists()  # it really was cut off
+
+    resumed = train(compose_config(tmp_path / "resumed", *overrides, f"ckpt_path={last}"))
+    assert _without_timing(resumed) == pytest.approx(_without_timing(reference), rel=1e-6)
+
+
+# -- nothing lost ---------------------------------------------------------------------------------
+def test_a_new_run_never_overwrites_an_earlier_one(tmp_path):
+    train(compose_config(tmp_path, "trainer.max_epochs=1", *QUIET))
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="already holds a run"):
+        train(compose_config(tmp_path, "trainer.max_epochs=1", *QUIET))
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_a_failing_multirun_job_does_not_stop_the_others(tmp_path):
+    result = run_cli(
+        "-m",
+        "prior.scale=-1.0,1.0",
+        "trainer.max_epochs=1",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        *QUIET,
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0  # the sweep as a whole reports the failure
+    assert json.loads((tmp_path / "sweep" / "1" / "metrics.json").read_text())["test/nll"]
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "| 0 | failed | prior.scale=-1.0" in summary
+    assert "prior scale must be a finite number > 0, got -1.0" in summary
+    assert "| 1 | ok | prior.scale=1.0" in summary
