@@ -15,8 +15,10 @@ to :func:`~bbb_lightning.bayes.bayesianize`.
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import cached_property
 from typing import Any, Protocol
 
 import torch
@@ -29,11 +31,45 @@ from .priors import Prior
 __all__ = [
     "MeanFieldNormal",
     "PosteriorFactory",
+    "SoftplusNormal",
     "VariationalPosterior",
+    "log_softplus",
     "named_posteriors",
     "posterior_scales",
     "signal_to_noise",
 ]
+
+
+def log_softplus(rho: Tensor) -> Tensor:
+    """log softplus(rho), finite with a finite gradient for any finite rho.
+
+    ``softplus(rho).log()`` is not: in float32 softplus(rho) underflows below rho ~ -103 (and
+    sigma^2 below rho ~ -50). For rho < -20, log softplus(rho) = rho - exp(rho) / 2 + O(exp(2 rho)).
+    """
+    # Both branches are evaluated: clamp each to its side so that neither overflows (a NaN in
+    # the unused branch would still poison the gradient of torch.where).
+    tiny = rho - 0.5 * rho.clamp_max(-20).exp()
+    return torch.where(rho < -20, tiny, F.softplus(rho.clamp_min(-20)).log())
+
+
+class SoftplusNormal(Normal):
+    """N(loc, scale^2) that also knows log(scale) computed stably from rho.
+
+    Its closed-form KLs against ``Normal`` and ``Laplace`` priors are registered in torch's KL
+    registry (:mod:`bbb_lightning.bayes.kl`) and use ``log_scale`` instead of log(scale^2), and
+    so does :meth:`entropy`: all stay finite where sigma^2 underflows.
+    """
+
+    def __init__(self, loc: Tensor, scale: Tensor, log_scale: Callable[[], Tensor]) -> None:
+        super().__init__(loc, scale, validate_args=False)
+        self._log_scale = log_scale
+
+    @cached_property
+    def log_scale(self) -> Tensor:
+        return self._log_scale()
+
+    def entropy(self) -> Tensor:
+        return 0.5 * math.log(2.0 * math.pi * math.e) + self.log_scale
 
 
 class VariationalPosterior(nn.Module):
@@ -151,25 +187,15 @@ class MeanFieldNormal(VariationalPosterior):
 
     @property
     def log_scale(self) -> Tensor:
-        """log sigma, finite with a finite gradient for any finite rho.
-
-        ``scale.log()`` is not: in float32 sigma^2 underflows below rho ~ -50 and sigma itself
-        below rho ~ -103. For rho < -20, log softplus(rho) = rho - exp(rho) / 2 + O(exp(2 rho)).
-        """
-        if self.min_scale:
-            return self.scale.log()
-        # Both branches are evaluated: clamp each to its side so neither overflows (a NaN in
-        # the unused branch would still poison the gradient of torch.where).
-        rho = self.rho
-        tiny = rho - 0.5 * rho.clamp_max(-20).exp()
-        return torch.where(rho < -20, tiny, F.softplus(rho.clamp_min(-20)).log())
+        """log sigma, finite with a finite gradient for any finite rho (:func:`log_softplus`)."""
+        return self.scale.log() if self.min_scale else log_softplus(self.rho)
 
     @property
     def mean(self) -> Tensor:
         return self.mu
 
-    def distribution(self) -> Normal:
-        return Normal(self.mu, self.scale, validate_args=False)
+    def distribution(self) -> SoftplusNormal:
+        return SoftplusNormal(self.mu, self.scale, lambda: self.log_scale)
 
     def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
         noise = torch.randn(
