@@ -17,9 +17,10 @@ QUICK = [
 ]
 
 
-def compose_config(output_dir: Path, *overrides: str):
+def compose_config(output_dir: Path, *overrides: str, config_name: str = "config"):
+    """The real composed config (``config``, ``evaluate`` or ``predict``) writing to output_dir."""
     with initialize_config_module("bbb_lightning.conf", version_base="1.3"):
-        return compose("config", overrides=[f"paths.output_dir={output_dir}", *overrides])
+        return compose(config_name, overrides=[f"paths.output_dir={output_dir}", *overrides])
 
 
 def events(run_dir: Path) -> EventAccumulator:

@@ -1,0 +1,585 @@
+"""Evaluate a trained run: ``python -m bbb_lightning.evaluate ckpt_path=<run dir or .ckpt>``.
+
+``evaluate(cfg)`` is a plain function of the composed config (``conf/evaluate.yaml``); the
+``@hydra.main`` wrapper below only turns user errors into one line and a non-zero exit. It
+rebuilds the model from the checkpoint and the datamodule from the run's saved
+``.hydra/config.yaml``, draws S = ``eval_samples`` posterior samples of the predictive on the
+test set, and writes into its own run dir:
+
+- ``metrics.json`` (every number below) and ``evaluation.json`` (what was evaluated, files);
+- ``tensorboard/``: the numbers as scalars (curves indexed by S, % pruned, ε · 1000) and every
+  figure, also saved as ``figures/<name>.png``;
+- ``export/``: the posterior-mean network, one draw and a pruned mean, as state dicts and
+  TorchScript (:mod:`bbb_lightning.export`).
+
+Keys of ``metrics.json``:
+
+- classification ``test/``: accuracy, nll, ece, mce, brier, entropy, expected_entropy,
+  mutual_information (:mod:`bbb_lightning.metrics`); ``ood/``: entropy_auroc, entropy_aupr,
+  mi_auroc, mi_aupr (OOD = positive), entropy and mutual_information of the OOD set;
+  ``attack/<fgsm|pgd>/<mean|draw|predictive>/eps=<ε>`` (:mod:`bbb_lightning.robustness`);
+  ``gradient/``: expected_l2, draw_l2, coherence (= expected_l2 / draw_l2);
+- regression ``test/``: rmse, nll (the predictive mixture's), gaussian_nll, coverage_50/90/95,
+  epistemic_var, aleatoric_var;
+- both: ``samples/<metric>/S=<S>``, ``pruning/<accuracy|rmse>/p=<%>``, ``posterior/``
+  mean_sigma and median_snr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+from torch.utils.tensorboard import SummaryWriter
+
+from . import figures, ood
+from .bayes import posterior_scales, signal_to_noise
+from .config_checks import UserError, user_errors
+from .data.mnist import NORMALIZATIONS
+from .export import export_posterior
+from .metrics import (
+    classification_metrics,
+    expected_entropy,
+    nll_from_samples,
+    ood_scores,
+    predictive_entropy,
+    regression_metrics,
+    reliability_bins,
+)
+from .module import BayesByBackprop
+from .objectives import GaussianLikelihood
+from .pruning import prune_by_snr
+from .robustness import ATTACKS, SETTINGS, adversarial_accuracy, input_gradients
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "evaluate",
+    "load_run",
+    "main",
+    "resolve_checkpoint",
+    "resolve_device",
+    "sample_outputs",
+]
+
+
+# -- loading ----------------------------------------------------------------------------------
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """The checkpoint file and the training run directory named by ``path``.
+
+    A run directory gives its best checkpoint (``checkpoints/epochNNN.ckpt``; with several, the
+    one ``last.ckpt`` records as best, else the latest) or else ``checkpoints/last.ckpt``. A
+    ``.ckpt`` file is taken as is; its run directory is the parent of ``checkpoints/``.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        checkpoint = _best_checkpoint(path / "checkpoints")
+        if checkpoint is None:
+            raise UserError(f"ckpt_path={str(path)!r}: no checkpoints/*.ckpt in this directory")
+        return checkpoint, path
+    if path.is_file():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return path, run_dir
+    raise UserError(f"ckpt_path={str(path)!r}: no such run directory or checkpoint file")
+
+
+def _best_checkpoint(folder: Path) -> Path | None:
+    last = folder / "last.ckpt"
+    candidates = sorted(p for p in folder.glob("*.ckpt") if not p.name.startswith("last"))
+    if len(candidates) > 1 and last.is_file():
+        try:
+            state = torch.load(last, map_location="cpu", weights_only=False)
+            recorded = [
+                Path(value["best_model_path"]).name
+                for key, value in state.get("callbacks", {}).items()
+                if key.startswith("ModelCheckpoint") and value.get("best_model_path")
+            ]
+        except Exception:  # an unreadable last.ckpt: fall back to the latest epoch file
+            recorded = []
+        for candidate in candidates:
+            if candidate.name in recorded:
+                return candidate
+    if candidates:
+        return candidates[-1]
+    return last if last.is_file() else None
+
+
+def load_run(cfg: DictConfig) -> tuple[BayesByBackprop, Any, DictConfig, Path]:
+    """The model, the set-up datamodule, the training config and the checkpoint file."""
+    checkpoint, run_dir = resolve_checkpoint(cfg.ckpt_path)
+    config_file = run_dir / ".hydra" / "config.yaml"
+    if not config_file.is_file():
+        raise UserError(
+            f"ckpt_path={str(cfg.ckpt_path)!r}: no training config {config_file} (evaluate "
+            "needs the run directory written by bbb_lightning.train)"
+        )
+    try:
+        model = BayesByBackprop.load_from_checkpoint(checkpoint, map_location="cpu")
+    except Exception as error:  # a corrupt or foreign file: report it in one line
+        reason = f"{type(error).__name__}: {error}".splitlines()[0]
+        raise UserError(
+            f"ckpt_path={str(checkpoint)!r} is not allowed: not a readable checkpoint ({reason})"
+        ) from error
+    train_cfg = OmegaConf.load(config_file)
+    with open_dict(train_cfg):
+        if cfg.get("data_dir") is not None:
+            if "data_dir" not in train_cfg.dataset:
+                raise UserError(
+                    f"data_dir={cfg.data_dir!r} is not allowed: the run's dataset "
+                    f"({train_cfg.dataset.get('_target_')}) has no data_dir"
+                )
+            train_cfg.dataset.data_dir = cfg.data_dir
+        for key, value in (cfg.get("dataset_overrides") or {}).items():
+            train_cfg.dataset[key] = value
+    with user_errors():
+        datamodule = instantiate(train_cfg.dataset)
+        datamodule.prepare_data()
+        datamodule.setup("test")
+    return model, datamodule, train_cfg, checkpoint
+
+
+def _test_tensors(datamodule: Any, limit: int | None) -> tuple[Tensor, Tensor]:
+    dataset = datamodule.test_set
+    if limit is not None:
+        dataset = Subset(dataset, range(min(limit, len(dataset))))
+    xs, ys = zip(*DataLoader(dataset, batch_size=1024, shuffle=False), strict=True)
+    return torch.cat(xs), torch.cat(ys)
+
+
+# -- predictions ------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_outputs(model: BayesByBackprop, x: Tensor, num_samples: int, batch_size: int) -> Tensor:
+    """Network outputs for S posterior draws, (S, N, out), in chunks of ``batch_size`` inputs."""
+    device = next(model.parameters()).device
+    chunks = [
+        model(x[start : start + batch_size].to(device), num_samples).cpu()
+        for start in range(0, len(x), batch_size)
+    ]
+    return torch.cat(chunks, dim=1)
+
+
+@torch.no_grad()
+def _plain_outputs(net: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+    device = next(net.parameters()).device
+    net.eval()
+    return torch.cat(
+        [net(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
+    )
+
+
+# -- the report -------------------------------------------------------------------------------
+class Report:
+    """Collects ``metrics.json`` and writes scalars and figures to TensorBoard and PNG files."""
+
+    def __init__(self, output_dir: Path, figures_enabled: bool = True) -> None:
+        self.output_dir = output_dir
+        self.metrics: dict[str, float] = {}
+        self.figure_files: list[str] = []
+        self.figures_enabled = figures_enabled
+        self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+
+    def scalar(self, key: str, value: float) -> None:
+        """A single number: ``metrics.json`` and a TensorBoard scalar at step 0."""
+        self.metrics[key] = float(value)
+        self.writer.add_scalar(key, float(value), 0)
+
+    def curve(self, tag: str, step: int, key: str, value: float) -> None:
+        """A point of a curve: ``metrics.json[key]`` and TensorBoard ``tag`` at ``step``."""
+        self.metrics[key] = float(value)
+        self.writer.add_scalar(tag, float(value), step)
+
+    def figure(self, name: str, figure: Any) -> None:
+        """``figures/<name>.png`` and the TensorBoard image ``figures/<name>``."""
+        path = figures.save_figure(figure, self.output_dir / "figures" / f"{name}.png")
+        self.figure_files.append(str(path))
+        self.writer.add_figure(f"figures/{name}", figure, 0, close=True)
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+# -- the parts of an evaluation ---------------------------------------------------------------
+def _sample_counts(cfg: DictConfig) -> list[int]:
+    return sorted({int(count) for count in cfg.sample_counts})
+
+
+@torch.no_grad()
+def _classification(
+    report: Report, model: BayesByBackprop, outputs: Tensor, y: Tensor, cfg: DictConfig
+) -> dict[str, Tensor]:
+    """Test metrics, reliability diagram and the metric-vs-samples curve; returns the scores."""
+    main = outputs[: cfg.eval_samples]
+    sample_probs = F.softmax(main, dim=-1)
+    probs = sample_probs.mean(0)
+    nll = nll_from_samples(model.likelihood.log_prob(main, y))
+    aleatoric = expected_entropy(sample_probs)
+    for name, value in classification_metrics(
+        probs, y, nll, aleatoric, cfg.calibration_bins
+    ).items():
+        report.scalar(f"test/{name}", value)
+    if report.figures_enabled:
+        confidence, accuracy, count = reliability_bins(probs, y, cfg.calibration_bins)
+        report.figure(
+            "reliability",
+            figures.reliability_diagram(confidence, accuracy, count, report.metrics["test/ece"]),
+        )
+    curves: dict[str, list[float]] = {"accuracy": [], "nll": []}
+    for count in _sample_counts(cfg):
+        head = outputs[:count]
+        values = {
+            "accuracy": (F.softmax(head, -1).mean(0).argmax(-1) == y).float().mean().item(),
+            "nll": nll_from_samples(model.likelihood.log_prob(head, y)).mean().item(),
+        }
+        for name, value in values.items():
+            report.curve(f"samples/{name}", count, f"samples/{name}/S={count}", value)
+            curves[name].append(value)
+    if report.figures_enabled:
+        report.figure("metric_vs_samples", figures.metric_vs_samples(_sample_counts(cfg), curves))
+    total = predictive_entropy(probs)
+    return {"entropy": total, "mutual information": (total - aleatoric).clamp_min(0)}
+
+
+@torch.no_grad()
+def _regression(
+    report: Report,
+    model: BayesByBackprop,
+    outputs: Tensor,
+    x: Tensor,
+    y: Tensor,
+    datamodule: Any,
+    cfg: DictConfig,
+) -> None:
+    likelihood = model.likelihood
+    assert isinstance(likelihood, GaussianLikelihood)
+    main = outputs[: cfg.eval_samples]
+    mean, epistemic, aleatoric = likelihood.predictive_moments(main)
+    nll = nll_from_samples(likelihood.log_prob(main, y))
+    metrics = regression_metrics(mean, epistemic, aleatoric, y, nll, list(cfg.interval_levels))
+    for name, value in metrics.items():
+        report.scalar(f"test/{name}", value)
+    curves: dict[str, list[float]] = {"rmse": [], "nll": []}
+    for count in _sample_counts(cfg):
+        head = outputs[:count]
+        values = {
+            "rmse": (likelihood.predictive_moments(head)[0] - y).square().mean().sqrt().item(),
+            "nll": nll_from_samples(likelihood.log_prob(head, y)).mean().item(),
+        }
+        for name, value in values.items():
+            report.curve(f"samples/{name}", count, f"samples/{name}/S={count}", value)
+            curves[name].append(value)
+    if not report.figures_enabled:
+        return
+    report.figure("metric_vs_samples", figures.metric_vs_samples(_sample_counts(cfg), curves))
+    report.figure("predictive", _regression_figure(model, x, y, datamodule, cfg))
+
+
+@torch.no_grad()
+def _regression_figure(
+    model: BayesByBackprop, x: Tensor, y: Tensor, datamodule: Any, cfg: DictConfig
+) -> Any:
+    """The predictive band over the dataset's plot grid (or the sorted 1-D test inputs)."""
+    if hasattr(datamodule, "plot_grid"):
+        grid = datamodule.plot_grid(200)
+    elif x.ndim == 2 and x.shape[1] == 1:
+        grid = x
+    else:  # no 1-D axis to plot along: predictive mean against the target instead
+        grid = None
+    inputs = x if grid is None else grid
+    outputs = sample_outputs(model, inputs, cfg.eval_samples, cfg.batch_size)
+    mean, epistemic, aleatoric = model.likelihood.predictive_moments(outputs)
+    data = {"test": (x[:, 0], y[:, 0])} if grid is not None else None
+    if grid is not None and hasattr(datamodule, "train_x"):
+        data = {"train": (datamodule.train_x[:, 0], datamodule.train_y[:, 0]), **(data or {})}
+    axis = inputs[:, 0] if grid is not None else y[:, 0]
+    figure = figures.regression_band(
+        axis, mean[:, 0], epistemic[:, 0].sqrt(), (epistemic + aleatoric)[:, 0].sqrt(), data
+    )
+    if grid is None:
+        figure.axes[0].set(xlabel="target y", ylabel="predictive mean")
+    return figure
+
+
+def _ood_inputs(cfg: DictConfig, x: Tensor, datamodule: Any, input_shape: Sequence[int]) -> Tensor:
+    kind = cfg.ood.kind
+    limit = cfg.ood.get("num_examples") or len(x)
+    with user_errors():
+        if kind == "noise":
+            return ood.gaussian_noise(x, limit, seed=cfg.seed)
+        if kind == "rotated":
+            return ood.rotated(x[:limit], cfg.ood.angle)
+        if kind == "flipped":
+            return ood.flipped(x[:limit], cfg.ood.axis)
+        normalization = getattr(datamodule, "normalization", None)
+        if normalization not in NORMALIZATIONS:
+            raise UserError("ood=idx needs an MNIST-like image dataset (with a normalization)")
+        offset, scale = NORMALIZATIONS[normalization]
+        shape = tuple(input_shape)
+
+        def normalize(images: Tensor) -> Tensor:
+            if images[0].numel() != math.prod(shape):
+                raise ValueError(
+                    f"ood.path={cfg.ood.path!r}: images of shape {tuple(images.shape[1:])} do "
+                    f"not fit the model's input shape {shape}"
+                )
+            return ((images.float() - offset) / scale).reshape(-1, *shape)
+
+        return ood.idx_images(cfg.ood.path, normalize)[:limit]
+
+
+def _out_of_distribution(
+    report: Report,
+    model: BayesByBackprop,
+    x: Tensor,
+    scores_in: dict[str, Tensor],
+    datamodule: Any,
+    cfg: DictConfig,
+) -> None:
+    x_out = _ood_inputs(
+        cfg, x, datamodule, (model.hparams.get("net") or {}).get("input_shape") or x.shape[1:]
+    )
+    sample_probs = F.softmax(sample_outputs(model, x_out, cfg.eval_samples, cfg.batch_size), -1)
+    total = predictive_entropy(sample_probs.mean(0))
+    scores_out = {
+        "entropy": total,
+        "mutual information": (total - expected_entropy(sample_probs)).clamp_min(0),
+    }
+    for name, short in (("entropy", "entropy"), ("mutual information", "mi")):
+        for metric, value in ood_scores(scores_in[name], scores_out[name]).items():
+            report.scalar(f"ood/{short}_{metric}", value)
+    report.scalar("ood/entropy", total.mean().item())
+    report.scalar("ood/mutual_information", scores_out["mutual information"].mean().item())
+    if report.figures_enabled:
+        report.figure(
+            "uncertainty_in_vs_out",
+            figures.uncertainty_histograms(scores_in, scores_out, f"OOD ({cfg.ood.kind})"),
+        )
+
+
+def _posterior(report: Report, model: BayesByBackprop) -> None:
+    sigmas, snrs = posterior_scales(model.net), signal_to_noise(model.net)
+    if not sigmas:
+        return
+    report.scalar("posterior/mean_sigma", torch.cat([s.flatten() for s in sigmas.values()]).mean())
+    report.scalar("posterior/median_snr", torch.cat([s.flatten() for s in snrs.values()]).median())
+    for name in sigmas:
+        report.writer.add_histogram(f"sigma/{name}", sigmas[name].float().cpu(), 0)
+        report.writer.add_histogram(f"snr/{name}", snrs[name].float().cpu(), 0)
+    if report.figures_enabled:
+        sigmas = {name: value.cpu() for name, value in sigmas.items()}
+        snrs = {name: value.cpu() for name, value in snrs.items()}
+        report.figure("posterior_sigma_snr", figures.posterior_histograms(sigmas, snrs))
+
+
+def _pruning(report: Report, model: BayesByBackprop, x: Tensor, y: Tensor, cfg: DictConfig) -> None:
+    fractions = [float(p) for p in cfg.pruning_fractions]
+    if not fractions or not signal_to_noise(model.net):
+        return
+    name = "accuracy" if model.is_classifier else "rmse"
+    values = []
+    for fraction in fractions:
+        outputs = _plain_outputs(prune_by_snr(model.net, fraction), x, cfg.batch_size)
+        if model.is_classifier:
+            value = (outputs.argmax(-1) == y).float().mean().item()
+        else:
+            mean, _ = model.likelihood.mean_and_std(outputs)
+            value = (mean - y).square().mean().sqrt().item()
+        percent = round(100 * fraction)
+        report.curve(f"pruning/{name}", percent, f"pruning/{name}/p={percent}", value)
+        values.append(value)
+    if report.figures_enabled:
+        report.figure("pruning", figures.pruning_curve(fractions, values, name))
+
+
+def _robustness(report: Report, model: BayesByBackprop, x: Tensor, y: Tensor, cfg: DictConfig):
+    attack = cfg.attack
+    device = next(model.parameters()).device
+    xa, ya = x[: attack.limit].to(device), y[: attack.limit].to(device)
+    low, high = float(x.min()), float(x.max())
+    scale = (high - low) if attack.relative_to_range else 1.0
+    epsilons = [float(eps) for eps in attack.epsilons]
+    curves: dict[str, list[float]] = {}
+    for method in attack.methods:
+        for setting in SETTINGS:
+            accuracies = adversarial_accuracy(
+                model.net,
+                xa,
+                ya,
+                [eps * scale for eps in epsilons],
+                method=method,
+                setting=setting,
+                bounds=(low, high),
+                num_samples=attack.num_samples,
+                num_draws=attack.num_draws,
+                steps=attack.pgd_steps,
+                step_size=attack.pgd_step_size,
+            )
+            for eps, accuracy in zip(epsilons, accuracies, strict=True):
+                report.curve(
+                    f"attack/{method}/{setting}",
+                    round(1000 * eps),
+                    f"attack/{method}/{setting}/eps={eps:g}",
+                    accuracy,
+                )
+            curves[f"{method} / {setting}"] = accuracies
+    gradients = input_gradients(model.net, xa, ya, num_draws=attack.gradient_draws).cpu()
+    expected = gradients.mean(0)
+    expected_l2 = expected.flatten(1).norm(dim=1).mean().item()
+    draw_l2 = gradients.flatten(2).norm(dim=2).mean().item()
+    report.scalar("gradient/expected_l2", expected_l2)
+    report.scalar("gradient/draw_l2", draw_l2)
+    report.scalar("gradient/coherence", expected_l2 / draw_l2 if draw_l2 > 0 else 0.0)
+    if not report.figures_enabled:
+        return
+    unit = "ε (fraction of the input range)" if attack.relative_to_range else "ε"
+    report.figure("attacks", figures.attack_curves(epsilons, curves, xlabel=unit))
+    if x.ndim >= 3:
+        shown = min(8, len(xa))
+        report.figure(
+            "input_gradients",
+            figures.input_gradient_images(xa[:shown].cpu(), gradients[0, :shown], expected[:shown]),
+        )
+
+
+def _export(model: BayesByBackprop, x: Tensor, output_dir: Path, cfg: DictConfig) -> dict:
+    fraction = cfg.export.get("pruned_fraction")
+    if fraction is not None and not signal_to_noise(model.net):
+        fraction = None
+    device = next(model.parameters()).device
+    files = export_posterior(model.net, output_dir / "export", x[:2].to(device), fraction)
+    manifest: dict[str, Any] = {
+        "task": model.likelihood.task,
+        "net": dict(model.hparams.get("net") or {}),
+        "input_shape": list(x.shape[1:]),
+        "outputs": "class logits" if model.is_classifier else "regression output",
+        "files": {
+            name: {kind: Path(path).name for kind, path in paths.items()}
+            for name, paths in files.items()
+        },
+        "load": "torch.jit.load('<name>.torchscript.pt') needs only torch; or build `net` and "
+        "net.load_state_dict(torch.load('<name>.pt'))",
+    }
+    likelihood = model.likelihood
+    if isinstance(likelihood, GaussianLikelihood):
+        manifest["noise"] = likelihood.noise
+        if likelihood.noise != "heteroscedastic":
+            std = F.softplus(likelihood.raw_std) + likelihood.min_std
+            manifest["noise_std"] = std.detach().cpu().tolist()
+        else:
+            manifest["outputs"] = "mean and raw scale; std = softplus(raw) + min_std"
+            manifest["min_std"] = likelihood.min_std
+    (output_dir / "export" / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return files
+
+
+# -- the entry points -------------------------------------------------------------------------
+def _check(cfg: DictConfig) -> None:
+    def require(ok: bool, key: str, allowed: str) -> None:
+        if not ok:
+            value = OmegaConf.select(cfg, key)
+            raise UserError(f"{key}={value!r} is not allowed: {allowed}")
+
+    def is_int(value: Any, minimum: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+    if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path is None:
+        raise UserError("ckpt_path is required: a training run directory or a .ckpt file")
+    require(is_int(cfg.eval_samples, 1), "eval_samples", "an integer >= 1")
+    require(is_int(cfg.batch_size, 1), "batch_size", "an integer >= 1")
+    require(cfg.limit_test is None or is_int(cfg.limit_test, 1), "limit_test", "null or >= 1")
+    require(all(is_int(s, 1) for s in cfg.sample_counts), "sample_counts", "integers >= 1")
+    require(
+        all(0 <= p <= 1 for p in cfg.pruning_fractions), "pruning_fractions", "numbers in [0, 1]"
+    )
+    require(all(0 < v < 1 for v in cfg.interval_levels), "interval_levels", "numbers in (0, 1)")
+    require(cfg.ood.kind in ood.OOD_KINDS, "ood.kind", f"one of {list(ood.OOD_KINDS)}")
+    require(all(m in ATTACKS for m in cfg.attack.methods), "attack.methods", f"in {ATTACKS}")
+    require(all(e >= 0 for e in cfg.attack.epsilons), "attack.epsilons", "numbers >= 0")
+    for key in ("limit", "num_samples", "num_draws", "gradient_draws", "pgd_steps"):
+        require(is_int(cfg.attack[key], 1), f"attack.{key}", "an integer >= 1")
+    require(cfg.device in ("cpu", "cuda", "auto"), "device", "cpu, cuda or auto")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``auto`` (cuda when available) as a device; no CUDA is a UserError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device='cuda' is not allowed: no CUDA device is available")
+    return torch.device(name)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate the run named by ``cfg.ckpt_path``; write the report; return the metrics."""
+    _check(cfg)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    model, datamodule, train_cfg, checkpoint = load_run(cfg)
+    model = model.to(device).eval()
+    model.likelihood.cpu()  # no part of the forward: it scores the outputs, gathered on the CPU
+    x, y = _test_tensors(datamodule, cfg.limit_test)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log.info("Evaluating %s on %d test examples with S=%d", checkpoint, len(x), cfg.eval_samples)
+
+    report = Report(output_dir, figures_enabled=cfg.figures)
+    num_samples = max(cfg.eval_samples, *_sample_counts(cfg))
+    outputs = sample_outputs(model, x, num_samples, cfg.batch_size)
+    report.scalar("test/num_examples", len(x))
+    report.scalar("test/eval_samples", cfg.eval_samples)
+    if model.is_classifier:
+        scores_in = _classification(report, model, outputs, y, cfg)
+        if cfg.ood.kind != "none":
+            _out_of_distribution(report, model, x, scores_in, datamodule, cfg)
+    else:
+        _regression(report, model, outputs, x, y, datamodule, cfg)
+        if cfg.ood.kind != "none":
+            log.info("No out-of-distribution evaluation for regression (ood=%s)", cfg.ood.kind)
+    _posterior(report, model)
+    _pruning(report, model, x, y, cfg)
+    if model.is_classifier and cfg.attack.enabled:
+        _robustness(report, model, x, y, cfg)
+    exported = _export(model, x, output_dir, cfg) if cfg.export.enabled else {}
+    report.close()
+
+    metrics = report.metrics
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    info = {
+        "checkpoint": str(checkpoint),
+        "dataset": train_cfg.dataset.get("_target_"),
+        "task": model.likelihood.task,
+        "ood": cfg.ood.kind if model.is_classifier else "none",
+        "figures": report.figure_files,
+        "export": exported,
+    }
+    (output_dir / "evaluation.json").write_text(json.dumps(info, indent=2) + "\n")
+    width = max(map(len, metrics))
+    lines = [f"  {name:<{width}}  {value:.6g}" for name, value in sorted(metrics.items())]
+    log.info("Metrics (also in %s):\n%s", output_dir / "metrics.json", "\n".join(lines))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point: a user error is one line on the log and exit status 1."""
+    try:
+        evaluate(cfg)
+    except UserError as error:
+        log.error("%s", UserError.describe(error))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""Predict with a trained run: ``python -m bbb_lightning.predict ckpt_path=... input=x.npy``.
+
+``predict(cfg)`` is a plain function of the composed config (``conf/predict.yaml``). It reads
+the inputs (``.npy``, ``.npz`` (its first array), ``.pt`` (a tensor) or ``.csv`` (numbers, one
+example per row, an optional header row)), checks them against the model's input shape (a
+flat row of the right size is reshaped), draws S = ``eval_samples`` posterior samples and
+writes, per example:
+
+- classification: ``probs`` (N, C) the predictive p̄ = (1/S) sum_s softmax(f_s),
+  ``prediction`` its argmax, ``entropy`` H[p̄] (total), ``expected_entropy`` (aleatoric),
+  ``mutual_information`` (epistemic); with ``save_samples``, ``sample_probs`` (S, N, C);
+- regression: ``mean``, ``epistemic_var``, ``aleatoric_var``, ``total_var`` (N, D); with
+  ``save_samples``, ``sample_mean`` and ``sample_std`` (S, N, D).
+
+The output format follows the suffix of ``output``: ``.pt`` (a dict of tensors), ``.npz``
+(named arrays), ``.csv`` (a table with a header) or ``.npy`` (the same table as a 2-D float
+array, columns as in the CSV header, logged). Samples do not fit a table: with ``.csv`` /
+``.npy`` they go to ``<output stem>.samples.npz``.
+
+Inputs are in the units the model was trained on (normalised MNIST pixels, standardised CSV
+features); ``raw=true`` takes raw units instead (MNIST pixel values 0..255, the CSV's own
+feature values) and maps standardised regression outputs back to the target's units.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from .config_checks import UserError, user_errors
+from .data.mnist import NORMALIZATIONS
+from .evaluate import resolve_checkpoint, resolve_device, sample_outputs
+from .metrics import expected_entropy, predictive_entropy
+from .module import BayesByBackprop
+from .objectives import GaussianLikelihood
+
+log = logging.getLogger(__name__)
+
+__all__ = ["INPUT_SUFFIXES", "OUTPUT_SUFFIXES", "fit_input_shape", "main", "predict", "read_input"]
+
+INPUT_SUFFIXES = (".npy", ".npz", ".pt", ".csv")
+OUTPUT_SUFFIXES = (".pt", ".npz", ".csv", ".npy")
+
+
+# -- input ------------------------------------------------------------------------------------
+def read_input(path: str | Path) -> Tensor:
+    """The array stored in ``path`` as float32; the format follows the suffix."""
+    path = Path(path)
+    if path.suffix not in INPUT_SUFFIXES:
+        raise UserError(
+            f"input={str(path)!r}: unknown suffix {path.suffix!r}; use one of {INPUT_SUFFIXES}"
+        )
+    if not path.is_file():
+        raise UserError(f"input={str(path)!r}: no such file")
+    try:
+        if path.suffix == ".npy":
+            values: Any = np.load(path, allow_pickle=False)
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                values = archive[archive.files[0]]
+        elif path.suffix == ".pt":
+            values = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            values = _read_csv(path)
+        x = torch.as_tensor(np.asarray(values) if not isinstance(values, Tensor) else values)
+        x = x.to(torch.float32)
+    except UserError:
+        raise
+    except Exception as error:  # unreadable, or not an array of numbers
+        reason = f"{type(error).__name__}: {error}".splitlines()[0]
+        raise UserError(
+            f"input={str(path)!r}: cannot read an array of numbers ({reason})"
+        ) from error
+    if not torch.isfinite(x).all():
+        raise UserError(f"input={str(path)!r}: holds non-finite values (NaN or inf)")
+    return x
+
+
+def _read_csv(path: Path) -> list[list[float]]:
+    with path.open(newline="") as handle:
+        rows = [row for row in csv.reader(handle) if any(field.strip() for field in row)]
+    if rows:
+        try:
+            [float(field) for field in rows[0]]
+        except ValueError:
+            rows = rows[1:]  # a header
+    if not rows:
+        raise UserError(f"input={str(path)!r}: no data rows")
+    return [[float(field) for field in row] for row in rows]
+
+
+def fit_input_shape(x: Tensor, input_shape: Sequence[int], source: str = "input") -> Tensor:
+    """``x`` as a batch (N, *input_shape): exact, flat rows, or one unbatched example.
+
+    Example:
+        >>> fit_input_shape(torch.zeros(5, 784), (1, 28, 28)).shape
+        torch.Size([5, 1, 28, 28])
+        >>> fit_input_shape(torch.zeros(7), (1,)).shape
+        torch.Size([7, 1])
+    """
+    shape = tuple(int(size) for size in input_shape)
+    size = math.prod(shape)
+    if tuple(x.shape[1:]) == shape:
+        return x
+    if tuple(x.shape) == shape:
+        return x.unsqueeze(0)
+    if x.ndim == 1 and size == 1:
+        return x.reshape(-1, *shape)
+    if x.ndim >= 2 and math.prod(x.shape[1:]) == size:
+        return x.reshape(x.shape[0], *shape)
+    if x.numel() == size:  # one example, flat or without its channel dimension
+        return x.reshape(1, *shape)
+    expected = ", ".join(str(s) for s in shape)
+    raise UserError(
+        f"{source}: shape {tuple(x.shape)} does not fit the model: expected (N, {expected})"
+        + (f" or (N, {size})" if len(shape) > 1 else "")
+    )
+
+
+# -- units ------------------------------------------------------------------------------------
+def _raw_transforms(train_cfg: DictConfig) -> tuple[Any, Any]:
+    """Maps from raw input units to the model's, and from standardised targets back."""
+    dataset = train_cfg.dataset
+    normalization = dataset.get("normalization")
+    if normalization in NORMALIZATIONS:
+        offset, scale = NORMALIZATIONS[normalization]
+        return (lambda x: (x - offset) / scale), None
+    if "ToyRegression" in str(dataset.get("_target_")):
+        return None, None
+    with user_errors():
+        datamodule = instantiate(dataset)
+    to_model = None
+    if getattr(datamodule, "feature_mean", None) is not None:
+        mean, std = datamodule.feature_mean, datamodule.feature_std
+        to_model = lambda x: (x - mean.reshape(x.shape[1:])) / std.reshape(x.shape[1:])  # noqa: E731
+    target_mean, target_std = getattr(datamodule, "target_mean", None), None
+    if target_mean is not None:
+        target_std = datamodule.target_std
+    return to_model, (target_mean, target_std) if target_mean is not None else None
+
+
+# -- output -----------------------------------------------------------------------------------
+def _columns(results: dict[str, Tensor]) -> tuple[list[str], np.ndarray]:
+    names, columns = [], []
+    for key, value in results.items():
+        if key.startswith("sample_"):
+            continue
+        value = value.double().reshape(value.shape[0], -1)
+        width = value.shape[1]
+        for j in range(width):
+            names.append(f"{key}_{j}" if width > 1 or key == "probs" else key)
+            columns.append(value[:, j].numpy())
+    return names, np.stack(columns, axis=1)
+
+
+def write_output(results: dict[str, Tensor], path: Path) -> list[Path]:
+    """Write ``results`` in the format of ``path``'s suffix; return the files written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {key: value.numpy() for key, value in results.items()}
+    if path.suffix == ".pt":
+        torch.save(results, path)
+        return [path]
+    if path.suffix == ".npz":
+        np.savez(path, **arrays)
+        return [path]
+    names, table = _columns(results)
+    if path.suffix == ".csv":
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(names)
+            writer.writerows([format(value, ".9g") for value in row] for row in table.tolist())
+    else:
+        np.save(path, table)
+        log.info("Columns of %s: %s", path, ", ".join(names))
+    written = [path]
+    samples = {key: value for key, value in arrays.items() if key.startswith("sample_")}
+    if samples:
+        samples_path = path.with_suffix(".samples.npz")
+        np.savez(samples_path, **samples)
+        written.append(samples_path)
+    return written
+
+
+# -- prediction -------------------------------------------------------------------------------
+@torch.no_grad()
+def predictive_summaries(
+    model: BayesByBackprop, outputs: Tensor, save_samples: bool = False
+) -> dict[str, Tensor]:
+    """Per-example predictive summaries of network outputs for S draws, (S, N, out)."""
+    if model.is_classifier:
+        sample_probs = F.softmax(outputs, dim=-1)
+        probs = sample_probs.mean(0)
+        total, aleatoric = predictive_entropy(probs), expected_entropy(sample_probs)
+        results = {
+            "probs": probs,
+            "prediction": probs.argmax(-1),
+            "entropy": total,
+            "expected_entropy": aleatoric,
+            "mutual_information": (total - aleatoric).clamp_min(0),
+        }
+        if save_samples:
+            results["sample_probs"] = sample_probs
+        return results
+    likelihood = model.likelihood
+    assert isinstance(likelihood, GaussianLikelihood)
+    mean, epistemic, aleatoric = likelihood.predictive_moments(outputs)
+    results = {
+        "mean": mean,
+        "epistemic_var": epistemic,
+        "aleatoric_var": aleatoric,
+        "total_var": epistemic + aleatoric,
+    }
+    if save_samples:
+        results["sample_mean"], results["sample_std"] = likelihood.mean_and_std(outputs)
+    return results
+
+
+def _to_target_units(results: dict[str, Tensor], mean: Tensor, std: Tensor) -> None:
+    for key in ("mean", "sample_mean"):
+        if key in results:
+            results[key] = results[key] * std + mean
+    for key in ("epistemic_var", "aleatoric_var", "total_var"):
+        results[key] = results[key] * std.square()
+    if "sample_std" in results:
+        results["sample_std"] = results["sample_std"] * std
+
+
+def predict(cfg: DictConfig) -> dict[str, Tensor]:
+    """Predict for ``cfg.input`` with the run ``cfg.ckpt_path``; write and return the results."""
+    for key in ("ckpt_path", "input"):
+        if OmegaConf.is_missing(cfg, key) or cfg.get(key) is None:
+            raise UserError(f"{key} is required (python -m bbb_lightning.predict --help)")
+    if not (isinstance(cfg.eval_samples, int) and cfg.eval_samples >= 1):
+        raise UserError(f"eval_samples={cfg.eval_samples!r} is not allowed: an integer >= 1")
+    output = (
+        Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir) / "predictions.pt"
+    )
+    if output.suffix not in OUTPUT_SUFFIXES:
+        raise UserError(
+            f"output={str(output)!r}: unknown suffix {output.suffix!r}; "
+            f"use one of {OUTPUT_SUFFIXES}"
+        )
+    torch.manual_seed(cfg.seed)
+    checkpoint, run_dir = resolve_checkpoint(cfg.ckpt_path)
+    try:
+        model = BayesByBackprop.load_from_checkpoint(checkpoint, map_location="cpu")
+    except Exception as error:  # a corrupt or foreign file: report it in one line
+        reason = f"{type(error).__name__}: {error}".splitlines()[0]
+        raise UserError(
+            f"ckpt_path={str(checkpoint)!r} is not allowed: not a readable checkpoint ({reason})"
+        ) from error
+    model = model.to(resolve_device(cfg.get("device", "cpu"))).eval()
+    model.likelihood.cpu()  # no part of the forward: it scores the outputs, gathered on the CPU
+    x = read_input(cfg.input)
+    input_shape = (model.hparams.get("net") or {}).get("input_shape")
+    if input_shape is not None:
+        x = fit_input_shape(x, input_shape, source=f"input={str(cfg.input)!r}")
+    to_target = None
+    if cfg.raw:
+        config_file = run_dir / ".hydra" / "config.yaml"
+        if not config_file.is_file():
+            raise UserError(f"raw=true needs the run's config {config_file}; it is missing")
+        to_model, to_target = _raw_transforms(OmegaConf.load(config_file))
+        x = to_model(x) if to_model is not None else x
+    outputs = sample_outputs(model, x, cfg.eval_samples, cfg.batch_size)
+    results = predictive_summaries(model, outputs, cfg.save_samples)
+    if to_target is not None and not model.is_classifier:
+        _to_target_units(results, *to_target)
+    written = write_output(results, output)
+    log.info(
+        "Predicted %d examples with S=%d from %s: %s",
+        len(x),
+        cfg.eval_samples,
+        checkpoint,
+        ", ".join(str(p) for p in written),
+    )
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point: a user error is one line on the log and exit status 1."""
+    try:
+        predict(cfg)
+    except UserError as error:
+        log.error("%s", UserError.describe(error))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""End to end: train tiny runs once, evaluate them (CLI and in-process), check every number,
+figure, TensorBoard image and export, and the one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from bbb_lightning.config_checks import UserError
+from bbb_lightning.data import MNISTDataModule, ToyRegressionDataModule
+from bbb_lightning.evaluate import evaluate, resolve_checkpoint
+from bbb_testing import compose_config
+
+# Small but complete evaluations.
+FAST = [
+    "eval_samples=4",
+    "sample_counts=[1,2,4]",
+    "attack.limit=64",
+    "attack.num_samples=3",
+    "attack.num_draws=2",
+    "attack.gradient_draws=3",
+    "attack.pgd_steps=3",
+    "attack.epsilons=[0.0,0.1]",
+]
+CLASSIFICATION_FIGURES = {
+    "reliability",
+    "metric_vs_samples",
+    "uncertainty_in_vs_out",
+    "posterior_sigma_snr",
+    "pruning",
+    "attacks",
+    "input_gradients",
+}
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "bbb_lightning.evaluate", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def tensorboard_tags(run_dir: Path) -> dict:
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    accumulator.Reload()
+    return accumulator.Tags()
+
+
+def mean_network_score(export_dir: Path, x: torch.Tensor) -> torch.Tensor:
+    scripted = torch.jit.load(str(export_dir / "posterior_mean.torchscript.pt"))
+    with torch.no_grad():
+        return scripted(x)
+
+
+# -- classification (MNIST), through the command line -----------------------------------------
+def test_mnist_evaluation_cli(tmp_path, mnist_run):
+    out = tmp_path / "evaluation"
+    overrides = [f"ckpt_path={mnist_run}", "limit_test=300", *FAST, f"hydra.run.dir={out}"]
+    result = run_cli(*overrides, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+
+    test_keys = ["accuracy", "nll", "ece", "mce", "brier", "entropy", "expected_entropy"]
+    test_keys += ["mutual_information"]
+    ood_keys = ["entropy_auroc", "entropy_aupr", "mi_auroc", "mi_aupr", "entropy"]
+    ood_keys += ["mutual_information"]
+    expected = {f"test/{key}" for key in test_keys} | {f"ood/{key}" for key in ood_keys}
+    expected |= {f"samples/{m}/S={s}" for m in ("accuracy", "nll") for s in (1, 2, 4)}
+    expected |= {f"pruning/accuracy/p={p}" for p in (0, 50, 75, 95, 98)}
+    expected |= {
+        f"attack/{method}/{setting}/eps={eps}"
+        for method in ("fgsm", "pgd")
+        for setting in ("mean", "draw", "predictive")
+        for eps in ("0", "0.1")
+    }
+    expected |= {"gradient/expected_l2", "gradient/draw_l2", "gradient/coherence"}
+    assert expected <= set(metrics), sorted(expected - set(metrics))
+
+    assert metrics["test/num_examples"] == 300
+    assert 0.6 < metrics["test/accuracy"] <= 1
+    assert 0 <= metrics["test/ece"] <= metrics["test/mce"] <= 1
+    assert 0 <= metrics["test/brier"] <= 2
+    assert metrics["test/entropy"] == pytest.approx(
+        metrics["test/expected_entropy"] + metrics["test/mutual_information"], rel=1e-5
+    )
+    # The main predictive and the S=4 point of the curve use the same draws.
+    assert metrics["samples/accuracy/S=4"] == metrics["test/accuracy"]
+    assert metrics["samples/nll/S=4"] == pytest.approx(metrics["test/nll"])
+    # Gaussian noise images are far from digits: the predictive entropy flags them.
+    assert metrics["ood/entropy_auroc"] > 0.8
+    assert all(0 <= metrics[f"ood/{key}"] <= 1 for key in ood_keys[:4])
+    for method in ("fgsm", "pgd"):
+        for setting in ("mean", "draw", "predictive"):
+            clean = metrics[f"attack/{method}/{setting}/eps=0"]
+            assert metrics[f"attack/{method}/{setting}/eps=0.1"] < clean
+    assert 0 < metrics["gradient/coherence"] <= 1
+
+    # Pruning 0 % is the posterior-mean network: recompute its accuracy from the exported file.
+    data_dir = OmegaConf.load(mnist_run / ".hydra" / "config.yaml").dataset.data_dir
+    datamodule = MNISTDataModule(data_dir, download=False)
+    datamodule.setup("test")
+    x, y = datamodule.test_set.tensors[0][:300], datamodule.test_set.tensors[1][:300]
+    accuracy = (mean_network_score(out / "export", x).argmax(-1) == y).float().mean().item()
+    assert metrics["pruning/accuracy/p=0"] == pytest.approx(accuracy)
+
+    figures = {path.stem for path in (out / "figures").glob("*.png")}
+    assert figures >= CLASSIFICATION_FIGURES
+    tags = tensorboard_tags(out)
+    assert {f"figures/{name}" for name in CLASSIFICATION_FIGURES} <= set(tags["images"])
+    assert {"test/accuracy", "ood/entropy_auroc", "samples/accuracy"} <= set(tags["scalars"])
+    assert any(tag.startswith("snr/") for tag in tags["histograms"])
+    manifest = json.loads((out / "export" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"posterior_mean", "posterior_draw", "pruned_95"}
+    info = json.loads((out / "evaluation.json").read_text())
+    assert info["checkpoint"].endswith(".ckpt") and "last" not in Path(info["checkpoint"]).name
+
+
+# -- regression (toy), in process -------------------------------------------------------------
+def test_toy_regression_evaluation(tmp_path, toy_run):
+    cfg = compose_config(tmp_path, f"ckpt_path={toy_run}", *FAST, config_name="evaluate")
+    metrics = evaluate(cfg)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
+    keys = ["rmse", "nll", "gaussian_nll", "epistemic_var", "aleatoric_var", "coverage_50"]
+    expected = {f"test/{key}" for key in [*keys, "coverage_90", "coverage_95"]}
+    expected |= {f"samples/{m}/S={s}" for m in ("rmse", "nll") for s in (1, 2, 4)}
+    expected |= {f"pruning/rmse/p={p}" for p in (0, 50, 75, 95, 98)}
+    assert expected <= set(metrics), sorted(expected - set(metrics))
+    assert not any(key.startswith(("ood/", "attack/", "gradient/")) for key in metrics)
+    assert 0 <= metrics["test/coverage_50"] <= metrics["test/coverage_90"]
+    assert metrics["test/coverage_90"] <= metrics["test/coverage_95"] <= 1
+    assert metrics["test/epistemic_var"] > 0 and metrics["test/aleatoric_var"] > 0
+    assert metrics["samples/rmse/S=4"] == pytest.approx(metrics["test/rmse"])
+
+    data = ToyRegressionDataModule()  # the run's dataset config is the default one
+    x, y = data.test_set.tensors
+    rmse = (mean_network_score(tmp_path / "export", x) - y).square().mean().sqrt().item()
+    assert metrics["pruning/rmse/p=0"] == pytest.approx(rmse, rel=1e-5)
+
+    figures = {"predictive", "metric_vs_samples", "posterior_sigma_snr", "pruning"}
+    assert figures <= {path.stem for path in (tmp_path / "figures").glob("*.png")}
+    assert {f"figures/{name}" for name in figures} <= set(tensorboard_tags(tmp_path)["images"])
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert manifest["task"] == "regression" and len(manifest["noise_std"]) == 1
+
+
+# -- out-of-distribution sets -----------------------------------------------------------------
+def write_idx_images(path: Path, images: torch.Tensor) -> None:
+    """An IDX file of unsigned bytes: magic 0x00000803, the sizes, then the pixels."""
+    header = bytes([0, 0, 8, images.ndim]) + b"".join(
+        int(size).to_bytes(4, "big") for size in images.shape
+    )
+    path.write_bytes(header + images.to(torch.uint8).numpy().tobytes())
+
+
+@pytest.mark.parametrize("ood", ["rotated", "flipped", "fashion_mnist"])
+def test_ood_sets(tmp_path, mnist_run, ood):
+    overrides = [f"ood={ood}"]
+    if ood == "fashion_mnist":
+        fake = tmp_path / "FashionMNIST" / "raw"
+        fake.mkdir(parents=True)
+        generator = torch.Generator().manual_seed(0)
+        write_idx_images(
+            fake / "t10k-images-idx3-ubyte",
+            torch.randint(0, 256, (50, 28, 28), generator=generator),
+        )
+        overrides.append(f"ood.path={fake.parent}")
+    cfg = compose_config(
+        tmp_path / "out",
+        f"ckpt_path={mnist_run}",
+        "limit_test=100",
+        *FAST,
+        *overrides,
+        "attack.enabled=false",
+        "export.enabled=false",
+        "pruning_fractions=[]",
+        "figures=false",
+        config_name="evaluate",
+    )
+    metrics = evaluate(cfg)
+    for key in ("entropy_auroc", "entropy_aupr", "mi_auroc", "mi_aupr"):
+        assert 0 <= metrics[f"ood/{key}"] <= 1
+    assert not list((tmp_path / "out").glob("figures/*.png"))
+
+
+def test_missing_ood_dataset_names_the_path(tmp_path, mnist_run):
+    overrides = ["limit_test=10", *FAST, "ood=fashion_mnist", f"ood.path={tmp_path / 'nowhere'}"]
+    cfg = compose_config(tmp_path, f"ckpt_path={mnist_run}", *overrides, config_name="evaluate")
+    with pytest.raises(UserError, match="nowhere"):
+        evaluate(cfg)
+
+
+# -- checkpoints and errors -------------------------------------------------------------------
+def test_resolve_checkpoint_prefers_the_recorded_best(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    with pytest.raises(UserError, match="no checkpoints"):
+        resolve_checkpoint(tmp_path)
+    (folder / "last.ckpt").write_bytes(b"")
+    assert resolve_checkpoint(tmp_path) == (folder / "last.ckpt", tmp_path)
+    for epoch in (1, 4):
+        (folder / f"epoch{epoch:03d}.ckpt").write_bytes(b"")
+    best = {
+        "callbacks": {
+            "ModelCheckpoint{'monitor': 'val/nll'}": {"best_model_path": "/x/epoch001.ckpt"}
+        }
+    }
+    torch.save(best, folder / "last.ckpt")
+    assert resolve_checkpoint(tmp_path)[0] == folder / "epoch001.ckpt"
+    assert resolve_checkpoint(folder / "epoch004.ckpt") == (folder / "epoch004.ckpt", tmp_path)
+
+
+def test_corrupt_checkpoint_is_one_user_error(tmp_path, toy_run):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text((toy_run / ".hydra" / "config.yaml").read_text())
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match=r"last\.ckpt' is not allowed: not a readable checkpoint"):
+        evaluate(compose_config(tmp_path / "out", f"ckpt_path={run}", config_name="evaluate"))
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    result = run_cli("ckpt_path=/nonexistent/run", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "ckpt_path='/nonexistent/run': no such run directory" in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
