@@ -1,0 +1,142 @@
+"""Scale: DDP correctness on CPU (gloo), Hydra + DDP run directories, Optuna, SLURM, summaries."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from bbb_lightning.summary import main as summary_main
+from bbb_testing import compose_config, run_cli
+
+PROBE = Path(__file__).parent / "scripts" / "ddp_probe.py"
+QUIET = ["callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
+
+
+def _probe(out_dir: Path, batch_size: int, trainer: str) -> list[list[dict]]:
+    out_dir.mkdir()
+    result = subprocess.run(
+        [sys.executable, str(PROBE), str(out_dir), str(batch_size), f"trainer={trainer}"],
+        cwd=out_dir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = sorted(out_dir.glob("rank*.pt"))
+    return [torch.load(path, weights_only=False) for path in ranks]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_loss_gradients_and_kl_schedule(tmp_path):
+    (single,) = _probe(tmp_path / "single", batch_size=8, trainer="cpu")
+    rank0, rank1 = _probe(tmp_path / "ddp", batch_size=4, trainer="ddp_cpu")
+    assert len(single) == len(rank0) == len(rank1) == 3
+    for one, *pair in zip(single, rank0, rank1, strict=True):
+        assert one["step"] == pair[0]["step"] == pair[1]["step"]
+        # M, the minibatch index and the warm-up step are global: the same weight everywhere
+        assert one["kl_weight"] == pair[0]["kl_weight"] == pair[1]["kl_weight"]
+        # each rank's loss is its half of the global batch; their mean is the global loss
+        assert (pair[0]["loss"] + pair[1]["loss"]) / 2 == pytest.approx(one["loss"], rel=1e-6)
+        for name, grad in one["grads"].items():
+            # after DDP's averaging both ranks hold the same gradient, equal to one process's:
+            # rho only feels the KL, so a KL counted once per rank would double its gradient
+            assert torch.equal(pair[0]["grads"][name], pair[1]["grads"][name])
+            torch.testing.assert_close(pair[0]["grads"][name], grad, rtol=1e-5, atol=1e-6)
+    single_metrics = json.loads((tmp_path / "single" / "run" / "metrics.json").read_text())
+    ddp_metrics = json.loads((tmp_path / "ddp" / "run" / "metrics.json").read_text())
+    assert ddp_metrics["val/nll"] == pytest.approx(single_metrics["val/nll"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_ddp_run_writes_one_directory_from_rank_zero(tmp_path):
+    result = run_cli("trainer=ddp_cpu", "trainer.max_epochs=2", *QUIET, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = [p.parent for p in (tmp_path / "outputs").glob("*/*/metrics.json")]
+    assert len(list((tmp_path / "outputs").glob("*/*"))) == 1  # no directory per rank
+    assert (run_dir / "train_ddp_process_1.log").is_file()  # rank 1 ran, in this directory
+    writers = {path.name.split(".")[4] for path in (run_dir / "tensorboard").glob("events.*")}
+    assert len(writers) == 1  # every event file from one process (the pid in the name)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "epoch001.ckpt",
+        "last.ckpt",
+    ]
+
+
+@pytest.mark.slow
+def test_ddp_multirun_keeps_each_job_in_its_own_directory(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "-m",
+        "prior=gaussian,laplace",
+        "trainer=ddp_cpu",
+        "trainer.max_epochs=1",
+        f"hydra.sweep.dir={sweep}",
+        *QUIET,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    for job in ("0", "1"):
+        assert (sweep / job / "metrics.json").is_file()
+        assert (sweep / job / "train_ddp_process_1.log").is_file()
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_three_trials(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=3",
+        "trainer.max_epochs=2",
+        f"hydra.sweep.dir={sweep}",
+        *QUIET,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in range(3)]
+    best = (sweep / "optimization_results.yaml").read_text()
+    best_value = float(best.split("best_value:")[1])
+    assert best_value == pytest.approx(min(t["val/nll"] for t in trials), rel=1e-6)
+    for name in ("prior.pi", "prior.sigma1", "prior.sigma2", "optimizer.lr", "num_samples"):
+        assert name in best
+    summary = (sweep / "summary.md").read_text().splitlines()
+    assert summary[4].count("| ok |") == 1  # the best trial heads the table
+
+
+def test_slurm_launcher_maps_nodes_and_gpus_to_the_trainer():
+    overrides = ["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2", "trainer.devices=4"]
+    with initialize_config_module("bbb_lightning.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+    assert (cfg.trainer.num_nodes, cfg.trainer.devices, cfg.trainer.strategy) == (2, 4, "ddp")
+
+
+def test_summary_command_sorts_jobs_by_the_metric(tmp_path, capsys):
+    for job, nll in (("0", 0.5), ("1", 0.2), ("2", None)):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+        if nll is not None:
+            (tmp_path / job / "metrics.json").write_text(json.dumps({"val/nll": nll}))
+        else:
+            (tmp_path / job / "error.txt").write_text("UserError: broken\n")
+    summary_main([str(tmp_path)])
+    table = capsys.readouterr().out.splitlines()[4:]
+    assert [row.split(" | ")[0] for row in table] == ["| 1", "| 0", "| 2"]
+    assert "failed" in table[2] and "UserError: broken" in table[2]
+    assert (tmp_path / "summary.csv").read_text().splitlines()[1].startswith("1,ok,seed=1")
+
+
+def test_trainer_configs_compose(tmp_path):
+    for trainer, accelerator in (("gpu", "gpu"), ("ddp", "gpu"), ("ddp_cpu", "cpu")):
+        cfg = compose_config(tmp_path, f"trainer={trainer}", "trainer.precision=bf16-mixed")
+        assert cfg.trainer.accelerator == accelerator
+        assert cfg.trainer.precision == "bf16-mixed"
