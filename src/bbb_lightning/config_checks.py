@@ -7,13 +7,17 @@ the same one-line form.
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .bayes.kl import KL_REDUCTIONS
@@ -21,12 +25,17 @@ from .bayes.layers import ESTIMATORS
 from .guard import NONFINITE_MODES
 from .objectives import KL_WEIGHTINGS
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 __all__ = [
     "UserError",
     "check_checkpoint",
     "check_config",
     "check_fresh_output_dir",
     "check_input_fits",
+    "exit_on_user_error",
+    "format_metrics",
     "user_errors",
 ]
 
@@ -43,6 +52,27 @@ class UserError(Exception):
             where = f" (config key {key!r})" if key else ""
             return f"{cause}{where}".splitlines()[0]
         return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def exit_on_user_error(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
+    """Run an entry point's task; a user error or a non-finite loss becomes one log line.
+
+    In a single run the process then exits with status 1 (no traceback). In a multirun the
+    error is re-raised, so that Hydra records the job as failed and runs the others.
+    """
+    try:
+        return task(cfg)
+    except (UserError, FloatingPointError) as error:
+        log.error("%s", UserError.describe(error))
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        sys.exit(1)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """One aligned ``name  value`` line per metric, sorted by name."""
+    width = max(map(len, metrics), default=0)
+    return "\n".join(f"  {name:<{width}}  {value:.6g}" for name, value in sorted(metrics.items()))
 
 
 @contextmanager

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from . import figures, ood
 from .bayes import posterior_scales, signal_to_noise
-from .config_checks import UserError, user_errors
+from .config_checks import UserError, exit_on_user_error, format_metrics, user_errors
 from .data.mnist import NORMALIZATIONS
 from .export import export_posterior
 from .metrics import (
@@ -565,20 +564,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         "export": exported,
     }
     (output_dir / "evaluation.json").write_text(json.dumps(info, indent=2) + "\n")
-    width = max(map(len, metrics))
-    lines = [f"  {name:<{width}}  {value:.6g}" for name, value in sorted(metrics.items())]
-    log.info("Metrics (also in %s):\n%s", output_dir / "metrics.json", "\n".join(lines))
+    log.info("Metrics (also in %s):\n%s", output_dir / "metrics.json", format_metrics(metrics))
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: a user error is one line on the log and exit status 1."""
-    try:
-        evaluate(cfg)
-    except UserError as error:
-        log.error("%s", UserError.describe(error))
-        sys.exit(1)
+    exit_on_user_error(evaluate, cfg)
 
 
 if __name__ == "__main__":

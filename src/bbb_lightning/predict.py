@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from .config_checks import UserError, user_errors
+from .config_checks import UserError, exit_on_user_error, user_errors
 from .data.mnist import NORMALIZATIONS
 from .evaluate import resolve_checkpoint, resolve_device, sample_outputs
 from .metrics import expected_entropy, predictive_entropy
@@ -293,11 +292,7 @@ def predict(cfg: DictConfig) -> dict[str, Tensor]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: a user error is one line on the log and exit status 1."""
-    try:
-        predict(cfg)
-    except UserError as error:
-        log.error("%s", UserError.describe(error))
-        sys.exit(1)
+    exit_on_user_error(predict, cfg)
 
 
 if __name__ == "__main__":

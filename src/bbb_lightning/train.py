@@ -27,10 +27,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from .config_checks import (
-    UserError,
     check_config,
     check_fresh_output_dir,
     check_input_fits,
+    exit_on_user_error,
+    format_metrics,
     user_errors,
 )
 from .module import BayesByBackprop
@@ -117,9 +118,7 @@ def _report(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float]) -> 
             }
             logger.log_hyperparams(_flat_hparams(cfg), metrics=hp_metrics)
             logger.finalize("success")
-    width = max(map(len, metrics))
-    lines = [f"  {name:<{width}}  {value:.6g}" for name, value in sorted(metrics.items())]
-    log.info("Metrics (also in %s):\n%s", output_dir / "metrics.json", "\n".join(lines))
+    log.info("Metrics (also in %s):\n%s", output_dir / "metrics.json", format_metrics(metrics))
 
 
 @contextmanager
@@ -199,14 +198,7 @@ def _fit_and_test(
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
-    try:
-        metrics = train(cfg)
-    except (UserError, FloatingPointError) as error:
-        log.error("%s", UserError.describe(error))
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # Hydra records the job as failed and runs the others
-        sys.exit(1)
-    return metrics.get(cfg.optimized_metric)
+    return exit_on_user_error(train, cfg).get(cfg.optimized_metric)
 
 
 if __name__ == "__main__":
