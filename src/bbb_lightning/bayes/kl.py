@@ -8,6 +8,11 @@ priors, written with log sigma so that the KL and its gradient stay finite where
 formulas (through sigma^2 and 1/sigma^2) overflow in float32 (sigma ~ 1e-22, rho ~ -50, one
 big SGD step on rho away).
 
+A posterior may compute its summed closed-form KL faster than through the registry
+(:meth:`~bbb_lightning.bayes.posteriors.VariationalPosterior.fused_kl`): the Gaussian posterior
+against a Gaussian prior does, in one autograd node that reuses the forward's sigma
+(:mod:`bbb_lightning.bayes.gaussian_ops`); it is the same formula as the registered one.
+
 Without a closed form (e.g. Blundell's scale-mixture prior) the KL is estimated by Monte Carlo
 at the weights w_s used in the last forward pass (Blundell et al. 2015, eq. 2):
 
@@ -64,7 +69,12 @@ def posterior_kl(posterior: VariationalPosterior, monte_carlo: bool = False) -> 
         posterior: q, with its prior p attached.
         monte_carlo: sample E_q[log p(w)] even where a closed-form KL exists.
     """
-    q, p = posterior.distribution(), posterior.prior.distribution()
+    p = posterior.prior.distribution()
+    if not monte_carlo:
+        fused = posterior.fused_kl(p)
+        if fused is not None:
+            return fused
+    q = posterior.distribution()
     if not monte_carlo:
         try:
             return distribution_kl(q, p).sum()

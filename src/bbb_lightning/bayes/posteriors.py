@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
+from . import gaussian_ops
 from .priors import Prior
 
 __all__ = [
@@ -98,6 +99,11 @@ class VariationalPosterior(nn.Module):
         """A reparameterized draw of shape ``sample_shape + mean.shape``."""
         raise NotImplementedError
 
+    def fused_kl(self, prior: Distribution) -> Tensor | None:
+        """KL(q || p) summed over the tensor by a faster route than torch's KL registry, or
+        None where there is none (the default); it must agree with the registered closed form."""
+        return None
+
     def forward(self) -> Tensor:
         """The weight for one forward pass: a draw from q (remembered), or the mean if frozen."""
         if self.frozen:
@@ -164,6 +170,7 @@ class MeanFieldNormal(VariationalPosterior):
         self.rho = nn.Parameter(torch.empty_like(self.mu))
         self.min_scale = float(min_scale)
         self.rho_init = rho_init
+        self._scale_values: gaussian_ops.ScaleValues | None = None
         self.reset_rho()
 
     def reset_rho(self) -> None:
@@ -197,11 +204,46 @@ class MeanFieldNormal(VariationalPosterior):
     def distribution(self) -> SoftplusNormal:
         return SoftplusNormal(self.mu, self.scale, lambda: self.log_scale)
 
-    def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
-        noise = torch.randn(
+    # -- the fast path (bbb_lightning.bayes.gaussian_ops) used by the layers and the KL --------
+    def scale_values(self, reuse: bool = False) -> gaussian_ops.ScaleValues:
+        """sigma outside autograd. Each forward computes it afresh (``reuse=False``); the KL
+        reuses the last forward's while rho is the same tensor, unmodified since."""
+        values = self._scale_values
+        if not (reuse and values is not None and values.matches(self.rho)):
+            values = self._scale_values = gaussian_ops.ScaleValues(self.rho, self.min_scale)
+        return values
+
+    def _noise(self, sample_shape: Sequence[int]) -> Tensor:
+        return torch.randn(
             (*sample_shape, *self.mu.shape), dtype=self.mu.dtype, device=self.mu.device
         )
-        return self.mu + self.scale * noise
+
+    def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
+        """mu + sigma * eps, eps ~ N(0, I) of shape ``sample_shape + mu.shape``."""
+        return gaussian_ops.draw(self.mu, self.rho, self.scale_values(), self._noise(sample_shape))
+
+    def perturbation(self, sample_shape: Sequence[int] = ()) -> Tensor:
+        """sigma * eps: a draw minus mu (flipout's shared perturbation)."""
+        return gaussian_ops.perturbation(self.rho, self.scale_values(), self._noise(sample_shape))
+
+    def variance(self) -> Tensor:
+        """sigma^2, differentiable in rho (local reparameterization)."""
+        return gaussian_ops.variance(self.rho, self.scale_values())
+
+    def fused_kl(self, prior: Distribution) -> Tensor | None:
+        """The closed-form KL against a ``Normal`` prior with constant parameters, summed
+        (:func:`~bbb_lightning.bayes.gaussian_ops.gaussian_kl`); None for any other prior."""
+        if type(prior) is not Normal or prior.loc.requires_grad or prior.scale.requires_grad:
+            return None
+        values = self.scale_values(reuse=True)
+        return gaussian_ops.gaussian_kl(self.mu, self.rho, values, prior.loc, prior.scale)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> MeanFieldNormal:
+        self._scale_values = None  # .to(), .double(), ...: sigma must be recomputed
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_scale_values": None}
 
     def set_mean_(self, value: Tensor) -> None:
         with torch.no_grad():

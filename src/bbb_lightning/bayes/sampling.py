@@ -14,6 +14,7 @@ import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_map
@@ -36,7 +37,11 @@ def sample_forward(net: nn.Module, x: Tensor, num_samples: int) -> Tensor:
     """Outputs for ``num_samples`` posterior draws in one vectorized forward: shape (S, B, ...).
 
     The S copies of the batch are folded into the batch dimension (S*B, ...), so the network
-    runs once; no Python loop over samples. ``net`` must treat dimension 0 as the batch.
+    runs once; no Python loop over samples. ``net`` must treat dimension 0 as the batch. A
+    Bayesian layer that receives the folded copies themselves (the first layer, possibly after
+    views such as ``nn.Flatten``) computes the part of its output that depends on the input
+    alone once per example rather than once per sample (the mean and variance under local
+    reparameterization, the mean under flipout); the noise is drawn for every sample.
 
     Example:
         >>> import torch
@@ -50,8 +55,20 @@ def sample_forward(net: nn.Module, x: Tensor, num_samples: int) -> Tensor:
     if num_samples == 1:
         return tree_map(lambda out: out.unsqueeze(0), net(x))
     batch = x.shape[0]
-    folded = x.unsqueeze(0).expand(num_samples, *x.shape).reshape(num_samples * batch, *x.shape[1:])
-    with folded_samples(num_samples):
+
+    def fold() -> Tensor:
+        return (
+            x.unsqueeze(0).expand(num_samples, *x.shape).reshape(num_samples * batch, *x.shape[1:])
+        )
+
+    if torch.is_inference_mode_enabled():
+        # An inference tensor has no version counter, and the layers need one to know that the
+        # copies were not modified in place: build them as a normal tensor (without a graph).
+        with torch.inference_mode(False), torch.no_grad():
+            folded = fold()
+    else:
+        folded = fold()
+    with folded_samples(num_samples, copies=folded):
         out = net(folded)
     return tree_map(lambda t: t.reshape(num_samples, batch, *t.shape[1:]), out)
 

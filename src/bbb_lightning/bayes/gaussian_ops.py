@@ -1,0 +1,219 @@
+"""The mean-field Gaussian posterior's per-weight work, one autograd node per use of sigma.
+
+With sigma = softplus(rho) + min_scale written in torch ops, every use of sigma (a weight
+draw, a variance, the KL and its log sigma) evaluates softplus and its backward again, and
+each of the dozen elementwise ops around it is one more pass over the weights and one more
+graph node. On a CPU these passes, not the matrix products, are what a Bayesian training step
+adds to a deterministic one. Here:
+
+- sigma is computed once per forward, outside autograd (:class:`ScaleValues`); a KL evaluated
+  after the forward, with rho unchanged, reuses it;
+- each use of sigma is one :class:`torch.autograd.Function` whose backward applies the chain
+  rule itself through d sigma / d rho = sigmoid(rho), which is computed at most once per
+  forward, by the first backward that needs it;
+- the Gaussian-prior KL is summed with dot products instead of elementwise terms.
+
+The functions (``eps`` ~ N(0, I) of shape ``sample_shape + mu.shape``; sums over the sample
+dimensions in the gradients):
+
+- :func:`draw`: w = mu + sigma * eps;  dL/dmu = sum_s G_s,  dL/drho = sum_s G_s eps_s sigmoid(rho)
+- :func:`perturbation`: sigma * eps;  dL/drho as for :func:`draw`
+- :func:`variance`: sigma^2;  dL/drho = 2 G sigma sigmoid(rho)
+- :func:`gaussian_kl`: KL(N(mu, sigma^2) || N(m, s^2)) summed,
+  sum_i [log s_i - log sigma_i + (sigma_i^2 + (mu_i - m_i)^2) / (2 s_i^2) - 1/2];
+  dKL/dmu = (mu - m) / s^2,  dKL/drho = (sigma / s^2 - 1 / sigma) sigmoid(rho).
+
+Where sigma underflows (rho < -20 with min_scale = 0), log sigma = rho - sigma / 2 and
+sigmoid(rho) / sigma = 1 - sigma / 2, both exact to O(e^(2 rho)), so the KL and its gradient stay
+finite for any finite rho (as :func:`~bbb_lightning.bayes.posteriors.log_softplus`).
+
+None of these functions is twice differentiable (``once_differentiable``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["ScaleValues", "draw", "gaussian_kl", "perturbation", "variance"]
+
+# Below this rho (and with no min_scale) sigma = softplus(rho) ~ e^rho is a few ulps from
+# underflow in float32; log sigma and sigmoid(rho) / sigma use their expansions there.
+TINY_RHO = -20.0
+
+
+def _version_key(rho: Tensor) -> tuple[int, int, torch.dtype] | None:
+    """What changes when ``rho`` is modified or replaced; None for an inference tensor, which
+    has no version counter (its values are then never reused)."""
+    return None if rho.is_inference() else (rho._version, rho.data_ptr(), rho.dtype)
+
+
+class ScaleValues:
+    """sigma = softplus(rho) + min_scale for one version of ``rho``, as tensors outside autograd.
+
+    ``dsigma`` = d sigma / d rho = sigmoid(rho) is computed on first use.
+
+    Example:
+        >>> rho = torch.tensor([0.0, -30.0])
+        >>> values = ScaleValues(rho, min_scale=0.0)
+        >>> values.sigma, values.dsigma
+        (tensor([6.9315e-01, 9.3576e-14]), tensor([5.0000e-01, 9.3576e-14]))
+        >>> values.matches(rho), values.matches(rho.clone())
+        (True, False)
+    """
+
+    def __init__(self, rho: Tensor, min_scale: float) -> None:
+        self.rho = rho
+        self.min_scale = min_scale
+        self._key = _version_key(rho)
+        with torch.no_grad():
+            sigma = F.softplus(rho)
+            self.sigma = sigma.add_(min_scale) if min_scale else sigma
+        self._dsigma: Tensor | None = None
+        self._tiny_mask: Tensor | bool | None = False  # False: not yet looked at
+
+    def matches(self, rho: Tensor) -> bool:
+        """Whether these values are those of ``rho`` now (same tensor, not modified since)."""
+        return rho is self.rho and self._key is not None and _version_key(rho) == self._key
+
+    @property
+    def dsigma(self) -> Tensor:
+        if self._dsigma is None:
+            with torch.no_grad():
+                self._dsigma = torch.sigmoid(self.rho)
+        return self._dsigma
+
+    def _tiny(self) -> Tensor | None:
+        """Where sigma needs the small-rho expansions; None if nowhere: sigma >= min_scale > 0,
+        or on a CPU (where looking costs no device synchronisation) no rho is below -20."""
+        if self._tiny_mask is False:
+            rho = self.rho.detach()
+            never = self.min_scale > 0 or rho.numel() == 0
+            if never or (rho.device.type == "cpu" and bool(rho.min() >= TINY_RHO)):
+                self._tiny_mask = None
+            else:
+                self._tiny_mask = rho < TINY_RHO
+        return self._tiny_mask
+
+    def log_sigma(self) -> Tensor:
+        """log sigma, finite for any finite rho."""
+        log_sigma = self.sigma.log()
+        tiny = self._tiny()
+        if tiny is None:
+            return log_sigma
+        return torch.where(tiny, self.rho.detach() - 0.5 * self.sigma, log_sigma)
+
+    def sigma_minus_inverse(self, weight: Tensor, grad: Tensor) -> Tensor:
+        """(weight sigma - grad / sigma) sigmoid(rho), finite for any finite rho: the gradient of
+        weight sigma^2 / 2 - grad log sigma with respect to rho."""
+        tiny = self._tiny()
+        sigma = self.sigma
+        value = torch.mul(sigma, weight).addcdiv_(grad.expand_as(sigma), sigma, value=-1)
+        value.mul_(self.dsigma)
+        if tiny is None:
+            return value
+        # sigmoid(rho) / sigma = 1 - sigma / 2 + O(e^(2 rho)) where sigma underflows.
+        small = (self.sigma * self.dsigma).mul_(weight).sub_((1.0 - 0.5 * self.sigma).mul_(grad))
+        return torch.where(tiny, small, value)
+
+
+def _sum_to(tensor: Tensor, dims: int) -> Tensor:
+    """Sum over the ``dims`` leading (sample) dimensions."""
+    return tensor.sum(tuple(range(dims))) if dims else tensor
+
+
+class _Draw(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, mu: Tensor | None, rho: Tensor, scale: ScaleValues, eps: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(rho, eps)  # rho: autograd checks it was not modified in place
+        ctx.scale = scale
+        ctx.sample_dims = eps.dim() - rho.dim()
+        return eps * scale.sigma if mu is None else torch.addcmul(mu, eps, scale.sigma)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        _, eps = ctx.saved_tensors
+        grad_mu = _sum_to(grad, ctx.sample_dims) if ctx.needs_input_grad[0] else None
+        grad_rho = None
+        if ctx.needs_input_grad[1]:
+            grad_rho = _sum_to(grad * eps, ctx.sample_dims).mul_(ctx.scale.dsigma)
+        return grad_mu, grad_rho, None, None
+
+
+class _Variance(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, rho: Tensor, scale: ScaleValues) -> Tensor:
+        ctx.save_for_backward(rho)
+        ctx.scale = scale
+        return scale.sigma.square()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
+        _ = ctx.saved_tensors  # unpacking checks that rho was not modified in place
+        scale = ctx.scale
+        return (grad * scale.sigma).mul_(scale.dsigma).mul_(2.0), None
+
+
+class _GaussianKL(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, mu: Tensor, rho: Tensor, scale: ScaleValues, loc: Tensor, prior_scale: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(mu, rho, loc, prior_scale)
+        ctx.scale = scale
+        sigma = scale.sigma
+        count = mu.numel()
+        inv_var = prior_scale.square().reciprocal()
+        if inv_var.numel() == 1:
+            diff = (mu - loc).reshape(-1)
+            flat = sigma.reshape(-1)
+            quadratic = (torch.dot(flat, flat) + torch.dot(diff, diff)) * inv_var.reshape(())
+            log_prior_scale = prior_scale.log().reshape(()) * count
+        else:
+            quadratic = ((mu - loc).square_().add_(sigma.square()) * inv_var).sum()
+            log_prior_scale = prior_scale.log().expand(mu.shape).sum()
+        return log_prior_scale - scale.log_sigma().sum() + 0.5 * (quadratic - count)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        mu, _, loc, prior_scale = ctx.saved_tensors
+        weight = grad / prior_scale.square()  # g / s^2
+        grad_mu = (mu - loc).mul_(weight) if ctx.needs_input_grad[0] else None
+        grad_rho = None
+        if ctx.needs_input_grad[1]:
+            grad_rho = ctx.scale.sigma_minus_inverse(weight, grad)
+        return grad_mu, grad_rho, None, None, None
+
+
+def draw(mu: Tensor, rho: Tensor, scale: ScaleValues, eps: Tensor) -> Tensor:
+    """w = mu + sigma * eps, differentiable in mu and rho; ``scale`` holds sigma of ``rho``."""
+    return _Draw.apply(mu, rho, scale, eps)
+
+
+def perturbation(rho: Tensor, scale: ScaleValues, eps: Tensor) -> Tensor:
+    """sigma * eps (a draw minus its mean, as flipout needs), differentiable in rho."""
+    return _Draw.apply(None, rho, scale, eps)
+
+
+def variance(rho: Tensor, scale: ScaleValues) -> Tensor:
+    """sigma^2, differentiable in rho (for local reparameterization)."""
+    return _Variance.apply(rho, scale)
+
+
+def gaussian_kl(
+    mu: Tensor, rho: Tensor, scale: ScaleValues, loc: Tensor, prior_scale: Tensor
+) -> Tensor:
+    """KL(N(mu, sigma^2) || N(loc, prior_scale^2)) summed over the tensor (a 0-dim tensor).
+
+    ``loc`` and ``prior_scale`` broadcast to ``mu`` and are constants (no gradient).
+    """
+    return _GaussianKL.apply(mu, rho, scale, loc, prior_scale)
