@@ -29,10 +29,11 @@ def events(run_dir: Path) -> EventAccumulator:
     return accumulator
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path, entry: str = "train") -> subprocess.CompletedProcess:
+    """``python -m bbb_lightning.<entry> <args>`` in ``cwd``, output captured."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
-        [sys.executable, "-m", "bbb_lightning.train", *args],
+        [sys.executable, "-m", f"bbb_lightning.{entry}", *args],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -4,9 +4,6 @@ figure, TensorBoard image and export, and the one-line errors."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from bbb_lightning.config_checks import UserError
 from bbb_lightning.data import MNISTDataModule, ToyRegressionDataModule
 from bbb_lightning.evaluate import evaluate, resolve_checkpoint
-from bbb_testing import compose_config
+from bbb_testing import compose_config, run_cli
 
 # Small but complete evaluations.
 FAST = [
@@ -41,18 +38,6 @@ CLASSIFICATION_FIGURES = {
 }
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, "-m", "bbb_lightning.evaluate", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def tensorboard_tags(run_dir: Path) -> dict:
     accumulator = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
     accumulator.Reload()
@@ -69,7 +54,7 @@ def mean_network_score(export_dir: Path, x: torch.Tensor) -> torch.Tensor:
 def test_mnist_evaluation_cli(tmp_path, mnist_run):
     out = tmp_path / "evaluation"
     overrides = [f"ckpt_path={mnist_run}", "limit_test=300", *FAST, f"hydra.run.dir={out}"]
-    result = run_cli(*overrides, cwd=tmp_path)
+    result = run_cli(*overrides, cwd=tmp_path, entry="evaluate")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
 
@@ -233,7 +218,7 @@ def test_corrupt_checkpoint_is_one_user_error(tmp_path, toy_run):
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    result = run_cli("ckpt_path=/nonexistent/run", cwd=tmp_path)
+    result = run_cli("ckpt_path=/nonexistent/run", cwd=tmp_path, entry="evaluate")
     assert result.returncode != 0
     assert "ckpt_path='/nonexistent/run': no such run directory" in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
