@@ -671,7 +671,7 @@ def main() -> None:
         return run
 
     if args.profile:
-        report = profile_steps(contestants, batches, config)
+        report = profile_steps(contestants, batches, config, args.repeats)
         print(report)
         args.out_dir.mkdir(parents=True, exist_ok=True)
         (args.out_dir / "profile.md").write_text(report + "\n")
@@ -870,73 +870,79 @@ PROFILE_CATEGORIES = {  # aten op -> where the time goes
 
 
 def profile_steps(
-    contestants: dict[str, Contestant], batches: list[tuple[Tensor, Tensor]], config: dict
+    contestants: dict[str, Contestant],
+    batches: list[tuple[Tensor, Tensor]],
+    config: dict,
+    repeats: int,
 ) -> str:
-    """torch.profiler over 20 training steps of each contestant: self CPU time per step by
-    category, the optimizer's share, and the top operators."""
+    """torch.profiler over the training steps of each contestant: self CPU time per step by
+    category, the optimizer's share, and the top operators (medians over interleaved rounds of
+    10 profiled steps)."""
     from torch.profiler import ProfilerActivity, profile
 
+    steps = 10
+    columns = [*PROFILE_CATEGORIES, "optimizer", "other"]
+    per_round: dict[str, list[dict[str, float]]] = {name: [] for name in contestants}
+    for c in contestants.values():
+        c.model.train()
+        for i in range(3):
+            c.train_step(*batches[i], 1)
+    for round_ in range(repeats):
+        names = list(contestants) if round_ % 2 == 0 else list(reversed(contestants))
+        for name in names:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for i in range(steps):
+                    contestants[name].train_step(*batches[i % len(batches)], 1)
+            ops: dict[str, float] = {"total": 0.0, "optimizer": 0.0}
+            for event in prof.events():
+                ms = event.self_cpu_time_total / steps / 1e3
+                ops["total"] += ms
+                parent = event
+                while parent is not None and not parent.name.startswith("Optimizer.step"):
+                    parent = parent.cpu_parent
+                key = "optimizer" if parent is not None else event.name
+                ops[key] = ops.get(key, 0.0) + ms
+            per_round[name].append(ops)
+
+    rows, tops = [], []
+    for name, rounds in per_round.items():
+
+        def median_of(pick: Callable[[dict[str, float]], float], rounds=rounds) -> float:
+            return statistics.median(pick(ops) for ops in rounds)
+
+        values = {
+            category: median_of(lambda ops, o=op_names: sum(ops.get(op, 0.0) for op in o))
+            for category, op_names in PROFILE_CATEGORIES.items()
+        }
+        values["optimizer"] = median_of(lambda ops: ops["optimizer"])
+        total = median_of(lambda ops: ops["total"])
+        values["other"] = total - sum(values.values())
+        rows.append([name, f"{total:.2f}", *(f"{values[c]:.2f}" for c in columns)])
+        op_names = {op for ops in rounds for op in ops} - {"total", "optimizer"}
+        ranked = sorted(
+            ((op, median_of(lambda ops, op=op: ops.get(op, 0.0))) for op in op_names),
+            key=lambda item: item[1],
+            reverse=True,
+        )[:8]
+        tops.append(
+            f"- {name}: " + ", ".join(f"{op.removeprefix('aten::')} {ms:.2f}" for op, ms in ranked)
+        )
     lines = [
         f"## Where the time of a training step goes ({config['date']}, {config['cpu']}, "
         f"{config['threads']} threads, torch {config['versions']['torch']})",
         "",
-        "Self CPU time per step under torch.profiler (20 steps after 5 of warm-up; the "
-        "profiler adds a few microseconds per operator, so small-op-heavy code looks slower "
-        "than it runs). `optimizer`: everything inside `Adam.step`; the other columns and the "
-        "top operators exclude it.",
+        f"Self CPU ms per step under torch.profiler: medians of {repeats} interleaved rounds of "
+        f"{steps} steps. The profiler adds microseconds per operator, so code made of many "
+        "small operators looks slower than it runs. `optimizer`: everything inside "
+        "`Adam.step`; the other columns and the top operators exclude it; `other`: the rest "
+        "(elementwise work, autograd and Python overhead).",
         "",
+        markdown(["contestant", "total", *columns], rows),
+        "",
+        "Top operators (self CPU ms per step):",
+        "",
+        *tops,
     ]
-    rows, tops = [], []
-    for name, c in contestants.items():
-        c.model.train()
-        for i in range(5):
-            c.train_step(*batches[i], 1)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for i in range(20):
-                c.train_step(*batches[i % len(batches)], 1)
-        self_ms: dict[str, float] = {}  # operator -> self CPU ms per step, outside Adam.step
-        optimizer = total = 0.0
-        for event in prof.events():
-            ms = event.self_cpu_time_total / 20 / 1e3
-            total += ms
-            parent = event
-            while parent is not None and not parent.name.startswith("Optimizer.step"):
-                parent = parent.cpu_parent
-            if parent is not None:
-                optimizer += ms
-            else:
-                self_ms[event.name] = self_ms.get(event.name, 0.0) + ms
-        by_category = {
-            category: sum(ms for op, ms in self_ms.items() if op in ops)
-            for category, ops in PROFILE_CATEGORIES.items()
-        }
-        other = total - sum(by_category.values()) - optimizer
-        rows.append(
-            [
-                name,
-                f"{total:.2f}",
-                *(f"{v:.2f}" for v in by_category.values()),
-                f"{optimizer:.2f}",
-                f"{other:.2f}",
-            ]
-        )
-        ranked = sorted(self_ms.items(), key=lambda item: item[1], reverse=True)[:8]
-        tops.append(
-            f"- {name}: " + ", ".join(f"{op.removeprefix('aten::')} {ms:.2f}" for op, ms in ranked)
-        )
-    lines.append(
-        markdown(
-            [
-                "contestant",
-                "total ms",
-                *PROFILE_CATEGORIES,
-                "optimizer",
-                "other elementwise + overhead",
-            ],
-            rows,
-        )
-    )
-    lines += ["", "Top operators (self CPU ms per step):", "", *tops]
     return "\n".join(lines)
 
 

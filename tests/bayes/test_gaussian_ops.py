@@ -279,3 +279,27 @@ def test_chunked_draws_have_the_closed_form_moments(
     assert q_w.last_sample is None and q_b.last_sample is None
     assert ((out.mean(0) - mean).abs() <= 5 * (var / n).sqrt()).all()
     assert ((out.var(0) - var).abs() <= 5 * var * math.sqrt(2 / (n - 1))).all()
+
+
+def test_without_autograd_the_values_are_the_same() -> None:
+    torch.manual_seed(8)
+    mu, rho = leaf(torch.randn(3, 4)), leaf(torch.empty(3, 4).uniform_(-5.0, 0.0))
+    eps = torch.randn(2, 3, 4, dtype=F64)
+    loc, scale = torch.tensor(0.1, dtype=F64), torch.tensor(0.8, dtype=F64)
+    values = ScaleValues(rho, 0.0)
+
+    def all_four() -> list[Tensor]:
+        return [
+            draw(mu, rho, values, eps),
+            perturbation(rho, values, eps),
+            variance(rho, values),
+            gaussian_kl(mu, rho, values, loc, scale),
+        ]
+
+    tracked = all_four()
+    assert all(t.grad_fn is not None for t in tracked)
+    with torch.no_grad():
+        untracked = all_four()
+    for a, b in zip(tracked, untracked, strict=True):
+        assert b.grad_fn is None
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)

@@ -27,7 +27,9 @@ Where sigma underflows (rho < -20 with min_scale = 0), log sigma = rho - sigma /
 sigmoid(rho) / sigma = 1 - sigma / 2, both exact to O(e^(2 rho)), so the KL and its gradient stay
 finite for any finite rho (as :func:`~bbb_lightning.bayes.posteriors.log_softplus`).
 
-None of these functions is twice differentiable (``once_differentiable``).
+None of these functions is twice differentiable (``once_differentiable``). Where autograd records
+nothing (``torch.no_grad``, inference mode, or no input requiring a gradient) they compute the
+same values without a Function.
 """
 
 from __future__ import annotations
@@ -121,6 +123,30 @@ class ScaleValues:
         return torch.where(tiny, small, value)
 
 
+def _draw_value(mu: Tensor | None, scale: ScaleValues, eps: Tensor) -> Tensor:
+    return eps * scale.sigma if mu is None else torch.addcmul(mu, eps, scale.sigma)
+
+
+def _gaussian_kl_value(mu: Tensor, scale: ScaleValues, loc: Tensor, prior_scale: Tensor) -> Tensor:
+    sigma = scale.sigma
+    count = mu.numel()
+    inv_var = prior_scale.square().reciprocal()
+    if inv_var.numel() == 1:
+        diff = (mu - loc).reshape(-1)
+        flat = sigma.reshape(-1)
+        quadratic = (torch.dot(flat, flat) + torch.dot(diff, diff)) * inv_var.reshape(())
+        log_prior_scale = prior_scale.log().reshape(()) * count
+    else:
+        quadratic = ((mu - loc).square_().add_(sigma.square()) * inv_var).sum()
+        log_prior_scale = prior_scale.log().expand(mu.shape).sum()
+    return log_prior_scale - scale.log_sigma().sum() + 0.5 * (quadratic - count)
+
+
+def _tracked(*tensors: Tensor | None) -> bool:
+    """Whether autograd records an operation on these tensors (else: no Function overhead)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _sum_to(tensor: Tensor, dims: int) -> Tensor:
     """Sum over the ``dims`` leading (sample) dimensions."""
     return tensor.sum(tuple(range(dims))) if dims else tensor
@@ -134,7 +160,7 @@ class _Draw(torch.autograd.Function):
         ctx.save_for_backward(rho, eps)  # rho: autograd checks it was not modified in place
         ctx.scale = scale
         ctx.sample_dims = eps.dim() - rho.dim()
-        return eps * scale.sigma if mu is None else torch.addcmul(mu, eps, scale.sigma)
+        return _draw_value(mu, scale, eps)
 
     @staticmethod
     @once_differentiable
@@ -169,18 +195,7 @@ class _GaussianKL(torch.autograd.Function):
     ) -> Tensor:
         ctx.save_for_backward(mu, rho, loc, prior_scale)
         ctx.scale = scale
-        sigma = scale.sigma
-        count = mu.numel()
-        inv_var = prior_scale.square().reciprocal()
-        if inv_var.numel() == 1:
-            diff = (mu - loc).reshape(-1)
-            flat = sigma.reshape(-1)
-            quadratic = (torch.dot(flat, flat) + torch.dot(diff, diff)) * inv_var.reshape(())
-            log_prior_scale = prior_scale.log().reshape(()) * count
-        else:
-            quadratic = ((mu - loc).square_().add_(sigma.square()) * inv_var).sum()
-            log_prior_scale = prior_scale.log().expand(mu.shape).sum()
-        return log_prior_scale - scale.log_sigma().sum() + 0.5 * (quadratic - count)
+        return _gaussian_kl_value(mu, scale, loc, prior_scale)
 
     @staticmethod
     @once_differentiable
@@ -196,17 +211,21 @@ class _GaussianKL(torch.autograd.Function):
 
 def draw(mu: Tensor, rho: Tensor, scale: ScaleValues, eps: Tensor) -> Tensor:
     """w = mu + sigma * eps, differentiable in mu and rho; ``scale`` holds sigma of ``rho``."""
-    return _Draw.apply(mu, rho, scale, eps)
+    if _tracked(mu, rho):
+        return _Draw.apply(mu, rho, scale, eps)
+    return _draw_value(mu, scale, eps)
 
 
 def perturbation(rho: Tensor, scale: ScaleValues, eps: Tensor) -> Tensor:
     """sigma * eps (a draw minus its mean, as flipout needs), differentiable in rho."""
-    return _Draw.apply(None, rho, scale, eps)
+    if _tracked(rho):
+        return _Draw.apply(None, rho, scale, eps)
+    return _draw_value(None, scale, eps)
 
 
 def variance(rho: Tensor, scale: ScaleValues) -> Tensor:
     """sigma^2, differentiable in rho (for local reparameterization)."""
-    return _Variance.apply(rho, scale)
+    return _Variance.apply(rho, scale) if _tracked(rho) else scale.sigma.square()
 
 
 def gaussian_kl(
@@ -216,4 +235,6 @@ def gaussian_kl(
 
     ``loc`` and ``prior_scale`` broadcast to ``mu`` and are constants (no gradient).
     """
-    return _GaussianKL.apply(mu, rho, scale, loc, prior_scale)
+    if _tracked(mu, rho):
+        return _GaussianKL.apply(mu, rho, scale, loc, prior_scale)
+    return _gaussian_kl_value(mu, scale, loc, prior_scale)

@@ -210,7 +210,8 @@ class MeanFieldNormal(VariationalPosterior):
         reuses the last forward's while rho is the same tensor, unmodified since."""
         values = self._scale_values
         if not (reuse and values is not None and values.matches(self.rho)):
-            values = self._scale_values = gaussian_ops.ScaleValues(self.rho, self.min_scale)
+            values = gaussian_ops.ScaleValues(self.rho, self.min_scale)
+            self.__dict__["_scale_values"] = values  # a plain attribute: skip Module.__setattr__
         return values
 
     def _noise(self, sample_shape: Sequence[int]) -> Tensor:
