@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bbb_lightning.bayes import GaussianPrior, MeanFieldNormal
 from bbb_lightning.config_checks import UserError
-from bbb_lightning.guard import NonFiniteError
+from bbb_lightning.guard import NonFiniteError, first_nonfinite
 from bbb_lightning.module import BayesByBackprop
 from bbb_lightning.objectives import GaussianLikelihood
 from bbb_lightning.train import train
@@ -32,6 +32,21 @@ def _without_timing(metrics: dict) -> dict:
 
 
 # -- non-finite loss and gradients -------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("tensors", "named"),
+    [
+        ([[1.0, 2.0], [3.0, -4.0]], None),
+        ([[3e38, 3e38], [1.0, 2.0]], None),  # the sum overflows, no element is non-finite
+        ([[1.0, 2.0], [1.0, float("nan")]], "t1"),
+        ([[float("inf"), float("-inf")], [1.0, 2.0]], "t0"),  # inf - inf: the sum is NaN
+        ([[1.0, float("-inf")], [float("nan"), 0.0]], "t0"),
+    ],
+)
+def test_first_nonfinite_names_the_first_tensor_with_a_nan_or_infinity(tensors, named):
+    given = [(f"t{i}", torch.tensor(values)) for i, values in enumerate(tensors)]
+    assert first_nonfinite([*given, ("absent", None)]) == named
+
+
 class SqrtAtZero(nn.Module):
     """Finite output, infinite gradient: d sqrt(u) / du at u = 0."""
 

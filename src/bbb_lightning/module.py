@@ -11,7 +11,10 @@ once, not once per rank. M (minibatches per epoch) is the number of optimizer st
 the same on every rank.
 
 Logged per example: ``loss``; ``nll`` = NLL_i / B; ``kl`` = KL / N (the KL each training
-example carries over an epoch); ``kl_weight``; ``elbo`` = -(nll + kl), the per-example ELBO.
+example carries over an epoch); ``kl_weight``; ``elbo`` = -(nll + kl), the per-example ELBO;
+each as ``train/<name>_step`` (averaged over processes, every ``log_every_n_steps`` steps) and
+``train/<name>_epoch`` (the mean over the epoch's examples on all processes; see
+:mod:`bbb_lightning.step_logging`).
 """
 
 from __future__ import annotations
@@ -39,10 +42,13 @@ from .guard import (
 )
 from .objectives import CategoricalLikelihood, GaussianLikelihood, KLTerm, Likelihood
 from .seeding import derive_seed
+from .step_logging import WeightedMeans, logs_this_step
 
 __all__ = ["BayesByBackprop"]
 
 Config = Mapping[str, Any]
+# Logged as train/<name>_step (every log_every_n_steps steps) and train/<name>_epoch.
+TRAIN_SCALARS = ("loss", "nll", "kl", "kl_weight", "elbo")
 DEFAULT_OPTIMIZER: Config = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
 DEFAULT_POSTERIOR: Config = {
     "_target_": "bbb_lightning.bayes.MeanFieldNormal",
@@ -137,6 +143,7 @@ class BayesByBackprop(LightningModule):
         self.metrics = nn.ModuleDict(
             {stage: self._make_metrics() for stage in ("train_", "val_", "test_")}
         )
+        self.train_means = WeightedMeans(TRAIN_SCALARS)
 
     # -- metrics ------------------------------------------------------------------------------
     @property
@@ -187,23 +194,34 @@ class BayesByBackprop(LightningModule):
 
         kl_per_example = kl.detach() / self.num_train
         nll_per_example = nll.detach() / batch_size
-        logged = {
-            "loss": loss.detach(),
-            "nll": nll_per_example,
-            "kl": kl_per_example,
-            "kl_weight": torch.tensor(kl_weight),
-            "elbo": -(nll_per_example + kl_per_example),
-        }
-        self.log_dict(
-            {f"train/{name}": value for name, value in logged.items()},
-            on_step=True,
-            on_epoch=True,
-            batch_size=batch_size,
-            sync_dist=True,
-            prog_bar=False,
+        elbo = -(nll_per_example + kl_per_example)
+        kl_weight_value = torch.tensor(kl_weight, dtype=loss.dtype, device=loss.device)
+        logged = torch.stack(
+            [loss.detach(), nll_per_example, kl_per_example, kl_weight_value, elbo]
         )
-        self._update_metrics("train_", outputs.detach(), y)
+        self.train_means.update(logged, batch_size)
+        if logs_this_step(self.trainer):
+            named = zip(TRAIN_SCALARS, logged, strict=True)
+            self.log_dict(
+                {f"train/{name}_step": value for name, value in named},
+                on_step=True,
+                on_epoch=False,
+                batch_size=batch_size,
+                sync_dist=True,
+            )
+        self._update_metrics("train_", outputs.detach(), y, log=False)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        """Epoch means of the step scalars and the training metrics (over all processes)."""
+        if self.train_means.update_count:
+            means = self.train_means.compute()
+            self.log_dict({f"train/{name}_epoch": value for name, value in means.items()})
+            self.train_means.reset()
+        metrics = self.metrics["train_"]
+        if any(metric.update_count for metric in metrics.values()):
+            self.log_dict({f"train/{name}": value for name, value in metrics.compute().items()})
+            metrics.reset()
 
     # -- non-finite guard and seeding ---------------------------------------------------------
     def _any_rank(self, flag: bool) -> bool:
@@ -248,7 +266,8 @@ class BayesByBackprop(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
 
-    def _update_metrics(self, stage: str, outputs: Tensor, y: Tensor) -> None:
+    def _update_metrics(self, stage: str, outputs: Tensor, y: Tensor, log: bool = True) -> None:
+        """Update the stage's metrics; with ``log``, hand them to Lightning (epoch means)."""
         metrics = self.metrics[stage]
         if self.is_classifier:
             metrics.update(CategoricalLikelihood.predictive_probs(outputs), y)
@@ -256,6 +275,8 @@ class BayesByBackprop(LightningModule):
             assert isinstance(self.likelihood, GaussianLikelihood)
             mean, _, _ = self.likelihood.predictive_moments(outputs)
             metrics.update(mean, y)
+        if not log:
+            return
         name = stage.removesuffix("_")
         self.log_dict(
             {f"{name}/{key}": metric for key, metric in metrics.items()},
