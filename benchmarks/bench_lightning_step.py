@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. optimizer.lr=0.01")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -74,6 +75,7 @@ def main() -> None:
                     "callbacks.progress_bar=null",
                     "callbacks.model_checkpoint=null",
                     "trainer.enable_model_summary=false",
+                    *args.overrides,
                 ],
             )
         datamodule = instantiate(cfg.dataset)
@@ -95,7 +97,7 @@ def main() -> None:
         def plain_round() -> list[float]:
             model = build_model(cfg, datamodule)
             net, likelihood = model.net, model.likelihood
-            optimizer = torch.optim.Adam(net.parameters(), lr=cfg.optimizer.lr)
+            optimizer = model.configure_optimizers()
             num_train, seconds = datamodule.num_train, []
             for x, y in batches:
                 start = time.perf_counter()
