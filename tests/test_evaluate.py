@@ -13,7 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from bbb_lightning.config_checks import UserError
 from bbb_lightning.data import MNISTDataModule, ToyRegressionDataModule
-from bbb_lightning.evaluate import evaluate, resolve_checkpoint
+from bbb_lightning.evaluate import evaluate
+from bbb_lightning.runs import resolve_checkpoint
 from bbb_testing import compose_config, run_cli
 
 # Small but complete evaluations.

@@ -37,8 +37,7 @@ from typing import Any
 import hydra
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.tensorboard import SummaryWriter
@@ -61,92 +60,11 @@ from .module import BayesByBackprop
 from .objectives import GaussianLikelihood
 from .pruning import prune_by_snr
 from .robustness import ATTACKS, SETTINGS, adversarial_accuracy, input_gradients
+from .runs import load_run, resolve_device, sample_outputs
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "evaluate",
-    "load_run",
-    "main",
-    "resolve_checkpoint",
-    "resolve_device",
-    "sample_outputs",
-]
-
-
-# -- loading ----------------------------------------------------------------------------------
-def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """The checkpoint file and the training run directory named by ``path``.
-
-    A run directory gives its best checkpoint (``checkpoints/epochNNN.ckpt``; with several, the
-    one ``last.ckpt`` records as best, else the latest) or else ``checkpoints/last.ckpt``. A
-    ``.ckpt`` file is taken as is; its run directory is the parent of ``checkpoints/``.
-    """
-    path = Path(path).expanduser()
-    if path.is_dir():
-        checkpoint = _best_checkpoint(path / "checkpoints")
-        if checkpoint is None:
-            raise UserError(f"ckpt_path={str(path)!r}: no checkpoints/*.ckpt in this directory")
-        return checkpoint, path
-    if path.is_file():
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        return path, run_dir
-    raise UserError(f"ckpt_path={str(path)!r}: no such run directory or checkpoint file")
-
-
-def _best_checkpoint(folder: Path) -> Path | None:
-    last = folder / "last.ckpt"
-    candidates = sorted(p for p in folder.glob("*.ckpt") if not p.name.startswith("last"))
-    if len(candidates) > 1 and last.is_file():
-        try:
-            state = torch.load(last, map_location="cpu", weights_only=False)
-            recorded = [
-                Path(value["best_model_path"]).name
-                for key, value in state.get("callbacks", {}).items()
-                if key.startswith("ModelCheckpoint") and value.get("best_model_path")
-            ]
-        except Exception:  # an unreadable last.ckpt: fall back to the latest epoch file
-            recorded = []
-        for candidate in candidates:
-            if candidate.name in recorded:
-                return candidate
-    if candidates:
-        return candidates[-1]
-    return last if last.is_file() else None
-
-
-def load_run(cfg: DictConfig) -> tuple[BayesByBackprop, Any, DictConfig, Path]:
-    """The model, the set-up datamodule, the training config and the checkpoint file."""
-    checkpoint, run_dir = resolve_checkpoint(cfg.ckpt_path)
-    config_file = run_dir / ".hydra" / "config.yaml"
-    if not config_file.is_file():
-        raise UserError(
-            f"ckpt_path={str(cfg.ckpt_path)!r}: no training config {config_file} (evaluate "
-            "needs the run directory written by bbb_lightning.train)"
-        )
-    try:
-        model = BayesByBackprop.load_from_checkpoint(checkpoint, map_location="cpu")
-    except Exception as error:  # a corrupt or foreign file: report it in one line
-        reason = f"{type(error).__name__}: {error}".splitlines()[0]
-        raise UserError(
-            f"ckpt_path={str(checkpoint)!r} is not allowed: not a readable checkpoint ({reason})"
-        ) from error
-    train_cfg = OmegaConf.load(config_file)
-    with open_dict(train_cfg):
-        if cfg.get("data_dir") is not None:
-            if "data_dir" not in train_cfg.dataset:
-                raise UserError(
-                    f"data_dir={cfg.data_dir!r} is not allowed: the run's dataset "
-                    f"({train_cfg.dataset.get('_target_')}) has no data_dir"
-                )
-            train_cfg.dataset.data_dir = cfg.data_dir
-        for key, value in (cfg.get("dataset_overrides") or {}).items():
-            train_cfg.dataset[key] = value
-    with user_errors():
-        datamodule = instantiate(train_cfg.dataset)
-        datamodule.prepare_data()
-        datamodule.setup("test")
-    return model, datamodule, train_cfg, checkpoint
+__all__ = ["evaluate", "main"]
 
 
 def _test_tensors(datamodule: Any, limit: int | None) -> tuple[Tensor, Tensor]:
@@ -158,17 +76,6 @@ def _test_tensors(datamodule: Any, limit: int | None) -> tuple[Tensor, Tensor]:
 
 
 # -- predictions ------------------------------------------------------------------------------
-@torch.no_grad()
-def sample_outputs(model: BayesByBackprop, x: Tensor, num_samples: int, batch_size: int) -> Tensor:
-    """Network outputs for S posterior draws, (S, N, out), in chunks of ``batch_size`` inputs."""
-    device = next(model.parameters()).device
-    chunks = [
-        model(x[start : start + batch_size].to(device), num_samples).cpu()
-        for start in range(0, len(x), batch_size)
-    ]
-    return torch.cat(chunks, dim=1)
-
-
 @torch.no_grad()
 def _plain_outputs(net: nn.Module, x: Tensor, batch_size: int) -> Tensor:
     device = next(net.parameters()).device
@@ -509,15 +416,6 @@ def _check(cfg: DictConfig) -> None:
     for key in ("limit", "num_samples", "num_draws", "gradient_draws", "pgd_steps"):
         require(is_int(cfg.attack[key], 1), f"attack.{key}", "an integer >= 1")
     require(cfg.device in ("cpu", "cuda", "auto"), "device", "cpu, cuda or auto")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` or ``auto`` (cuda when available) as a device; no CUDA is a UserError."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device='cuda' is not allowed: no CUDA device is available")
-    return torch.device(name)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:

@@ -41,10 +41,10 @@ from torch import Tensor
 
 from .config_checks import UserError, exit_on_user_error, user_errors
 from .data.mnist import NORMALIZATIONS
-from .evaluate import resolve_checkpoint, resolve_device, sample_outputs
 from .metrics import expected_entropy, predictive_entropy
 from .module import BayesByBackprop
 from .objectives import GaussianLikelihood
+from .runs import resolve_checkpoint, resolve_device, sample_outputs
 
 log = logging.getLogger(__name__)
 
