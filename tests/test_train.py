@@ -25,7 +25,11 @@ def test_default_run_writes_metrics_checkpoints_and_tensorboard(tmp_path):
     accumulator = events(tmp_path)
     tags = accumulator.Tags()
     for name in ("loss", "nll", "kl", "kl_weight", "elbo"):
-        assert f"train/{name}_step" in tags["scalars"] and f"train/{name}_epoch" in tags["scalars"]
+        steps = [event.value for event in accumulator.Scalars(f"train/{name}_step")]
+        epochs = [event.value for event in accumulator.Scalars(f"train/{name}_epoch")]
+        assert len(steps) == 8 and len(epochs) == 2  # 512 examples in 4 batches of 128, 2 epochs
+        for epoch, mean in enumerate(epochs):  # equal batches: the mean of the step values
+            assert mean == pytest.approx(sum(steps[4 * epoch : 4 * epoch + 4]) / 4, rel=1e-5)
     assert {"val/nll", "val/rmse", "test/nll", "hp/test_nll"} <= set(tags["scalars"])
     assert any(tag.startswith("sigma/net.") for tag in tags["histograms"])
     assert "figures/predictive" in tags["images"]
@@ -86,6 +90,8 @@ def test_mnist_mlp_learns(tmp_path, mnist_dir):
     metrics = train(cfg)
     assert metrics["test/accuracy"] > 0.85
     assert 0 <= metrics["test/ece"] < 0.1
+    scalars = events(tmp_path).Tags()["scalars"]
+    assert {"train/accuracy", "train/ece", "val/accuracy", "val/ece"} <= set(scalars)
 
 
 def test_csv_dataset(tmp_path):
