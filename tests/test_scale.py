@@ -18,7 +18,7 @@ PROBE = Path(__file__).parent / "scripts" / "ddp_probe.py"
 QUIET = ["callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
 
 
-def _probe(out_dir: Path, batch_size: int, trainer: str) -> list[list[dict]]:
+def _probe(out_dir: Path, batch_size: int, trainer: str) -> list[dict]:
     out_dir.mkdir()
     result = subprocess.run(
         [sys.executable, str(PROBE), str(out_dir), str(batch_size), f"trainer={trainer}"],
@@ -34,8 +34,9 @@ def _probe(out_dir: Path, batch_size: int, trainer: str) -> list[list[dict]]:
 
 @pytest.mark.slow
 def test_two_processes_give_the_one_process_loss_gradients_and_kl_schedule(tmp_path):
-    (single,) = _probe(tmp_path / "single", batch_size=8, trainer="cpu")
-    rank0, rank1 = _probe(tmp_path / "ddp", batch_size=4, trainer="ddp_cpu")
+    (single_record,) = _probe(tmp_path / "single", batch_size=8, trainer="cpu")
+    ddp_records = _probe(tmp_path / "ddp", batch_size=4, trainer="ddp_cpu")
+    single, rank0, rank1 = (record["steps"] for record in (single_record, *ddp_records))
     assert len(single) == len(rank0) == len(rank1) == 3
     for one, *pair in zip(single, rank0, rank1, strict=True):
         assert one["step"] == pair[0]["step"] == pair[1]["step"]
@@ -48,6 +49,10 @@ def test_two_processes_give_the_one_process_loss_gradients_and_kl_schedule(tmp_p
             # rho only feels the KL, so a KL counted once per rank would double its gradient
             assert torch.equal(pair[0]["grads"][name], pair[1]["grads"][name])
             torch.testing.assert_close(pair[0]["grads"][name], grad, rtol=1e-5, atol=1e-6)
+    # the logged epoch mean covers every example of every process: the one-process mean
+    epoch_mean = sum(step["loss"] for step in single) / len(single)
+    for record in (single_record, *ddp_records):
+        assert record["loss_epoch"] == pytest.approx(epoch_mean, rel=1e-5)
     single_metrics = json.loads((tmp_path / "single" / "run" / "metrics.json").read_text())
     ddp_metrics = json.loads((tmp_path / "ddp" / "run" / "metrics.json").read_text())
     assert ddp_metrics["val/nll"] == pytest.approx(single_metrics["val/nll"], rel=1e-4)

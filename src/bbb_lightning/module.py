@@ -214,13 +214,18 @@ class BayesByBackprop(LightningModule):
 
     def on_train_epoch_end(self) -> None:
         """Epoch means of the step scalars and the training metrics (over all processes)."""
+        # compute() already reduces over processes; sync_dist then averages equal values (and
+        # keeps Lightning from warning that an epoch value is not synchronised).
         if self.train_means.update_count:
             means = self.train_means.compute()
-            self.log_dict({f"train/{name}_epoch": value for name, value in means.items()})
+            self.log_dict(
+                {f"train/{name}_epoch": value for name, value in means.items()}, sync_dist=True
+            )
             self.train_means.reset()
         metrics = self.metrics["train_"]
         if any(metric.update_count for metric in metrics.values()):
-            self.log_dict({f"train/{name}": value for name, value in metrics.compute().items()})
+            computed = metrics.compute()
+            self.log_dict({f"train/{k}": v for k, v in computed.items()}, sync_dist=True)
             metrics.reset()
 
     # -- non-finite guard and seeding ---------------------------------------------------------

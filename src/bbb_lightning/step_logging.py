@@ -43,8 +43,8 @@ class WeightedMeans(Metric):
     def __init__(self, names: Sequence[str]) -> None:
         super().__init__()
         self.names = tuple(names)
-        self.add_state("totals", torch.zeros(len(self.names), dtype=torch.float64), "sum")
-        self.add_state("weight", torch.zeros((), dtype=torch.float64), "sum")
+        self.add_state("totals", torch.zeros(len(self.names)), "sum")
+        self.add_state("weight", torch.zeros(()), "sum")
 
     def update(self, values: Tensor, weight: float) -> None:
         if values.shape != (len(self.names),):
@@ -52,12 +52,11 @@ class WeightedMeans(Metric):
                 f"expected {len(self.names)} values ({', '.join(self.names)}), "
                 f"got shape {tuple(values.shape)}"
             )
-        self.totals += values.detach().to(torch.float64) * weight
+        self.totals += values.detach().to(self.totals.dtype) * weight
         self.weight += weight
 
     def compute(self) -> dict[str, Tensor]:
-        means = self.totals / self.weight
-        return {name: mean.float() for name, mean in zip(self.names, means, strict=True)}
+        return dict(zip(self.names, self.totals / self.weight, strict=True))
 
 
 def logs_this_step(trainer: pl.Trainer) -> bool:

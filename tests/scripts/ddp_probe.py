@@ -1,4 +1,5 @@
-"""Record each training step's loss, KL weight and (averaged) gradients, per process.
+"""Record each training step's loss, KL weight and (averaged) gradients, per process, and the
+epoch's logged mean loss.
 
 Run by tests/test_scale.py as ``python ddp_probe.py <out_dir> <batch_size> <override> ...``:
 it composes the real config, fixes the posterior noise (predicts with the posterior mean), and
@@ -40,7 +41,9 @@ class Probe(pl.Callback):
         )
 
     def on_train_end(self, trainer, pl_module):
-        torch.save(self.steps, self.out_dir / f"rank{trainer.global_rank}.pt")
+        epoch_loss = float(trainer.callback_metrics["train/loss_epoch"])
+        record = {"steps": self.steps, "loss_epoch": epoch_loss}
+        torch.save(record, self.out_dir / f"rank{trainer.global_rank}.pt")
 
 
 def main() -> None:
