@@ -44,7 +44,7 @@ from .data.mnist import NORMALIZATIONS
 from .metrics import expected_entropy, predictive_entropy
 from .module import BayesByBackprop
 from .objectives import GaussianLikelihood
-from .runs import resolve_checkpoint, resolve_device, sample_outputs
+from .runs import load_model, resolve_checkpoint, resolve_device, sample_outputs
 
 log = logging.getLogger(__name__)
 
@@ -254,14 +254,7 @@ def predict(cfg: DictConfig) -> dict[str, Tensor]:
         )
     torch.manual_seed(cfg.seed)
     checkpoint, run_dir = resolve_checkpoint(cfg.ckpt_path)
-    try:
-        model = BayesByBackprop.load_from_checkpoint(checkpoint, map_location="cpu")
-    except Exception as error:  # a corrupt or foreign file: report it in one line
-        reason = f"{type(error).__name__}: {error}".splitlines()[0]
-        raise UserError(
-            f"ckpt_path={str(checkpoint)!r} is not allowed: not a readable checkpoint ({reason})"
-        ) from error
-    model = model.to(resolve_device(cfg.get("device", "cpu"))).eval()
+    model = load_model(checkpoint).to(resolve_device(cfg.get("device", "cpu"))).eval()
     model.likelihood.cpu()  # no part of the forward: it scores the outputs, gathered on the CPU
     x = read_input(cfg.input)
     input_shape = (model.hparams.get("net") or {}).get("input_shape")

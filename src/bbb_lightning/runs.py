@@ -16,7 +16,7 @@ from torch import Tensor
 from .config_checks import UserError, user_errors
 from .module import BayesByBackprop
 
-__all__ = ["load_run", "resolve_checkpoint", "resolve_device", "sample_outputs"]
+__all__ = ["load_model", "load_run", "resolve_checkpoint", "resolve_device", "sample_outputs"]
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
@@ -59,6 +59,17 @@ def _best_checkpoint(folder: Path) -> Path | None:
     return last if last.is_file() else None
 
 
+def load_model(checkpoint: Path) -> BayesByBackprop:
+    """The model saved in ``checkpoint``, on the CPU; an unreadable file is a UserError."""
+    try:
+        return BayesByBackprop.load_from_checkpoint(checkpoint, map_location="cpu")
+    except Exception as error:  # a corrupt or foreign file: report it in one line
+        reason = f"{type(error).__name__}: {error}".splitlines()[0]
+        raise UserError(
+            f"ckpt_path={str(checkpoint)!r} is not allowed: not a readable checkpoint ({reason})"
+        ) from error
+
+
 def load_run(cfg: DictConfig) -> tuple[BayesByBackprop, Any, DictConfig, Path]:
     """The model, the set-up datamodule, the training config and the checkpoint file."""
     checkpoint, run_dir = resolve_checkpoint(cfg.ckpt_path)
@@ -68,13 +79,7 @@ def load_run(cfg: DictConfig) -> tuple[BayesByBackprop, Any, DictConfig, Path]:
             f"ckpt_path={str(cfg.ckpt_path)!r}: no training config {config_file} (evaluate "
             "needs the run directory written by bbb_lightning.train)"
         )
-    try:
-        model = BayesByBackprop.load_from_checkpoint(checkpoint, map_location="cpu")
-    except Exception as error:  # a corrupt or foreign file: report it in one line
-        reason = f"{type(error).__name__}: {error}".splitlines()[0]
-        raise UserError(
-            f"ckpt_path={str(checkpoint)!r} is not allowed: not a readable checkpoint ({reason})"
-        ) from error
+    model = load_model(checkpoint)
     train_cfg = OmegaConf.load(config_file)
     with open_dict(train_cfg):
         if cfg.get("data_dir") is not None:
