@@ -36,7 +36,7 @@ class NonFiniteError(FloatingPointError):
 
 
 def first_nonfinite(named: Iterable[tuple[str, Tensor | None]]) -> str | None:
-    """The name of the first tensor holding a NaN or an infinity, if any (one device sync).
+    """The name of the first tensor holding a NaN or an infinity, if any (one device sync if none).
 
     A sum is finite when every term is, so one reduction per tensor screens them all; only
     when a sum is not finite (a NaN or infinity, or finite values whose sum overflows) does an

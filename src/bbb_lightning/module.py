@@ -209,7 +209,7 @@ class BayesByBackprop(LightningModule):
                 batch_size=batch_size,
                 sync_dist=True,
             )
-        self._update_metrics("train_", outputs.detach(), y, log=False)
+        self._update_metrics("train_", outputs.detach(), y)  # logged at epoch end
         return loss
 
     def on_train_epoch_end(self) -> None:
@@ -271,8 +271,8 @@ class BayesByBackprop(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
 
-    def _update_metrics(self, stage: str, outputs: Tensor, y: Tensor, log: bool = True) -> None:
-        """Update the stage's metrics; with ``log``, hand them to Lightning (epoch means)."""
+    def _update_metrics(self, stage: str, outputs: Tensor, y: Tensor) -> MetricCollection:
+        """Update the stage's metrics with the predictive of ``outputs``; return them."""
         metrics = self.metrics[stage]
         if self.is_classifier:
             metrics.update(CategoricalLikelihood.predictive_probs(outputs), y)
@@ -280,22 +280,20 @@ class BayesByBackprop(LightningModule):
             assert isinstance(self.likelihood, GaussianLikelihood)
             mean, _, _ = self.likelihood.predictive_moments(outputs)
             metrics.update(mean, y)
-        if not log:
-            return
-        name = stage.removesuffix("_")
-        self.log_dict(
-            {f"{name}/{key}": metric for key, metric in metrics.items()},
-            on_step=False,
-            on_epoch=True,
-            prog_bar=stage != "train_",
-        )
+        return metrics
 
     def _evaluate(self, stage: str, batch: tuple[Tensor, Tensor]) -> None:
         x, y = batch
         outputs = self(x, self.eval_samples)
         nll = self.likelihood.predictive_nll(outputs, y).mean()
         self.log(f"{stage}/nll", nll, batch_size=x.shape[0], sync_dist=True, prog_bar=True)
-        self._update_metrics(f"{stage}_", outputs, y)
+        metrics = self._update_metrics(f"{stage}_", outputs, y)
+        self.log_dict(
+            {f"{stage}/{key}": metric for key, metric in metrics.items()},
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+        )
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate("val", batch)
