@@ -11,7 +11,9 @@ adds to a deterministic one. Here:
 - each use of sigma is one :class:`torch.autograd.Function` whose backward applies the chain
   rule itself through d sigma / d rho = sigmoid(rho), which is computed at most once per
   forward, by the first backward that needs it;
-- the Gaussian-prior KL is summed with dot products instead of elementwise terms.
+- the Gaussian-prior KL is summed with dot products instead of elementwise terms;
+- on contiguous float32 CPU tensors, sigma, sigmoid(rho) and sum log sigma come from one pass
+  of a native kernel, and so does the KL's rho-gradient (:mod:`bbb_lightning.bayes.native`).
 
 The functions (``eps`` ~ N(0, I) of shape ``sample_shape + mu.shape``; sums over the sample
 dimensions in the gradients):
@@ -41,6 +43,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import native
+
 __all__ = ["ScaleValues", "draw", "gaussian_kl", "perturbation", "variance"]
 
 # Below this rho (and with no min_scale) sigma = softplus(rho) ~ e^rho is a few ulps from
@@ -57,7 +61,8 @@ def _version_key(rho: Tensor) -> tuple[int, int, torch.dtype] | None:
 class ScaleValues:
     """sigma = softplus(rho) + min_scale for one version of ``rho``, as tensors outside autograd.
 
-    ``dsigma`` = d sigma / d rho = sigmoid(rho) is computed on first use.
+    ``dsigma`` = d sigma / d rho = sigmoid(rho) is computed on first use, or with sigma by
+    the native kernel, which also sums log sigma when ``log_sum`` says a KL will follow.
 
     Example:
         >>> rho = torch.tensor([0.0, -30.0])
@@ -68,15 +73,21 @@ class ScaleValues:
         (True, False)
     """
 
-    def __init__(self, rho: Tensor, min_scale: float) -> None:
+    def __init__(self, rho: Tensor, min_scale: float, log_sum: bool = False) -> None:
         self.rho = rho
         self.min_scale = min_scale
         self._key = _version_key(rho)
+        self._dsigma: Tensor | None = None
+        self._log_sigma_sum: float | None = None
+        self._tiny_mask: Tensor | bool | None = False  # False: not yet looked at
+        self.native = native.applies_to(rho)
+        if self.native:
+            self.sigma, self._dsigma, total = native.softplus_scale(rho, min_scale, log_sum)
+            self._log_sigma_sum = total if log_sum else None
+            return
         with torch.no_grad():
             sigma = F.softplus(rho)
             self.sigma = sigma.add_(min_scale) if min_scale else sigma
-        self._dsigma: Tensor | None = None
-        self._tiny_mask: Tensor | bool | None = False  # False: not yet looked at
 
     def matches(self, rho: Tensor) -> bool:
         """Whether these values are those of ``rho`` now (same tensor, not modified since)."""
@@ -109,9 +120,19 @@ class ScaleValues:
             return log_sigma
         return torch.where(tiny, self.rho.detach() - 0.5 * self.sigma, log_sigma)
 
+    def log_sigma_sum(self) -> Tensor:
+        """sum log sigma (a 0-dim tensor), finite for any finite rho."""
+        if self._log_sigma_sum is None:
+            return self.log_sigma().sum()
+        return torch.tensor(self._log_sigma_sum, dtype=self.sigma.dtype)
+
     def sigma_minus_inverse(self, weight: Tensor, grad: Tensor) -> Tensor:
         """(weight sigma - grad / sigma) sigmoid(rho), finite for any finite rho: the gradient of
         weight sigma^2 / 2 - grad log sigma with respect to rho."""
+        if self.native and weight.numel() == 1 and grad.numel() == 1:
+            return native.kl_rho_grad(
+                self.rho, self.sigma, self.dsigma, float(weight), float(grad), self.min_scale
+            ).view_as(self.sigma)
         tiny = self._tiny()
         sigma = self.sigma
         value = torch.mul(sigma, weight).addcdiv_(grad.expand_as(sigma), sigma, value=-1)
@@ -139,10 +160,10 @@ def _gaussian_kl_value(mu: Tensor, scale: ScaleValues, loc: Tensor, prior_scale:
     else:
         quadratic = ((mu - loc).square_().add_(sigma.square()) * inv_var).sum()
         log_prior_scale = prior_scale.log().expand(mu.shape).sum()
-    return log_prior_scale - scale.log_sigma().sum() + 0.5 * (quadratic - count)
+    return log_prior_scale - scale.log_sigma_sum() + 0.5 * (quadratic - count)
 
 
-def _tracked(*tensors: Tensor | None) -> bool:
+def tracked(*tensors: Tensor | None) -> bool:
     """Whether autograd records an operation on these tensors (else: no Function overhead)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -211,21 +232,21 @@ class _GaussianKL(torch.autograd.Function):
 
 def draw(mu: Tensor, rho: Tensor, scale: ScaleValues, eps: Tensor) -> Tensor:
     """w = mu + sigma * eps, differentiable in mu and rho; ``scale`` holds sigma of ``rho``."""
-    if _tracked(mu, rho):
+    if tracked(mu, rho):
         return _Draw.apply(mu, rho, scale, eps)
     return _draw_value(mu, scale, eps)
 
 
 def perturbation(rho: Tensor, scale: ScaleValues, eps: Tensor) -> Tensor:
     """sigma * eps (a draw minus its mean, as flipout needs), differentiable in rho."""
-    if _tracked(rho):
+    if tracked(rho):
         return _Draw.apply(None, rho, scale, eps)
     return _draw_value(None, scale, eps)
 
 
 def variance(rho: Tensor, scale: ScaleValues) -> Tensor:
     """sigma^2, differentiable in rho (for local reparameterization)."""
-    return _Variance.apply(rho, scale) if _tracked(rho) else scale.sigma.square()
+    return _Variance.apply(rho, scale) if tracked(rho) else scale.sigma.square()
 
 
 def gaussian_kl(
@@ -235,6 +256,6 @@ def gaussian_kl(
 
     ``loc`` and ``prior_scale`` broadcast to ``mu`` and are constants (no gradient).
     """
-    if _tracked(mu, rho):
+    if tracked(mu, rho):
         return _GaussianKL.apply(mu, rho, scale, loc, prior_scale)
     return _gaussian_kl_value(mu, scale, loc, prior_scale)

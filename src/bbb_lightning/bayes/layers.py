@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
 from .posteriors import MeanFieldNormal, VariationalPosterior
 from .priors import Prior
 
@@ -304,7 +305,7 @@ class BayesianLayer(nn.Module):
         weight_q.last_sample = None
         # One mean and variance for the S copies of each row, independent noise for each copy.
         sample_shape = () if rows is None else (x.shape[0] // rows,)
-        noise = torch.randn((*sample_shape, *mean.shape), dtype=mean.dtype, device=mean.device)
+        noise = native.standard_normal((*sample_shape, *mean.shape), like=mean)
         if torch.is_grad_enabled():
             out = torch.addcmul(mean, variance.clamp_min(_MIN_VARIANCE).sqrt(), noise)
         else:  # no graph: reuse the buffers

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
-from . import gaussian_ops
+from . import gaussian_ops, native
 from .priors import Prior
 
 __all__ = [
@@ -210,14 +210,14 @@ class MeanFieldNormal(VariationalPosterior):
         reuses the last forward's while rho is the same tensor, unmodified since."""
         values = self._scale_values
         if not (reuse and values is not None and values.matches(self.rho)):
-            values = gaussian_ops.ScaleValues(self.rho, self.min_scale)
+            # When the forward is recorded, a KL follows: the native pass also sums log sigma.
+            log_sum = gaussian_ops.tracked(self.rho)
+            values = gaussian_ops.ScaleValues(self.rho, self.min_scale, log_sum=log_sum)
             self.__dict__["_scale_values"] = values  # a plain attribute: skip Module.__setattr__
         return values
 
     def _noise(self, sample_shape: Sequence[int]) -> Tensor:
-        return torch.randn(
-            (*sample_shape, *self.mu.shape), dtype=self.mu.dtype, device=self.mu.device
-        )
+        return native.standard_normal((*sample_shape, *self.mu.shape), like=self.mu)
 
     def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
         """mu + sigma * eps, eps ~ N(0, I) of shape ``sample_shape + mu.shape``."""

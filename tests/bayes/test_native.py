@@ -1,0 +1,206 @@
+"""The native CPU kernels (bbb_lightning.bayes.native) against independent references.
+
+Normals: moments and a Kolmogorov-Smirnov distance against N(0, 1) (torch.distributions),
+with bounds of several standard errors for the sample size. Softplus, sigmoid, sum log sigma
+and the KL's rho-gradient: float64 torch ops and autograd, to a few float32 ulps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import Normal
+
+from bbb_lightning.bayes import MeanFieldNormal, bayesianize, kl_divergence, native
+from bbb_lightning.bayes.gaussian_ops import ScaleValues, gaussian_kl
+from bbb_lightning.bayes.priors import GaussianPrior
+
+needs_native = pytest.mark.skipif(
+    native.kernels() is None, reason="native kernels could not be built here (no compiler?)"
+)
+F32_ULP = 2.0**-23
+
+
+@needs_native
+def test_normals_match_the_standard_normal() -> None:
+    torch.manual_seed(0)
+    n = 1_000_003  # not a multiple of any block: the tail is drawn too
+    eps = native.standard_normal((n,), torch.zeros(1)).double()
+    assert eps.shape == (n,) and bool(torch.isfinite(eps).all())
+    se = 1 / math.sqrt(n)
+    assert abs(float(eps.mean())) < 5 * se
+    assert abs(float(eps.var()) - 1) < 5 * math.sqrt(2) * se  # var of eps^2 is 2
+    assert abs(float((eps**3).mean())) < 5 * math.sqrt(15) * se
+    assert abs(float((eps**4).mean()) - 3) < 5 * math.sqrt(96) * se
+    # Kolmogorov-Smirnov: P(sqrt(n) D > 1.95) < 0.001.
+    sorted_eps, _ = eps.sort()
+    cdf = Normal(0.0, 1.0).cdf(sorted_eps)
+    grid = torch.arange(1, n + 1, dtype=torch.float64) / n
+    distance = torch.maximum(grid - cdf, cdf - (grid - 1 / n)).max()
+    assert float(distance) * math.sqrt(n) < 1.95
+
+
+@needs_native
+def test_normals_are_uncorrelated_across_neighbours_and_calls() -> None:
+    torch.manual_seed(1)
+    n = 400_000
+    a = native.standard_normal((n,), torch.zeros(1)).double()
+    b = native.standard_normal((n,), torch.zeros(1)).double()
+    bound = 5 / math.sqrt(n)
+    for lag in (1, 2, 8, 16, 32, 64):  # within and across lanes and Philox blocks
+        assert abs(float((a[lag:] * a[:-lag]).mean())) < bound
+    assert abs(float((a * b).mean())) < bound
+
+
+@needs_native
+def test_normals_follow_the_torch_seed_and_not_the_thread_count() -> None:
+    threads = torch.get_num_threads()
+    try:
+        torch.manual_seed(3)
+        torch.set_num_threads(1)
+        one_thread = native.standard_normal((3, 70_001), torch.zeros(1))
+        torch.manual_seed(3)
+        torch.set_num_threads(2)
+        two_threads = native.standard_normal((3, 70_001), torch.zeros(1))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one_thread, two_threads)
+    assert not torch.equal(one_thread, native.standard_normal((3, 70_001), torch.zeros(1)))
+
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (7,), (2, 3, 5)])
+def test_standard_normal_shapes_and_fallback_dtypes(shape: tuple[int, ...]) -> None:
+    for like in (torch.zeros(1), torch.zeros(1, dtype=torch.float64)):
+        eps = native.standard_normal(shape, like)
+        assert eps.shape == shape and eps.dtype == like.dtype
+
+
+def reference_scale(rho: torch.Tensor, min_scale: float) -> tuple[torch.Tensor, ...]:
+    rho64 = rho.double()
+    sigma = F.softplus(rho64) + min_scale
+    # log sigma where sigma underflows in float32: rho - sigma / 2 (see gaussian_ops)
+    log_sigma = torch.where((rho64 < -20) & (min_scale == 0), rho64 - 0.5 * sigma, sigma.log())
+    return sigma, torch.sigmoid(rho64), log_sigma.sum()
+
+
+@needs_native
+@pytest.mark.parametrize("min_scale", [0.0, 1e-3])
+def test_softplus_scale_matches_float64(min_scale: float) -> None:
+    rho = torch.cat([torch.linspace(-80, 40, 100_001), torch.tensor([-200.0, 0.0, 20.0, 21.0])])
+    sigma, dsigma, log_sum = native.softplus_scale(rho, min_scale, log_sum=True)
+    ref_sigma, ref_dsigma, ref_log_sum = reference_scale(rho, min_scale)
+    normal = ref_sigma > 1e-37  # float32 normal range; below it only absolute accuracy
+    assert torch.allclose(sigma.double()[normal], ref_sigma[normal], rtol=4 * F32_ULP, atol=0)
+    assert torch.allclose(sigma.double(), ref_sigma, rtol=4 * F32_ULP, atol=1e-44)
+    assert torch.allclose(dsigma.double(), ref_dsigma, rtol=4 * F32_ULP, atol=1e-44)
+    # Each log carries at most a few ulps of its own magnitude.
+    tolerance = 8 * F32_ULP * float(reference_scale(rho, min_scale)[2].abs()) + 1e-3
+    assert abs(log_sum - float(ref_log_sum)) < tolerance
+    assert native.softplus_scale(rho, min_scale, log_sum=False)[2] == 0.0
+
+
+@needs_native
+@pytest.mark.parametrize("min_scale", [0.0, 1e-3])
+def test_kl_rho_grad_matches_autograd_in_float64(min_scale: float) -> None:
+    rho = torch.cat([torch.linspace(-60, 30, 50_001), torch.tensor([-120.0])])
+    sigma, dsigma, _ = native.softplus_scale(rho, min_scale, log_sum=False)
+    weight, grad = 0.37, 0.8  # w = g / s^2 with s^2 = g / w
+    got = native.kl_rho_grad(rho, sigma, dsigma, weight, grad, min_scale)
+    rho64 = rho.double().requires_grad_()
+    sigma64 = F.softplus(rho64) + min_scale
+    log_sigma = torch.where((rho64 < -20) & (min_scale == 0), rho64 - 0.5 * sigma64, sigma64.log())
+    (weight * sigma64.square().sum() / 2 - grad * log_sigma.sum()).backward()
+    expected = rho64.grad
+    assert torch.isfinite(got).all()
+    assert torch.allclose(
+        got.double(), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max())
+    )
+
+
+@needs_native
+def test_the_layers_use_the_kernels_and_match_the_float64_kl() -> None:
+    torch.manual_seed(4)
+    q = MeanFieldNormal(torch.randn(300, 200) * 0.1, GaussianPrior(0.0, 0.5), rho_init=(-6, 2))
+    values = q.scale_values()
+    assert values.native
+    prior = q.prior.distribution()
+    kl = gaussian_kl(q.mu, q.rho, q.scale_values(reuse=True), prior.loc, prior.scale)
+    expected = torch.distributions.kl_divergence(
+        Normal(q.mu.double(), F.softplus(q.rho.double())), Normal(0.0, 0.5)
+    ).sum()
+    assert math.isclose(float(kl.detach()), float(expected), rel_tol=1e-5)
+    kl.backward()
+    mu64 = q.mu.detach().double().requires_grad_()
+    rho64 = q.rho.detach().double().requires_grad_()
+    torch.distributions.kl_divergence(
+        Normal(mu64, F.softplus(rho64)), Normal(0.0, 0.5)
+    ).sum().backward()
+    assert torch.allclose(q.rho.grad.double(), rho64.grad, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(q.mu.grad.double(), mu64.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_float64_keeps_the_torch_ops() -> None:
+    rho = torch.zeros(3, dtype=torch.float64)
+    assert not ScaleValues(rho, 0.0).native
+
+
+def run_python(code: str, env_value: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, native.ENV_VAR: env_value}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_the_environment_variable_turns_the_kernels_off() -> None:
+    code = (
+        "import torch; from bbb_lightning.bayes import native, bayesianize, kl_divergence;"
+        "net = bayesianize(torch.nn.Linear(4, 3));"
+        "loss = net(torch.randn(5, 4)).sum() + kl_divergence(net); loss.backward();"
+        "print(native.status())"
+    )
+    result = run_python(code, "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "torch"
+
+
+def test_a_bad_environment_value_is_a_one_line_error() -> None:
+    result = run_python("from bbb_lightning.bayes import native; native.kernels()", "fast")
+    assert result.returncode != 0
+    assert "BBB_LIGHTNING_NATIVE must be 0 or 1" in result.stderr and "'fast'" in result.stderr
+
+
+@needs_native
+def test_training_steps_agree_with_and_without_the_kernels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Same data, same initial weights: after 30 steps the native and the torch-op paths reach
+    the same loss to within the Monte Carlo spread (their noise streams differ)."""
+
+    def train() -> float:
+        torch.manual_seed(5)
+        net = bayesianize(
+            torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+        )
+        x = torch.randn(256, 20)
+        y = (x[:, 0] > 0).long()
+        optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+        for _ in range(60):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(net(x), y) + kl_divergence(net) / 10_000
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            return float(F.cross_entropy(net(x), y))
+
+    with_kernels = train()
+    monkeypatch.setattr(native, "kernels", lambda: None)
+    assert native.status() == "torch"
+    without = train()
+    assert with_kernels < 0.3 and without < 0.3
+    assert abs(with_kernels - without) < 0.1
