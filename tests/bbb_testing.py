@@ -29,9 +29,11 @@ def events(run_dir: Path) -> EventAccumulator:
     return accumulator
 
 
-def run_cli(*args: str, cwd: Path, entry: str = "train") -> subprocess.CompletedProcess:
-    """``python -m bbb_lightning.<entry> <args>`` in ``cwd``, output captured."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def run_cli(
+    *args: str, cwd: Path, entry: str = "train", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m bbb_lightning.<entry> <args>`` in ``cwd`` (``env`` added), output captured."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", f"bbb_lightning.{entry}", *args],
         cwd=cwd,

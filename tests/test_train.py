@@ -205,6 +205,14 @@ def test_cli_reports_bad_input_in_one_line_without_traceback(tmp_path, override,
     assert "Traceback" not in result.stderr
 
 
+def test_cli_reports_a_bad_native_switch_in_one_line(tmp_path):
+    result = run_cli(cwd=tmp_path, env={"BBB_LIGHTNING_NATIVE": "fast"})
+    assert result.returncode == 1
+    message = "BBB_LIGHTNING_NATIVE must be 0 or 1 (or false/true, off/on), got 'fast'"
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_unknown_choice_lists_the_options(tmp_path):
     result = run_cli("prior=cauchy", cwd=tmp_path)
     assert result.returncode != 0
