@@ -34,7 +34,15 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-__all__ = ["ENV_VAR", "kernels", "kl_rho_grad", "softplus_scale", "standard_normal", "status"]
+__all__ = [
+    "ENV_VAR",
+    "applies_to",
+    "kernels",
+    "kl_rho_grad",
+    "softplus_scale",
+    "standard_normal",
+    "status",
+]
 
 ENV_VAR = "BBB_LIGHTNING_NATIVE"
 SOURCE = Path(__file__).with_name("gaussian.cpp")
@@ -91,7 +99,8 @@ def status() -> str:
     return "native" if kernels() is not None else "torch"
 
 
-def _applies(tensor: Tensor) -> bool:
+def applies_to(tensor: Tensor) -> bool:
+    """Whether the kernels are in use for ``tensor``: contiguous float32 on the CPU."""
     return (
         tensor.device.type == "cpu"
         and tensor.dtype == torch.float32
@@ -131,6 +140,3 @@ def kl_rho_grad(
     """(sigma weight - grad / sigma) sigmoid(rho), finite for any finite rho; see
     :meth:`~bbb_lightning.bayes.gaussian_ops.ScaleValues.sigma_minus_inverse`."""
     return kernels().kl_rho_grad(rho.detach(), sigma, dsigma, weight, grad, min_scale)
-
-
-applies_to = _applies
