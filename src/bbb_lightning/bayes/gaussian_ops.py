@@ -132,7 +132,7 @@ class ScaleValues:
         if self.native and weight.numel() == 1 and grad.numel() == 1:
             return native.kl_rho_grad(
                 self.rho, self.sigma, self.dsigma, float(weight), float(grad), self.min_scale
-            ).view_as(self.sigma)
+            )
         tiny = self._tiny()
         sigma = self.sigma
         value = torch.mul(sigma, weight).addcdiv_(grad.expand_as(sigma), sigma, value=-1)

@@ -99,14 +99,13 @@ def status() -> str:
     return "native" if kernels() is not None else "torch"
 
 
+def _cpu_float32(tensor: Tensor) -> bool:
+    return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and kernels() is not None
+
+
 def applies_to(tensor: Tensor) -> bool:
     """Whether the kernels are in use for ``tensor``: contiguous float32 on the CPU."""
-    return (
-        tensor.device.type == "cpu"
-        and tensor.dtype == torch.float32
-        and tensor.is_contiguous()
-        and kernels() is not None
-    )
+    return tensor.is_contiguous() and _cpu_float32(tensor)
 
 
 def _key() -> int:
@@ -122,7 +121,7 @@ def standard_normal(shape: tuple[int, ...], like: Tensor) -> Tensor:
         >>> eps.shape, abs(float(eps.mean())) < 0.2, abs(float(eps.std()) - 1) < 0.1
         (torch.Size([1000]), True, True)
     """
-    if like.device.type != "cpu" or like.dtype != torch.float32 or kernels() is None:
+    if not _cpu_float32(like):
         return torch.randn(shape, dtype=like.dtype, device=like.device)
     out = torch.empty(shape, dtype=torch.float32)
     return kernels().normal_(out, _key())
