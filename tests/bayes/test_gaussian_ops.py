@@ -122,15 +122,17 @@ def test_gaussian_kl_is_exact_and_finite_where_sigma_underflows(dtype: torch.dty
 
 
 def test_sigma_is_computed_once_per_forward_and_reused_by_the_kl() -> None:
+    """Where the joint draw-and-KL node does not apply (float64 here), the KL reuses the
+    forward's sigma."""
     torch.manual_seed(2)
-    net = bayesianize(nn.Sequential(nn.Linear(3, 2)), estimator="reparameterization")
+    net = bayesianize(nn.Sequential(nn.Linear(3, 2)), estimator="reparameterization").double()
     q = net[0].weight_posterior
     assert isinstance(q, MeanFieldNormal)
-    net(torch.randn(4, 3))
+    net(torch.randn(4, 3, dtype=F64))
     values = q._scale_values
     assert values is not None and values.matches(q.rho)
     assert q.scale_values(reuse=True) is values  # the KL reuses the forward's sigma
-    net(torch.randn(4, 3))
+    net(torch.randn(4, 3, dtype=F64))
     assert q._scale_values is not values  # every forward computes it afresh
 
 

@@ -1,8 +1,9 @@
 """The native CPU kernels (bbb_lightning.bayes.native) against independent references.
 
 Normals: moments and a Kolmogorov-Smirnov distance against N(0, 1) (torch.distributions),
-with bounds of several standard errors for the sample size. Softplus, sigmoid, sum log sigma
-and the KL's rho-gradient: float64 torch ops and autograd, to a few float32 ulps.
+with bounds of several standard errors for the sample size. Softplus, sigmoid, sum log sigma,
+the KL's rho-gradient and the joint draw-and-KL node: float64 torch ops, torch.distributions'
+KL and autograd, to a few float32 ulps.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal
 
-from bbb_lightning.bayes import MeanFieldNormal, bayesianize, kl_divergence, native
+from bbb_lightning.bayes import MeanFieldNormal, bayesianize, gaussian_ops, kl_divergence, native
 from bbb_lightning.bayes.gaussian_ops import ScaleValues, gaussian_kl
 from bbb_lightning.bayes.priors import GaussianPrior
 
@@ -134,7 +135,7 @@ def test_the_layers_use_the_kernels_and_match_the_float64_kl() -> None:
     expected = torch.distributions.kl_divergence(
         Normal(q.mu.double(), F.softplus(q.rho.double())), Normal(0.0, 0.5)
     ).sum()
-    assert math.isclose(float(kl.detach()), float(expected), rel_tol=1e-5)
+    assert math.isclose(float(kl.detach()), float(expected.detach()), rel_tol=1e-5)
     kl.backward()
     mu64 = q.mu.detach().double().requires_grad_()
     rho64 = q.rho.detach().double().requires_grad_()
@@ -204,3 +205,115 @@ def test_training_steps_agree_with_and_without_the_kernels(
     without = train()
     assert with_kernels < 0.3 and without < 0.3
     assert abs(with_kernels - without) < 0.1
+
+
+USES = {
+    "draw": gaussian_ops.DRAW,
+    "perturbation": gaussian_ops.PERTURBATION,
+    "variance": gaussian_ops.VARIANCE,
+}
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("use", "sample_shape"),
+    [("draw", ()), ("draw", (3,)), ("perturbation", ()), ("perturbation", (3,)), ("variance", ())],
+)
+@pytest.mark.parametrize("min_scale", [0.0, 1e-3])
+def test_sample_with_kl_matches_float64_autograd(
+    use: str, sample_shape: tuple[int, ...], min_scale: float
+) -> None:
+    """Value and gradients of <G, out> + g KL against float64 torch ops and the KL of
+    torch.distributions, with rho from -60 (sigma ~ 1e-26) to 3."""
+    torch.manual_seed(6)
+    shape = (123, 457)  # 56,211 weights: several parallel chunks and a partial last block
+    mu = (torch.randn(shape) * 0.3).requires_grad_()
+    rho = torch.empty(shape).uniform_(-8, 3)
+    rho[0, :50] = torch.linspace(-60, -15, 50)  # where sigma underflows in float32 and below
+    rho.requires_grad_()
+    loc, scale, kl_grad = 0.1, 0.7, 0.37
+    out, slot = gaussian_ops.sample_with_kl(mu, rho, USES[use], sample_shape, min_scale, loc, scale)
+    eps = out.grad_fn.saved_tensors[0].double()
+    grad = torch.randn(out.shape)
+    kl = slot.kl
+    (torch.sum(grad * out) + kl_grad * kl).backward()
+
+    mu64 = mu.detach().double().requires_grad_()
+    rho64 = rho.detach().double().requires_grad_()
+    sigma64 = F.softplus(rho64) + min_scale
+    expected = {
+        "draw": lambda: mu64 + sigma64 * eps,
+        "perturbation": lambda: sigma64 * eps,
+        "variance": lambda: sigma64.square(),
+    }[use]()
+    kl64 = torch.distributions.kl_divergence(Normal(mu64, sigma64), Normal(loc, scale)).sum()
+    (torch.sum(grad.double() * expected) + kl_grad * kl64).backward()
+
+    assert out.shape == (*sample_shape, *shape)
+    # float32 rounding of each term: a few ulps of |mu| + |sigma eps| (the sum may cancel).
+    size = (mu64.abs() if use == "draw" else 0) + (expected - (mu64 if use == "draw" else 0)).abs()
+    error = (out.detach().double() - expected.detach()).abs()
+    assert bool((error <= 4 * F32_ULP * size.detach() + 1e-44).all())
+    # The KL is a sum of 56,211 terms of magnitude up to 60: a few ulps of the largest partial.
+    assert math.isclose(float(kl.detach()), float(kl64.detach()), rel_tol=1e-6)
+    for got, ref in ((mu.grad, mu64.grad), (rho.grad, rho64.grad)):
+        assert torch.isfinite(got).all()
+        assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+
+
+@needs_native
+def test_sample_with_kl_draws_independent_standard_normals_per_sample() -> None:
+    torch.manual_seed(7)
+    n = 200_003
+    mu = torch.zeros(n, requires_grad=True)
+    rho = torch.full((n,), math.log(math.e - 1), requires_grad=True)  # sigma = 1: out = eps
+    out, _ = gaussian_ops.sample_with_kl(mu, rho, gaussian_ops.DRAW, (4,), 0.0, 0.0, 1.0)
+    eps = out.detach().double()
+    se = 1 / math.sqrt(n)
+    for row in eps:
+        assert abs(float(row.mean())) < 5 * se
+        assert abs(float(row.var()) - 1) < 5 * math.sqrt(2) * se
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert abs(float((eps[a] * eps[b]).mean())) < 5 * se
+    threads = torch.get_num_threads()
+    try:
+        draws = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            torch.manual_seed(8)
+            draws.append(gaussian_ops.sample_with_kl(mu, rho, 0, (2,), 0.0, 0.0, 1.0)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(draws[0], draws[1])
+
+
+@needs_native
+@pytest.mark.parametrize("estimator", ["reparameterization", "local", "flipout"])
+def test_the_layer_kl_comes_from_the_forward_node_until_it_is_used(estimator: str) -> None:
+    torch.manual_seed(9)
+    net = bayesianize(
+        torch.nn.Sequential(torch.nn.Linear(30, 20)),
+        prior=GaussianPrior(0.0, 0.5),
+        estimator=estimator,
+    )
+    out = net(torch.randn(8, 30))
+    kl = kl_divergence(net)
+    nodes = {type(fn).__name__ for fn, _ in kl.grad_fn.next_functions if fn is not None}
+    assert nodes == {"_SampleWithKLBackward"}  # both tensors' KLs: no separate KL node
+    expected = sum(
+        torch.distributions.kl_divergence(
+            Normal(q.mu.double(), F.softplus(q.rho.double())), Normal(0.0, 0.5)
+        ).sum()
+        for q in (net[0].weight_posterior, net[0].bias_posterior)
+    )
+    assert math.isclose(float(kl.detach()), float(expected.detach()), rel_tol=1e-6)
+    (out.square().sum() + kl).backward()
+    # The node's backward has run: the KL is computed afresh, and can be differentiated again.
+    again = kl_divergence(net)
+    assert math.isclose(float(again.detach()), float(kl.detach()), rel_tol=1e-6)
+    again.backward()
+    with torch.no_grad():
+        net[0].weight_posterior.mu.add_(0.1)  # a new version of mu: not the forward's KL
+    moved = kl_divergence(net)
+    assert float(moved.detach()) > float(kl.detach())

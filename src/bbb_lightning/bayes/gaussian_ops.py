@@ -13,7 +13,12 @@ adds to a deterministic one. Here:
   forward, by the first backward that needs it;
 - the Gaussian-prior KL is summed with dot products instead of elementwise terms;
 - on contiguous float32 CPU tensors, sigma, sigmoid(rho) and sum log sigma come from one pass
-  of a native kernel, and so does the KL's rho-gradient (:mod:`bbb_lightning.bayes.native`).
+  of a native kernel, and so does the KL's rho-gradient (:mod:`bbb_lightning.bayes.native`);
+- there, against a Gaussian prior with scalar parameters, :func:`sample_with_kl` goes further:
+  one node computes the forward's use of sigma and the KL together, in one pass over mu and
+  rho, and its backward gives the gradients of both in one more pass (instead of two nodes,
+  six passes and autograd adding their gradients). The KL is kept in a :class:`KLSlot` until
+  the loss asks for it (:meth:`~bbb_lightning.bayes.posteriors.MeanFieldNormal.fused_kl`).
 
 The functions (``eps`` ~ N(0, I) of shape ``sample_shape + mu.shape``; sums over the sample
 dimensions in the gradients):
@@ -21,6 +26,7 @@ dimensions in the gradients):
 - :func:`draw`: w = mu + sigma * eps;  dL/dmu = sum_s G_s,  dL/drho = sum_s G_s eps_s sigmoid(rho)
 - :func:`perturbation`: sigma * eps;  dL/drho as for :func:`draw`
 - :func:`variance`: sigma^2;  dL/drho = 2 G sigma sigmoid(rho)
+- :func:`sample_with_kl`: one of the three above and :func:`gaussian_kl`, from one node;
 - :func:`gaussian_kl`: KL(N(mu, sigma^2) || N(m, s^2)) summed,
   sum_i [log s_i - log sigma_i + (sigma_i^2 + (mu_i - m_i)^2) / (2 s_i^2) - 1/2];
   dKL/dmu = (mu - m) / s^2,  dKL/drho = (sigma / s^2 - 1 / sigma) sigmoid(rho).
@@ -36,6 +42,8 @@ same values without a Function.
 
 from __future__ import annotations
 
+import math
+import weakref
 from typing import Any
 
 import torch
@@ -45,7 +53,21 @@ from torch.autograd.function import once_differentiable
 
 from . import native
 
-__all__ = ["ScaleValues", "draw", "gaussian_kl", "perturbation", "variance"]
+__all__ = [
+    "DRAW",
+    "PERTURBATION",
+    "VARIANCE",
+    "KLSlot",
+    "ScaleValues",
+    "draw",
+    "gaussian_kl",
+    "perturbation",
+    "sample_with_kl",
+    "variance",
+]
+
+# What sample_with_kl returns besides the KL: mu + sigma eps, sigma eps, or sigma^2.
+DRAW, PERTURBATION, VARIANCE = 0, 1, 2
 
 # Below this rho (and with no min_scale) sigma = softplus(rho) ~ e^rho is a few ulps from
 # underflow in float32; log sigma and sigmoid(rho) / sigma use their expansions there.
@@ -259,3 +281,103 @@ def gaussian_kl(
     if tracked(mu, rho):
         return _GaussianKL.apply(mu, rho, scale, loc, prior_scale)
     return _gaussian_kl_value(mu, scale, loc, prior_scale)
+
+
+class KLSlot:
+    """The KL output of one :func:`sample_with_kl` node, for the loss to pick up.
+
+    It is valid for the ``mu`` and ``rho`` it was computed from, unmodified since, and until
+    the node's backward has run (which frees the node's saved tensors).
+    """
+
+    def __init__(self, mu: Tensor, rho: Tensor, loc: float, scale: float, kl: Tensor) -> None:
+        self._mu, self._rho = mu, rho
+        self._key = (_version_key(mu), _version_key(rho), loc, scale)
+        self.kl: Tensor | None = kl
+
+    def get(self, mu: Tensor, rho: Tensor, loc: float, scale: float) -> Tensor | None:
+        """The KL if it is still that of ``mu``, ``rho`` and the prior N(loc, scale^2)."""
+        if self.kl is None or mu is not self._mu or rho is not self._rho:
+            return None
+        return self.kl if self._key == (_version_key(mu), _version_key(rho), loc, scale) else None
+
+
+class _SampleWithKL(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        mu: Tensor,
+        rho: Tensor,
+        use: int,
+        sample_shape: tuple[int, ...],
+        min_scale: float,
+        loc: float,
+        scale: float,
+    ) -> tuple[Tensor, Tensor]:
+        out, eps, sigma, dsigma, sums = native.sample_with_kl(
+            mu, rho, use, sample_shape, min_scale, loc
+        )
+        log_sigma_sum, sigma_sq_sum, diff_sq_sum = sums
+        count = mu.numel()
+        inv_var = 1.0 / (scale * scale)
+        kl = (
+            count * math.log(scale)
+            - log_sigma_sum
+            + 0.5 * (sigma_sq_sum + diff_sq_sum) * inv_var
+            - 0.5 * count
+        )
+        ctx.save_for_backward(eps, mu, rho, sigma, dsigma)
+        ctx.constants = (use, min_scale, loc, inv_var)
+        ctx.slot = None
+        ctx.set_materialize_grads(False)
+        return out, torch.tensor(kl, dtype=mu.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, grad: Tensor | None, grad_kl: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        slot = None if ctx.slot is None else ctx.slot()
+        if slot is not None:
+            slot.kl = None  # this backward frees the saved tensors: the KL cannot be reused
+        if grad is None and grad_kl is None:
+            return (None,) * 7
+        use, min_scale, loc, inv_var = ctx.constants
+        kl_grad = 0.0 if grad_kl is None else float(grad_kl)
+        want_mu = ctx.needs_input_grad[0] and (grad_kl is not None or use == DRAW)
+        grad_mu, grad_rho = native.sample_with_kl_backward(
+            grad,
+            ctx.saved_tensors,
+            use,
+            kl_grad,
+            kl_grad * inv_var,
+            loc,
+            min_scale,
+            (want_mu, ctx.needs_input_grad[1]),
+        )
+        return grad_mu, grad_rho, None, None, None, None, None
+
+
+def sample_with_kl(
+    mu: Tensor,
+    rho: Tensor,
+    use: int,
+    sample_shape: tuple[int, ...],
+    min_scale: float,
+    loc: float,
+    scale: float,
+) -> tuple[Tensor, KLSlot] | None:
+    """One use of sigma and KL(N(mu, sigma^2) || N(loc, scale^2)) summed, from one node.
+
+    ``use`` is :data:`DRAW` (mu + sigma eps), :data:`PERTURBATION` (sigma eps) or
+    :data:`VARIANCE` (sigma^2, no ``sample_shape``); eps ~ N(0, I) of shape
+    ``sample_shape + mu.shape``. Returns that tensor and the :class:`KLSlot` holding the KL, or
+    None where the node does not apply: autograd records nothing, or the native kernels do not
+    apply to ``mu`` and ``rho`` (:func:`bbb_lightning.bayes.native.applies_to`).
+    """
+    if not (tracked(mu, rho) and native.applies_to(mu) and native.applies_to(rho)):
+        return None
+    out, kl = _SampleWithKL.apply(mu, rho, use, tuple(sample_shape), min_scale, loc, scale)
+    slot = KLSlot(mu, rho, loc, scale, kl)
+    kl.grad_fn.slot = weakref.ref(slot)  # no cycle: kl -> node -> weak reference to the slot
+    return out, slot

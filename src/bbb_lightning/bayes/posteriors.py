@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
 from . import gaussian_ops, native
-from .priors import Prior
+from .priors import GaussianPrior, Prior
 
 __all__ = [
     "MeanFieldNormal",
@@ -171,6 +171,7 @@ class MeanFieldNormal(VariationalPosterior):
         self.min_scale = float(min_scale)
         self.rho_init = rho_init
         self._scale_values: gaussian_ops.ScaleValues | None = None
+        self._kl_slot: gaussian_ops.KLSlot | None = None
         self.reset_rho()
 
     def reset_rho(self) -> None:
@@ -219,32 +220,76 @@ class MeanFieldNormal(VariationalPosterior):
     def _noise(self, sample_shape: Sequence[int]) -> Tensor:
         return native.standard_normal((*sample_shape, *self.mu.shape), like=self.mu)
 
+    def _scalar_gaussian_prior(self) -> tuple[float, float] | None:
+        """(loc, scale) if the prior is a constant scalar ``GaussianPrior``, else None."""
+        prior = self.prior
+        if type(prior) is not GaussianPrior or prior.loc.dim() or prior.scale.dim():
+            return None
+        if prior.loc.requires_grad or prior.scale.requires_grad:
+            return None
+        return float(prior.loc), float(prior.scale)
+
+    def _with_kl(self, use: int, sample_shape: Sequence[int] = ()) -> Tensor | None:
+        """The forward's use of sigma from the node that also computes the KL against a scalar
+        Gaussian prior (:func:`~bbb_lightning.bayes.gaussian_ops.sample_with_kl`), which keeps
+        the KL for :meth:`fused_kl`; None where that node does not apply."""
+        self.__dict__["_kl_slot"] = None  # a plain attribute: skip Module.__setattr__
+        prior = self._scalar_gaussian_prior()
+        if prior is None:
+            return None
+        joint = gaussian_ops.sample_with_kl(
+            self.mu, self.rho, use, tuple(sample_shape), self.min_scale, *prior
+        )
+        if joint is None:
+            return None
+        out, self.__dict__["_kl_slot"] = joint
+        return out
+
     def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
         """mu + sigma * eps, eps ~ N(0, I) of shape ``sample_shape + mu.shape``."""
+        joint = self._with_kl(gaussian_ops.DRAW, sample_shape)
+        if joint is not None:
+            return joint
         return gaussian_ops.draw(self.mu, self.rho, self.scale_values(), self._noise(sample_shape))
 
     def perturbation(self, sample_shape: Sequence[int] = ()) -> Tensor:
         """sigma * eps: a draw minus mu (flipout's shared perturbation)."""
+        joint = self._with_kl(gaussian_ops.PERTURBATION, sample_shape)
+        if joint is not None:
+            return joint
         return gaussian_ops.perturbation(self.rho, self.scale_values(), self._noise(sample_shape))
 
     def variance(self) -> Tensor:
         """sigma^2, differentiable in rho (local reparameterization)."""
+        joint = self._with_kl(gaussian_ops.VARIANCE)
+        if joint is not None:
+            return joint
         return gaussian_ops.variance(self.rho, self.scale_values())
 
     def fused_kl(self, prior: Distribution) -> Tensor | None:
         """The closed-form KL against a ``Normal`` prior with constant parameters, summed
-        (:func:`~bbb_lightning.bayes.gaussian_ops.gaussian_kl`); None for any other prior."""
+        (:func:`~bbb_lightning.bayes.gaussian_ops.gaussian_kl`); None for any other prior.
+
+        Where the last forward computed it already (:meth:`_with_kl`) and mu and rho are
+        unchanged since, that KL is returned: the same value, from the same autograd node."""
         if type(prior) is not Normal or prior.loc.requires_grad or prior.scale.requires_grad:
             return None
+        slot = self._kl_slot
+        scalar = prior.loc.numel() == 1 and prior.scale.numel() == 1
+        if slot is not None and scalar and torch.is_grad_enabled():
+            kl = slot.get(self.mu, self.rho, float(prior.loc), float(prior.scale))
+            if kl is not None:
+                return kl
         values = self.scale_values(reuse=True)
         return gaussian_ops.gaussian_kl(self.mu, self.rho, values, prior.loc, prior.scale)
 
     def _apply(self, fn: Any, recurse: bool = True) -> MeanFieldNormal:
-        self._scale_values = None  # .to(), .double(), ...: sigma must be recomputed
+        # .to(), .double(), ...: sigma and the KL must be recomputed
+        self._scale_values = self._kl_slot = None
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_scale_values": None}
+        return {**super().__getstate__(), "_scale_values": None, "_kl_slot": None}
 
     def set_mean_(self, value: Tensor) -> None:
         with torch.no_grad():

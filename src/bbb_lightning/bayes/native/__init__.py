@@ -12,7 +12,11 @@ normal here). ``gaussian.cpp`` does the same work in fewer, vectorized passes:
   draws are the same for any number of threads;
 - :func:`softplus_scale`: sigma = softplus(rho) + min_scale, sigmoid(rho) and sum log sigma from
   one exp(-|rho|) per weight;
-- :func:`kl_rho_grad`: the rho-gradient of the Gaussian KL in one pass.
+- :func:`kl_rho_grad`: the rho-gradient of the Gaussian KL in one pass;
+- :func:`sample_with_kl` and :func:`sample_with_kl_backward`: one use of sigma (a draw, a
+  perturbation or the variance) and the sums of the Gaussian-prior KL in one pass over mu and
+  rho, and the gradients of both in one pass
+  (:func:`bbb_lightning.bayes.gaussian_ops.sample_with_kl`).
 
 They apply to contiguous float32 CPU tensors; everything else (float64, CUDA, where CUDA's own
 Philox is already fast) keeps the torch ops, and so does every tensor when the kernels cannot
@@ -39,6 +43,8 @@ __all__ = [
     "applies_to",
     "kernels",
     "kl_rho_grad",
+    "sample_with_kl",
+    "sample_with_kl_backward",
     "softplus_scale",
     "standard_normal",
     "status",
@@ -139,3 +145,46 @@ def kl_rho_grad(
     """(sigma weight - grad / sigma) sigmoid(rho), finite for any finite rho; see
     :meth:`~bbb_lightning.bayes.gaussian_ops.ScaleValues.sigma_minus_inverse`."""
     return kernels().kl_rho_grad(rho.detach(), sigma, dsigma, weight, grad, min_scale)
+
+
+def sample_with_kl(
+    mu: Tensor, rho: Tensor, use: int, sample_shape: tuple[int, ...], min_scale: float, loc: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, list[float]]:
+    """(out, eps, sigma, sigmoid(rho), [sum log sigma, sum sigma^2, sum (mu - loc)^2]) without
+    autograd, where out is mu + sigma eps (``use`` 0), sigma eps (1) or sigma^2 (2, no eps and
+    no sample shape), eps ~ N(0, I) of shape ``sample_shape + rho.shape``. Only for tensors
+    :func:`applies_to`."""
+    return kernels().sample_with_kl(
+        mu.detach(), rho.detach(), use, list(sample_shape), _key(), min_scale, loc
+    )
+
+
+def sample_with_kl_backward(
+    grad: Tensor | None,
+    saved: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
+    use: int,
+    kl_grad: float,
+    kl_weight: float,
+    loc: float,
+    min_scale: float,
+    want: tuple[bool, bool],
+) -> tuple[Tensor | None, Tensor | None]:
+    """(dL/dmu, dL/drho) for L = <grad, out> + kl_grad KL of :func:`sample_with_kl`, ``saved`` =
+    (eps, mu, rho, sigma, sigmoid(rho)), ``kl_weight`` = kl_grad / prior_scale^2; None where
+    ``want`` says no."""
+    eps, mu, rho, sigma, dsigma = saved
+    grad = rho.new_empty(0) if grad is None else grad.contiguous()
+    return kernels().sample_with_kl_backward(
+        grad,
+        eps,
+        mu.detach(),
+        rho.detach(),
+        sigma,
+        dsigma,
+        use,
+        kl_grad,
+        kl_weight,
+        loc,
+        min_scale,
+        *want,
+    )

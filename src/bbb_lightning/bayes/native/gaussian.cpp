@@ -6,6 +6,11 @@
 //                 exp(-|rho|), and optionally sum_i log sigma_i, in one pass over rho.
 // kl_rho_grad:    (sigma w - g / sigma) sigmoid(rho), the gradient with respect to rho of
 //                 g KL(N(mu, sigma^2) || N(m, s^2)) with w = g / s^2, in one pass.
+// sample_with_kl: one use of sigma (a draw mu + sigma eps, a perturbation sigma eps, or the
+//                 variance sigma^2) together with the three sums of the Gaussian-prior KL
+//                 (sum log sigma, sum sigma^2, sum (mu - m)^2), in one pass over mu and rho;
+//                 sample_with_kl_backward: the gradients of that use and of the KL together,
+//                 in one pass.
 //
 // Built with CPU_CAPABILITY_AVX512 (AVX2) the loops run on 16 (8) float lanes, with Sleef for
 // exp, log and sincospi; otherwise at::vec falls back to portable code with the same formulas.
@@ -17,8 +22,10 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -148,14 +155,15 @@ inline void box_muller(const Vec& u1, const Vec& u2, float* cos_out, float* sin_
 #endif
 }
 
-// The kNormalsPerBlock normals of block `block` of the stream `seed`.
-inline void normal_block(float* out, uint64_t block, uint64_t seed) {
+// The kNormalsPerBlock normals of block `block` of the stream (seed, sample): the counter of
+// lane l is (block * kLanes + l, sample, 0) and the key is seed.
+inline void normal_block(float* out, uint64_t block, uint64_t seed, uint32_t sample = 0) {
   Words x;
   for (int64_t l = 0; l < kLanes; ++l) {
     const uint64_t counter = block * kLanes + l;
     x[0][l] = static_cast<uint32_t>(counter);
     x[1][l] = static_cast<uint32_t>(counter >> 32);
-    x[2][l] = 0;
+    x[2][l] = sample;
     x[3][l] = 0;
   }
   philox(x, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
@@ -191,6 +199,26 @@ torch::Tensor normal_(torch::Tensor out, int64_t seed) {
   return out;
 }
 
+// A float sum per lane, Kahan-compensated: a float sum of many equal terms (e.g. log sigma
+// at sigma = min_scale) would otherwise round the same way at every addition.
+struct KahanSum {
+  Vec sum{0.0f}, lost{0.0f};
+  void add(const Vec& value) {
+    const Vec term = value - lost;
+    const Vec next = sum + term;
+    lost = (next - sum) - term;
+    sum = next;
+  }
+  double total() const {
+    alignas(64) float lanes[kLanes], missing[kLanes];
+    sum.store(lanes);
+    lost.store(missing);
+    double out = 0.0;
+    for (int64_t l = 0; l < kLanes; ++l) out += static_cast<double>(lanes[l]) - missing[l];
+    return out;
+  }
+};
+
 // Where sigma = softplus(rho) (no floor) is below TINY_RHO, log sigma = rho - sigma / 2 up to
 // O(e^(2 rho)): log of a number near the float32 underflow loses all precision.
 constexpr float kTinyRho = -20.0f;
@@ -208,9 +236,7 @@ std::tuple<torch::Tensor, torch::Tensor, double> softplus_scale(
   const double total = at::parallel_reduce(
       int64_t{0}, rho.numel(), kGrain, 0.0,
       [&](int64_t begin, int64_t end, double partial) {
-        // sum log sigma in float lanes, Kahan-compensated: a float sum of many equal terms
-        // (e.g. sigma = min_scale) would otherwise round the same way at every addition.
-        Vec sum(0.0f), compensation(0.0f);
+        KahanSum log_sigma;
         for (int64_t i = begin; i < end; i += kLanes) {
           const int count = static_cast<int>(std::min<int64_t>(kLanes, end - i));
           const Vec x = Vec::loadu(r + i, count);
@@ -223,17 +249,10 @@ std::tuple<torch::Tensor, torch::Tensor, double> softplus_scale(
           if (log_sum) {
             Vec log_sig = Vec::blendv(log_u35(sig), x - half * sig, x < tiny_rho);
             if (count < kLanes) log_sig = Vec::set(zero, log_sig, count);
-            const Vec term = log_sig - compensation;
-            const Vec next = sum + term;
-            compensation = (next - sum) - term;
-            sum = next;
+            log_sigma.add(log_sig);
           }
         }
-        alignas(64) float lanes[kLanes], lost[kLanes];
-        sum.store(lanes);
-        compensation.store(lost);
-        for (int64_t l = 0; l < kLanes; ++l) partial += static_cast<double>(lanes[l]) - lost[l];
-        return partial;
+        return partial + log_sigma.total();
       },
       std::plus<double>());
   return {sigma, dsigma, total};
@@ -269,6 +288,168 @@ torch::Tensor kl_rho_grad(const torch::Tensor& rho, const torch::Tensor& sigma,
   return out;
 }
 
+
+// -- one use of sigma together with the Gaussian-prior KL -------------------------------------
+// kDraw: out[s] = mu + sigma eps[s]; kPerturbation: out[s] = sigma eps[s]; kVariance: out =
+// sigma^2 (no eps). eps[s, i] is normal i of the stream (seed, s), as normal_ for s = 0.
+enum Use : int64_t { kDraw = 0, kPerturbation = 1, kVariance = 2 };
+
+using Sums = std::array<double, 3>;  // sum log sigma, sum sigma^2, sum (mu - m)^2
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, std::vector<double>>
+sample_with_kl(const torch::Tensor& mu, const torch::Tensor& rho, int64_t use,
+               const std::vector<int64_t>& sample_shape, int64_t seed, double min_scale,
+               double loc) {
+  check_float_cpu(mu, "mu");
+  check_float_cpu(rho, "rho");
+  TORCH_CHECK(mu.sizes() == rho.sizes(), "mu and rho must have the same shape");
+  TORCH_CHECK(use >= kDraw && use <= kVariance, "use must be 0 (draw), 1 (perturbation) or 2");
+  TORCH_CHECK(use != kVariance || sample_shape.empty(), "the variance takes no sample shape");
+  int64_t samples = 1;
+  for (const int64_t size : sample_shape) samples *= size;
+  TORCH_CHECK(samples >= 1 && samples <= UINT32_MAX,
+              "the sample shape must hold 1 to 2^32 - 1 samples");
+  const int64_t n = rho.numel();
+  auto sigma = torch::empty_like(rho);
+  auto dsigma = torch::empty_like(rho);
+  std::vector<int64_t> sample_sizes(sample_shape);
+  sample_sizes.insert(sample_sizes.end(), rho.sizes().begin(), rho.sizes().end());
+  const bool draws = use != kVariance;
+  auto out = draws ? torch::empty(sample_sizes, rho.options()) : torch::empty_like(rho);
+  auto eps = draws ? torch::empty(sample_sizes, rho.options()) : torch::empty({0}, rho.options());
+  const float* m = mu.data_ptr<float>();
+  const float* r = rho.data_ptr<float>();
+  float* sg = sigma.data_ptr<float>();
+  float* ds = dsigma.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  float* e = eps.data_ptr<float>();
+  const Vec floor(static_cast<float>(min_scale)), prior_loc(static_cast<float>(loc));
+  const Vec zero(0.0f), one(1.0f), half(0.5f);
+  const Vec tiny_rho(min_scale > 0 ? -INFINITY : kTinyRho);
+  const int64_t blocks = (n + kNormalsPerBlock - 1) / kNormalsPerBlock;
+  const Sums sums = at::parallel_reduce(
+      int64_t{0}, blocks, kGrain / kNormalsPerBlock, Sums{0.0, 0.0, 0.0},
+      [&](int64_t begin, int64_t end, Sums partial) {
+        KahanSum log_sigma, sigma_sq, diff_sq;
+        alignas(64) float noise[kNormalsPerBlock];
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t start = b * kNormalsPerBlock;
+          const int64_t block_count = std::min(kNormalsPerBlock, n - start);
+          for (int64_t j = 0; j < block_count; j += kLanes) {
+            const int64_t i = start + j;
+            const int count = static_cast<int>(std::min<int64_t>(kLanes, block_count - j));
+            const Vec x = Vec::loadu(r + i, count);
+            const Vec ex = (zero - x.abs()).exp();  // exp(-|rho|) in (0, 1]
+            const Vec sig = at::vec::maximum(x, zero) + ex.log1p() + floor;
+            const Vec inv = one / (one + ex);
+            Vec::blendv(ex * inv, inv, x >= zero).store(ds + i, count);  // sigmoid(rho)
+            sig.store(sg + i, count);
+            if (!draws) (sig * sig).store(o + i, count);
+            const Vec diff = Vec::loadu(m + i, count) - prior_loc;
+            Vec log_sig = Vec::blendv(log_u35(sig), x - half * sig, x < tiny_rho);
+            Vec sig_sq = sig * sig, diff_sq_value = diff * diff;
+            if (count < kLanes) {
+              log_sig = Vec::set(zero, log_sig, count);
+              sig_sq = Vec::set(zero, sig_sq, count);
+              diff_sq_value = Vec::set(zero, diff_sq_value, count);
+            }
+            log_sigma.add(log_sig);
+            sigma_sq.add(sig_sq);
+            diff_sq.add(diff_sq_value);
+          }
+          if (!draws) continue;
+          for (int64_t s = 0; s < samples; ++s) {
+            normal_block(noise, static_cast<uint64_t>(b), static_cast<uint64_t>(seed),
+                         static_cast<uint32_t>(s));
+            float* eps_row = e + s * n;
+            float* out_row = o + s * n;
+            for (int64_t j = 0; j < block_count; j += kLanes) {
+              const int64_t i = start + j;
+              const int count = static_cast<int>(std::min<int64_t>(kLanes, block_count - j));
+              const Vec z = Vec::loadu(noise + j);
+              const Vec scaled = Vec::loadu(sg + i, count) * z;
+              z.store(eps_row + i, count);
+              (use == kDraw ? Vec::loadu(m + i, count) + scaled : scaled).store(out_row + i, count);
+            }
+          }
+        }
+        partial[0] += log_sigma.total();
+        partial[1] += sigma_sq.total();
+        partial[2] += diff_sq.total();
+        return partial;
+      },
+      [](Sums a, const Sums& b) {
+        for (size_t k = 0; k < a.size(); ++k) a[k] += b[k];
+        return a;
+      });
+  return {out, eps, sigma, dsigma, std::vector<double>(sums.begin(), sums.end())};
+}
+
+// The gradients of L = <G, out> + g KL with KL against N(m, s^2), w = g / s^2 (`kl_weight`):
+//   dL/dmu  = [sum_s G_s if kDraw] + w (mu - m)
+//   dL/drho = ([sum_s G_s eps_s, or 2 G sigma for kVariance] + sigma w - g / sigma) sigmoid(rho),
+// with the small-rho form of the KL term where sigma underflows. An empty `grad` means G = 0.
+std::tuple<torch::Tensor, torch::Tensor> sample_with_kl_backward(
+    const torch::Tensor& grad, const torch::Tensor& eps, const torch::Tensor& mu,
+    const torch::Tensor& rho, const torch::Tensor& sigma, const torch::Tensor& dsigma,
+    int64_t use, double kl_grad, double kl_weight, double loc, double min_scale, bool want_mu,
+    bool want_rho) {
+  for (const auto* t : {&mu, &rho, &sigma, &dsigma}) check_float_cpu(*t, "mu, rho, sigma, dsigma");
+  const int64_t n = rho.numel();
+  const bool has_grad = grad.numel() > 0;
+  const bool draws = use != kVariance;
+  int64_t samples = 1;
+  if (has_grad) {
+    check_float_cpu(grad, "grad");
+    samples = grad.numel() / std::max<int64_t>(n, 1);
+    TORCH_CHECK(grad.numel() == samples * n && (!draws || eps.numel() == grad.numel()),
+                "grad (and eps) must hold whole samples of rho's shape");
+    if (draws) check_float_cpu(eps, "eps");
+  }
+  torch::Tensor grad_mu, grad_rho;
+  if (want_mu) grad_mu = torch::empty_like(mu);
+  if (want_rho) grad_rho = torch::empty_like(rho);
+  const float* g = has_grad ? grad.data_ptr<float>() : nullptr;
+  const float* e = has_grad && draws ? eps.data_ptr<float>() : nullptr;
+  const float* m = mu.data_ptr<float>();
+  const float* r = rho.data_ptr<float>();
+  const float* sg = sigma.data_ptr<float>();
+  const float* ds = dsigma.data_ptr<float>();
+  float* gm = want_mu ? grad_mu.data_ptr<float>() : nullptr;
+  float* gr = want_rho ? grad_rho.data_ptr<float>() : nullptr;
+  const Vec w(static_cast<float>(kl_weight)), kg(static_cast<float>(kl_grad));
+  const Vec prior_loc(static_cast<float>(loc)), zero(0.0f), one(1.0f), half(0.5f), two(2.0f);
+  const Vec tiny_rho(min_scale > 0 ? -INFINITY : kTinyRho);
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i += kLanes) {
+      const int count = static_cast<int>(std::min<int64_t>(kLanes, end - i));
+      const Vec sig = Vec::loadu(sg + i, count);
+      Vec grad_sum = zero, grad_eps = zero;  // sum_s G_s and sum_s G_s eps_s (or 2 G sigma)
+      if (has_grad) {
+        for (int64_t s = 0; s < samples; ++s) {
+          const Vec gs = Vec::loadu(g + s * n + i, count);
+          grad_sum = grad_sum + gs;
+          if (draws) grad_eps = at::vec::fmadd(gs, Vec::loadu(e + s * n + i, count), grad_eps);
+        }
+        if (!draws) grad_eps = two * grad_sum * sig;
+      }
+      if (want_mu) {
+        const Vec kl_part = w * (Vec::loadu(m + i, count) - prior_loc);
+        (use == kDraw ? grad_sum + kl_part : kl_part).store(gm + i, count);
+      }
+      if (want_rho) {
+        const Vec x = Vec::loadu(r + i, count);
+        const Vec dsig = Vec::loadu(ds + i, count);
+        const Vec value = (grad_eps + sig * w - kg / sig) * dsig;
+        // sigmoid(rho) / sigma = 1 - sigma / 2 + O(e^(2 rho)) where sigma underflows.
+        const Vec small = (grad_eps + sig * w) * dsig - (one - half * sig) * kg;
+        Vec::blendv(value, small, x < tiny_rho).store(gr + i, count);
+      }
+    }
+  });
+  return {grad_mu, grad_rho};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -277,4 +458,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(softplus(rho) + min_scale, sigmoid(rho), sum log sigma or 0) in one pass.");
   m.def("kl_rho_grad", &kl_rho_grad,
         "(sigma weight - grad / sigma) sigmoid(rho), small-rho safe, in one pass.");
+  m.def("sample_with_kl", &sample_with_kl,
+        "(out, eps, sigma, sigmoid(rho), [sum log sigma, sum sigma^2, sum (mu - m)^2]) in one "
+        "pass; out is mu + sigma eps (use 0), sigma eps (1) or sigma^2 (2).");
+  m.def("sample_with_kl_backward", &sample_with_kl_backward,
+        "(grad mu, grad rho) of <grad, out> + kl_grad KL, in one pass.");
 }
