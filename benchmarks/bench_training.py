@@ -26,6 +26,11 @@ Measured, in one process and one run:
 4. quality after a fixed budget (``--quality-epochs`` epochs, same data order, same lr): test
    accuracy, NLL and ECE (15 bins) of the predictive with ``--quality-samples`` samples.
 
+Memory: by default the process keeps freed memory for reuse (``--allocator retain``,
+:func:`bbb_lightning.allocator.retain_freed_memory`, as ``python -m bbb_lightning.train`` does),
+for every contestant alike; ``--allocator default`` leaves glibc's policy, under which every
+step faults in fresh pages for the tensors the previous step freed.
+
 Timings: R rounds (``--repeats``); in each round every case runs one block of steps, the order
 of the cases reversed every other round (interleaved), and the median over rounds is reported.
 A ratio to the deterministic network is the median of the per-round ratios. Peak memory: the
@@ -68,6 +73,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bbb_lightning.bayes as ours
+from bbb_lightning.allocator import retain_freed_memory
 from bbb_lightning.data import MNISTDataModule
 from bbb_lightning.nets import MLP
 from bbb_lightning.objectives import CategoricalLikelihood, KLTerm
@@ -517,6 +523,13 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument(
+        "--allocator",
+        choices=("retain", "default"),
+        default="retain",
+        help="retain: malloc keeps freed memory, as bbb_lightning.train sets it (default); "
+        "default: glibc's own policy",
+    )
+    parser.add_argument(
         "--data-dir",
         type=Path,
         default=REPO.parent / "shared" / "data",
@@ -548,6 +561,7 @@ def main() -> None:
         args.eval_samples = min(args.eval_samples, 20)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    retained = args.allocator == "retain" and retain_freed_memory()
     started = datetime.datetime.now()
 
     data = MNISTDataModule(args.data_dir / "MNIST", download=False, seed=args.seed)
@@ -610,6 +624,7 @@ def main() -> None:
         f"{platform.platform()}",
         "cpu": _cpu_model(),
         "threads": torch.get_num_threads(),
+        "allocator": "freed memory retained" if retained else "glibc malloc defaults",
         "env": {
             k: os.environ[k]
             for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
@@ -1026,8 +1041,9 @@ def render(results: dict[str, Any]) -> str:
         f"torch {cfg['versions']['torch']}",
         "",
         f"Command: `{cfg['command']}`. MLP 784-400-400-10, MNIST, batch {cfg['batch']}, Adam lr "
-        f"{cfg['lr']}; medians of {cfg['repeats']} interleaved rounds; x = ratio to the "
-        "deterministic network in the same rounds (time, or memory).",
+        f"{cfg['lr']}; malloc: {cfg.get('allocator', 'glibc malloc defaults')}; medians of "
+        f"{cfg['repeats']} interleaved rounds; x = ratio to the deterministic network in the "
+        "same rounds (time, or memory).",
         "",
         "### Training and evaluation (1 posterior sample)",
         "",

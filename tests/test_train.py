@@ -178,6 +178,7 @@ BAD_INPUTS = [  # docs/errors.md, row by row
     ("ckpt_path=/nonexistent.ckpt", "ckpt_path='/nonexistent.ckpt' is not allowed"),
     ("ckpt_path={damaged}", "is not allowed: not a readable checkpoint"),
     ("on_nonfinite=ignore", "on_nonfinite='ignore' is not allowed: one of ['stop', 'skip']"),
+    ("retain_freed_memory=maybe", "retain_freed_memory='maybe' is not allowed: true or false"),
 ]
 
 

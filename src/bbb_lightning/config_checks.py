@@ -124,6 +124,7 @@ def check_config(cfg: DictConfig) -> None:
             "use trainer=cpu (or trainer=ddp_cpu)"
         )
     _require(cfg, "on_nonfinite", lambda v: v in NONFINITE_MODES, f"one of {list(NONFINITE_MODES)}")
+    _require(cfg, "retain_freed_memory", lambda v: isinstance(v, bool), "true or false")
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:
         check_checkpoint(Path(ckpt_path))

@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, read_write
 
+from .allocator import retain_freed_memory
 from .bayes import native
 from .config_checks import (
     check_config,
@@ -156,6 +157,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg)
     check_fresh_output_dir(Path(cfg.paths.output_dir), cfg.get("ckpt_path"))
     pl.seed_everything(cfg.seed, workers=True)
+    if cfg.retain_freed_memory:
+        retain_freed_memory()
     with user_errors():
         native.kernels()  # a bad BBB_LIGHTNING_NATIVE fails here; a first build happens here
         datamodule = instantiate(cfg.dataset)
