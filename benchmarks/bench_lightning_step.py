@@ -10,6 +10,9 @@ Both train the MNIST MLP 784-400-400-10 of ``python -m bbb_lightning.train datas
 - ``plain``: the same network and loss in a bare PyTorch loop (``sample_forward``,
   ``kl_divergence``, ``backward``, ``Adam.step``).
 
+Both run with the allocator setting of the composed config (``retain_freed_memory``, on by
+default, as in ``python -m bbb_lightning.train``).
+
 Rounds alternate the two; the report is the median step time of each and the median ratio.
 Run from the repository root::
 
@@ -30,6 +33,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
+from bbb_lightning.allocator import retain_freed_memory
 from bbb_lightning.bayes import kl_divergence, sample_forward
 from bbb_lightning.train import build_model
 
@@ -78,6 +82,8 @@ def main() -> None:
                     *args.overrides,
                 ],
             )
+        if cfg.retain_freed_memory:  # as the train entry point does
+            retain_freed_memory()
         datamodule = instantiate(cfg.dataset)
         datamodule.prepare_data()
         datamodule.setup("fit")
