@@ -274,7 +274,7 @@ class MeanFieldNormal(VariationalPosterior):
         unchanged since, that KL is returned: the same value, from the same autograd node."""
         if type(prior) is not Normal or prior.loc.requires_grad or prior.scale.requires_grad:
             return None
-        slot = self._kl_slot
+        slot = self.__dict__.get("_kl_slot")  # absent in a posterior pickled by an older version
         scalar = prior.loc.numel() == 1 and prior.scale.numel() == 1
         if slot is not None and scalar and torch.is_grad_enabled():
             kl = slot.get(self.mu, self.rho, float(prior.loc), float(prior.scale))
