@@ -170,6 +170,18 @@ def _draw_value(mu: Tensor | None, scale: ScaleValues, eps: Tensor) -> Tensor:
     return eps * scale.sigma if mu is None else torch.addcmul(mu, eps, scale.sigma)
 
 
+def _kl_from_sums(
+    count: int,
+    log_prior_scale: float | Tensor,
+    log_sigma_sum: float | Tensor,
+    quadratic: float | Tensor,
+) -> float | Tensor:
+    """sum_i [log s_i - log sigma_i + (sigma_i^2 + (mu_i - m_i)^2) / (2 s_i^2) - 1/2] from
+    sum log s, sum log sigma and ``quadratic`` = sum (sigma^2 + (mu - m)^2) / s^2 (floats or
+    0-dim tensors)."""
+    return log_prior_scale - log_sigma_sum + 0.5 * (quadratic - count)
+
+
 def _gaussian_kl_value(mu: Tensor, scale: ScaleValues, loc: Tensor, prior_scale: Tensor) -> Tensor:
     sigma = scale.sigma
     count = mu.numel()
@@ -182,7 +194,7 @@ def _gaussian_kl_value(mu: Tensor, scale: ScaleValues, loc: Tensor, prior_scale:
     else:
         quadratic = ((mu - loc).square_().add_(sigma.square()) * inv_var).sum()
         log_prior_scale = prior_scale.log().expand(mu.shape).sum()
-    return log_prior_scale - scale.log_sigma_sum() + 0.5 * (quadratic - count)
+    return _kl_from_sums(count, log_prior_scale, scale.log_sigma_sum(), quadratic)
 
 
 def tracked(*tensors: Tensor | None) -> bool:
@@ -320,12 +332,8 @@ class _SampleWithKL(torch.autograd.Function):
         log_sigma_sum, sigma_sq_sum, diff_sq_sum = sums
         count = mu.numel()
         inv_var = 1.0 / (scale * scale)
-        kl = (
-            count * math.log(scale)
-            - log_sigma_sum
-            + 0.5 * (sigma_sq_sum + diff_sq_sum) * inv_var
-            - 0.5 * count
-        )
+        quadratic = (sigma_sq_sum + diff_sq_sum) * inv_var
+        kl = _kl_from_sums(count, count * math.log(scale), log_sigma_sum, quadratic)
         ctx.save_for_backward(eps, mu, rho, sigma, dsigma)
         ctx.constants = (use, min_scale, loc, inv_var)
         ctx.slot = None

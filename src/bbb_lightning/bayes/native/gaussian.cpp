@@ -223,6 +223,29 @@ struct KahanSum {
 // O(e^(2 rho)): log of a number near the float32 underflow loses all precision.
 constexpr float kTinyRho = -20.0f;
 
+// sigma = softplus(rho) + floor and dsigma = sigmoid(rho), from one exp(-|rho|).
+inline void softplus_sigmoid(const Vec& x, const Vec& floor, Vec& sigma, Vec& dsigma) {
+  const Vec zero(0.0f), one(1.0f);
+  const Vec e = (zero - x.abs()).exp();  // exp(-|rho|) in (0, 1]
+  sigma = at::vec::maximum(x, zero) + e.log1p() + floor;
+  const Vec inv = one / (one + e);
+  dsigma = Vec::blendv(e * inv, inv, x >= zero);
+}
+
+// log sigma, as rho - sigma / 2 where rho < tiny_rho.
+inline Vec log_sigma_of(const Vec& x, const Vec& sigma, const Vec& tiny_rho) {
+  return Vec::blendv(log_u35(sigma), x - Vec(0.5f) * sigma, x < tiny_rho);
+}
+
+// (sigma w - g / sigma) sigmoid(rho); where rho < tiny_rho, sigmoid(rho) / sigma is
+// 1 - sigma / 2 + O(e^(2 rho)) (sigma underflows).
+inline Vec kl_rho_term(const Vec& x, const Vec& sigma, const Vec& dsigma, const Vec& w,
+                       const Vec& g, const Vec& tiny_rho) {
+  const Vec value = (sigma * w - g / sigma) * dsigma;
+  const Vec small = sigma * dsigma * w - (Vec(1.0f) - Vec(0.5f) * sigma) * g;
+  return Vec::blendv(value, small, x < tiny_rho);
+}
+
 std::tuple<torch::Tensor, torch::Tensor, double> softplus_scale(
     const torch::Tensor& rho, double min_scale, bool log_sum) {
   check_float_cpu(rho, "rho");
@@ -231,7 +254,7 @@ std::tuple<torch::Tensor, torch::Tensor, double> softplus_scale(
   const float* r = rho.data_ptr<float>();
   float* s = sigma.data_ptr<float>();
   float* d = dsigma.data_ptr<float>();
-  const Vec floor(static_cast<float>(min_scale)), zero(0.0f), one(1.0f), half(0.5f);
+  const Vec floor(static_cast<float>(min_scale)), zero(0.0f);
   const Vec tiny_rho(min_scale > 0 ? -INFINITY : kTinyRho);
   const double total = at::parallel_reduce(
       int64_t{0}, rho.numel(), kGrain, 0.0,
@@ -240,14 +263,12 @@ std::tuple<torch::Tensor, torch::Tensor, double> softplus_scale(
         for (int64_t i = begin; i < end; i += kLanes) {
           const int count = static_cast<int>(std::min<int64_t>(kLanes, end - i));
           const Vec x = Vec::loadu(r + i, count);
-          const Vec e = (zero - x.abs()).exp();  // exp(-|rho|) in (0, 1]
-          const Vec sig = at::vec::maximum(x, zero) + e.log1p() + floor;
-          const Vec inv = one / (one + e);
-          const Vec dsig = Vec::blendv(e * inv, inv, x >= zero);  // sigmoid(rho)
+          Vec sig, dsig;
+          softplus_sigmoid(x, floor, sig, dsig);
           sig.store(s + i, count);
           dsig.store(d + i, count);
           if (log_sum) {
-            Vec log_sig = Vec::blendv(log_u35(sig), x - half * sig, x < tiny_rho);
+            Vec log_sig = log_sigma_of(x, sig, tiny_rho);
             if (count < kLanes) log_sig = Vec::set(zero, log_sig, count);
             log_sigma.add(log_sig);
           }
@@ -271,7 +292,7 @@ torch::Tensor kl_rho_grad(const torch::Tensor& rho, const torch::Tensor& sigma,
   const float* s = sigma.data_ptr<float>();
   const float* d = dsigma.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  const Vec w(static_cast<float>(weight)), g(static_cast<float>(grad)), one(1.0f), half(0.5f);
+  const Vec w(static_cast<float>(weight)), g(static_cast<float>(grad));
   const Vec tiny_rho(min_scale > 0 ? -INFINITY : kTinyRho);
   at::parallel_for(0, rho.numel(), kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; i += kLanes) {
@@ -279,10 +300,7 @@ torch::Tensor kl_rho_grad(const torch::Tensor& rho, const torch::Tensor& sigma,
       const Vec x = Vec::loadu(r + i, count);
       const Vec sig = Vec::loadu(s + i, count);
       const Vec dsig = Vec::loadu(d + i, count);
-      const Vec value = (sig * w - g / sig) * dsig;
-      // sigmoid(rho) / sigma = 1 - sigma / 2 + O(e^(2 rho)) where sigma underflows.
-      const Vec small = sig * dsig * w - (one - half * sig) * g;
-      Vec::blendv(value, small, x < tiny_rho).store(o + i, count);
+      kl_rho_term(x, sig, dsig, w, g, tiny_rho).store(o + i, count);
     }
   });
   return out;
@@ -324,7 +342,7 @@ sample_with_kl(const torch::Tensor& mu, const torch::Tensor& rho, int64_t use,
   float* o = out.data_ptr<float>();
   float* e = eps.data_ptr<float>();
   const Vec floor(static_cast<float>(min_scale)), prior_loc(static_cast<float>(loc));
-  const Vec zero(0.0f), one(1.0f), half(0.5f);
+  const Vec zero(0.0f);
   const Vec tiny_rho(min_scale > 0 ? -INFINITY : kTinyRho);
   const int64_t blocks = (n + kNormalsPerBlock - 1) / kNormalsPerBlock;
   const Sums sums = at::parallel_reduce(
@@ -339,14 +357,13 @@ sample_with_kl(const torch::Tensor& mu, const torch::Tensor& rho, int64_t use,
             const int64_t i = start + j;
             const int count = static_cast<int>(std::min<int64_t>(kLanes, block_count - j));
             const Vec x = Vec::loadu(r + i, count);
-            const Vec ex = (zero - x.abs()).exp();  // exp(-|rho|) in (0, 1]
-            const Vec sig = at::vec::maximum(x, zero) + ex.log1p() + floor;
-            const Vec inv = one / (one + ex);
-            Vec::blendv(ex * inv, inv, x >= zero).store(ds + i, count);  // sigmoid(rho)
+            Vec sig, dsig;
+            softplus_sigmoid(x, floor, sig, dsig);
+            dsig.store(ds + i, count);
             sig.store(sg + i, count);
             if (!draws) (sig * sig).store(o + i, count);
             const Vec diff = Vec::loadu(m + i, count) - prior_loc;
-            Vec log_sig = Vec::blendv(log_u35(sig), x - half * sig, x < tiny_rho);
+            Vec log_sig = log_sigma_of(x, sig, tiny_rho);
             Vec sig_sq = sig * sig, diff_sq_value = diff * diff;
             if (count < kLanes) {
               log_sig = Vec::set(zero, log_sig, count);
@@ -418,7 +435,7 @@ std::tuple<torch::Tensor, torch::Tensor> sample_with_kl_backward(
   float* gm = want_mu ? grad_mu.data_ptr<float>() : nullptr;
   float* gr = want_rho ? grad_rho.data_ptr<float>() : nullptr;
   const Vec w(static_cast<float>(kl_weight)), kg(static_cast<float>(kl_grad));
-  const Vec prior_loc(static_cast<float>(loc)), zero(0.0f), one(1.0f), half(0.5f), two(2.0f);
+  const Vec prior_loc(static_cast<float>(loc)), zero(0.0f), two(2.0f);
   const Vec tiny_rho(min_scale > 0 ? -INFINITY : kTinyRho);
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; i += kLanes) {
@@ -440,10 +457,7 @@ std::tuple<torch::Tensor, torch::Tensor> sample_with_kl_backward(
       if (want_rho) {
         const Vec x = Vec::loadu(r + i, count);
         const Vec dsig = Vec::loadu(ds + i, count);
-        const Vec value = (grad_eps + sig * w - kg / sig) * dsig;
-        // sigmoid(rho) / sigma = 1 - sigma / 2 + O(e^(2 rho)) where sigma underflows.
-        const Vec small = (grad_eps + sig * w) * dsig - (one - half * sig) * kg;
-        Vec::blendv(value, small, x < tiny_rho).store(gr + i, count);
+        (grad_eps * dsig + kl_rho_term(x, sig, dsig, w, kg, tiny_rho)).store(gr + i, count);
       }
     }
   });
