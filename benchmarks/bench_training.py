@@ -546,7 +546,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="only profile the training steps (torch.profiler) and write profile.md",
+        help="only profile (torch.profiler) the training steps, ours also with the most training "
+        "samples and the many-sample evaluation, and write profile.md",
     )
     return parser.parse_args()
 
@@ -686,7 +687,10 @@ def main() -> None:
         return run
 
     if args.profile:
-        report = profile_steps(contestants, batches, config, args.repeats)
+        workloads = profile_workloads(
+            contestants, batches, eval_x, max(args.train_samples), args.eval_samples
+        )
+        report = profile_steps(workloads, config, args.repeats)
         print(report)
         args.out_dir.mkdir(parents=True, exist_ok=True)
         (args.out_dir / "profile.md").write_text(report + "\n")
@@ -862,7 +866,7 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-PROFILE_CATEGORIES = {  # aten op -> where the time goes
+PROFILE_CATEGORIES = {  # operator (aten, or our native kernels) -> where the time goes
     "matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
     "random numbers": (
         "aten::normal_",
@@ -870,6 +874,13 @@ PROFILE_CATEGORIES = {  # aten op -> where the time goes
         "aten::random_",
         "aten::bernoulli_",
         "aten::uniform_",
+        "bbb_lightning::normal_",
+    ),
+    "native posterior kernels": (
+        "bbb_lightning::sample_with_kl",
+        "bbb_lightning::sample_with_kl_backward",
+        "bbb_lightning::softplus_scale",
+        "bbb_lightning::kl_rho_grad",
     ),
     "transcendental": (
         "aten::softplus",
@@ -884,33 +895,68 @@ PROFILE_CATEGORIES = {  # aten op -> where the time goes
 }
 
 
-def profile_steps(
+def profile_workloads(
     contestants: dict[str, Contestant],
     batches: list[tuple[Tensor, Tensor]],
-    config: dict,
-    repeats: int,
+    eval_x: Tensor,
+    train_samples: int,
+    eval_samples: int,
+) -> dict[str, tuple[Callable[[], None], int]]:
+    """What ``--profile`` measures, each as (one unit of work, units per profiled round): the
+    one-sample training step of every contestant; for ours, also the step with
+    ``train_samples`` samples and the ``eval_samples``-sample predictive, vectorized and as a
+    loop of forwards (the two targets that are ratios between our own runs)."""
+    cursor = {"i": 0}
+
+    def train(c: Contestant, samples: int) -> Callable[[], None]:
+        def run() -> None:
+            cursor["i"] = (cursor["i"] + 1) % len(batches)
+            c.model.train()
+            c.train_step(*batches[cursor["i"]], samples)
+
+        return run
+
+    def predict(c: Contestant, fn: Callable[[Tensor, int], Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            c.model.eval()
+            with torch.no_grad():
+                fn(eval_x, eval_samples)
+
+        return run
+
+    workloads = {f"{name}, S=1 step": (train(c, 1), 10) for name, c in contestants.items()}
+    for name, c in contestants.items():
+        if c.group != "ours" or c.loop_predict is None:
+            continue
+        workloads[f"{name}, S={train_samples} step"] = (train(c, train_samples), 4)
+        workloads[f"{name}, {eval_samples}-sample evaluation"] = (predict(c, c.predict), 2)
+        loop = f"{name}, {eval_samples}-sample evaluation as a loop"
+        workloads[loop] = (predict(c, c.loop_predict), 1)
+    return workloads
+
+
+def profile_steps(
+    workloads: dict[str, tuple[Callable[[], None], int]], config: dict, repeats: int
 ) -> str:
-    """torch.profiler over the training steps of each contestant: self CPU time per step by
-    category, the optimizer's share, and the top operators (medians over interleaved rounds of
-    10 profiled steps)."""
+    """torch.profiler over each workload: self CPU ms per unit of work by category, the
+    optimizer's share, and the top operators (medians over interleaved rounds)."""
     from torch.profiler import ProfilerActivity, profile
 
-    steps = 10
     columns = [*PROFILE_CATEGORIES, "optimizer", "other"]
-    per_round: dict[str, list[dict[str, float]]] = {name: [] for name in contestants}
-    for c in contestants.values():
-        c.model.train()
-        for i in range(3):
-            c.train_step(*batches[i], 1)
+    per_round: dict[str, list[dict[str, float]]] = {name: [] for name in workloads}
+    for run, _ in workloads.values():
+        for _ in range(2):
+            run()
     for round_ in range(repeats):
-        names = list(contestants) if round_ % 2 == 0 else list(reversed(contestants))
+        names = list(workloads) if round_ % 2 == 0 else list(reversed(workloads))
         for name in names:
+            run, units = workloads[name]
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for i in range(steps):
-                    contestants[name].train_step(*batches[i % len(batches)], 1)
+                for _ in range(units):
+                    run()
             ops: dict[str, float] = {"total": 0.0, "optimizer": 0.0}
             for event in prof.events():
-                ms = event.self_cpu_time_total / steps / 1e3
+                ms = event.self_cpu_time_total / units / 1e3
                 ops["total"] += ms
                 parent = event
                 while parent is not None and not parent.name.startswith("Optimizer.step"):
@@ -943,18 +989,23 @@ def profile_steps(
             f"- {name}: " + ", ".join(f"{op.removeprefix('aten::')} {ms:.2f}" for op, ms in ranked)
         )
     lines = [
-        f"## Where the time of a training step goes ({config['date']}, {config['cpu']}, "
-        f"{config['threads']} threads, torch {config['versions']['torch']})",
+        f"## Where the time goes ({config['date']}, {config['cpu']}, "
+        f"{config['threads']} threads, torch {config['versions']['torch']}, "
+        f"{config['allocator']})",
         "",
-        f"Self CPU ms per step under torch.profiler: medians of {repeats} interleaved rounds of "
-        f"{steps} steps. The profiler adds microseconds per operator, so code made of many "
-        "small operators looks slower than it runs. `optimizer`: everything inside "
-        "`Adam.step`; the other columns and the top operators exclude it; `other`: the rest "
-        "(elementwise work, autograd and Python overhead).",
+        f"Command: `{config['command']}`. Self CPU ms per unit of work (a training step, or one "
+        f"predictive of {BATCH} examples) under torch.profiler: medians of {repeats} "
+        "interleaved rounds. The profiler adds microseconds per operator, so code made of many "
+        "small operators looks slower than it runs. `native posterior kernels`: our compiled "
+        "CPU kernels (draw, perturbation or variance with the KL's sums, and their backward; "
+        "`bbb_lightning::normal_`, the activation noise of local reparameterization, counts as "
+        "random numbers). `optimizer`: everything inside `Adam.step`; the other columns and "
+        "the top operators exclude it; `other`: the rest (elementwise work, autograd and "
+        "Python overhead).",
         "",
-        markdown(["contestant", "total", *columns], rows),
+        markdown(["workload", "total", *columns], rows),
         "",
-        "Top operators (self CPU ms per step):",
+        "Top operators (self CPU ms per unit of work):",
         "",
         *tops,
     ]

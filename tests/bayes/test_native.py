@@ -146,6 +146,29 @@ def test_the_layers_use_the_kernels_and_match_the_float64_kl() -> None:
     assert torch.allclose(q.mu.grad.double(), mu64.grad, rtol=1e-5, atol=1e-7)
 
 
+@needs_native
+@pytest.mark.parametrize("estimator", ["reparameterization", "local", "flipout"])
+def test_the_profiler_sees_every_native_call_of_a_training_step(estimator: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    net = bayesianize(torch.nn.Sequential(torch.nn.Linear(6, 5)), estimator=estimator)
+    x = torch.randn(4, 6)
+
+    def step() -> None:
+        (net(x).square().sum() + kl_divergence(net)).backward()
+
+    step()  # outside the profiler
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    names = [event.name for event in prof.events() if event.name.startswith("bbb_lightning::")]
+    # weight and bias: one joint forward and one joint backward each; local reparameterization
+    # also draws its activations' noise natively (flipout's random signs come from torch)
+    expected = {"bbb_lightning::sample_with_kl": 2, "bbb_lightning::sample_with_kl_backward": 2}
+    if estimator == "local":
+        expected["bbb_lightning::normal_"] = 1
+    assert {name: names.count(name) for name in set(names)} == expected
+
+
 def test_float64_keeps_the_torch_ops() -> None:
     rho = torch.zeros(3, dtype=torch.float64)
     assert not ScaleValues(rho, 0.0).native

@@ -277,7 +277,10 @@ class BayesianLayer(nn.Module):
             bias = plain_bias(num_samples) if bias_q is None else draw(bias_q, num_samples)
             for q, drawn in ((weight_q, weight), (bias_q, bias)):
                 if q is not None and drawn is not None:
-                    q.last_sample = q.mean + drawn if perturbation else drawn
+                    if perturbation:
+                        q.remember_perturbation(drawn)
+                    else:
+                        q.last_sample = drawn
             return self._affine_per_sample(x, weight, bias)
         rows = x.shape[0] // num_samples
         outputs = []
@@ -325,11 +328,11 @@ class BayesianLayer(nn.Module):
             perturbation = self._per_sample_affine(signed, num_samples, perturbation=True)
         else:
             weight_noise = weight_q.perturbation()
-            weight_q.last_sample = weight_q.mu + weight_noise
+            weight_q.remember_perturbation(weight_noise)
             bias_noise = None
             if isinstance(bias_q, MeanFieldNormal):
                 bias_noise = bias_q.perturbation()
-                bias_q.last_sample = bias_q.mu + bias_noise
+                bias_q.remember_perturbation(bias_noise)
             perturbation = self._affine(signed, weight_noise, bias_noise)
         perturbation = perturbation * _random_signs(perturbation, self.CHANNEL_DIM)
         if rows is None:
@@ -379,11 +382,34 @@ class BayesianLinear(BayesianLayer):
 
     def _affine_per_sample(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         samples = x.reshape(weight.shape[0], -1, x.shape[-1])
-        if bias is None:
-            out = torch.bmm(samples, weight.transpose(1, 2))
-        else:
-            out = torch.baddbmm(bias.unsqueeze(1), samples, weight.transpose(1, 2))
+        out = _PerSampleLinear.apply(samples, weight, bias)
         return out.reshape(*x.shape[:-1], weight.shape[1])
+
+
+class _PerSampleLinear(torch.autograd.Function):
+    """y_s = x_s W_s^T + b_s for S samples: x (S, B, in), W (S, out, in), b (S, out) or None.
+
+    The same products as autograd's ``baddbmm(b, x, W^T)``, except that the weight's gradient
+    dL/dW_s = g_s^T x_s is computed directly in W's (S, out, in) layout. Through the transposed
+    view autograd returns it as a transposed (S, in, out) tensor, which the posterior's
+    backward would have to copy: S times the layer's weights, the largest copy of the step.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        if bias is None:
+            return torch.bmm(x, weight.transpose(1, 2))
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
 
 
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

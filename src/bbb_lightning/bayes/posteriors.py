@@ -84,7 +84,8 @@ class VariationalPosterior(nn.Module):
         super().__init__()
         self.prior = prior
         self.frozen = False
-        self.last_sample: Tensor | None = None
+        self._last_sample: Tensor | None = None
+        self._last_perturbation: Tensor | None = None
 
     def distribution(self) -> Distribution:
         """q(w) as a ``torch.distributions`` object with the tensor's shape as batch shape."""
@@ -103,6 +104,23 @@ class VariationalPosterior(nn.Module):
         """KL(q || p) summed over the tensor by a faster route than torch's KL registry, or
         None where there is none (the default); it must agree with the registered closed form."""
         return None
+
+    @property
+    def last_sample(self) -> Tensor | None:
+        """The weights w_s the last forward pass used, shape ``sample_shape + mean.shape``, for
+        the Monte Carlo KL; None where it drew none (local reparameterization)."""
+        if self._last_perturbation is not None:
+            return self.mean + self._last_perturbation
+        return self._last_sample
+
+    @last_sample.setter
+    def last_sample(self, sample: Tensor | None) -> None:
+        self._last_sample, self._last_perturbation = sample, None
+
+    def remember_perturbation(self, perturbation: Tensor) -> None:
+        """Remember mean + ``perturbation`` (flipout's draw) as :attr:`last_sample` without
+        computing it: only the Monte Carlo KL needs it, and it is a pass over S x the weights."""
+        self._last_sample, self._last_perturbation = None, perturbation
 
     def forward(self) -> Tensor:
         """The weight for one forward pass: a draw from q (remembered), or the mean if frozen."""
@@ -123,7 +141,11 @@ class VariationalPosterior(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         # The remembered draw is part of an autograd graph: it cannot be deep-copied or pickled.
-        return {**self.__dict__, "last_sample": None}
+        return {**self.__dict__, "_last_sample": None, "_last_perturbation": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.pop("last_sample", None)  # the attribute of earlier versions, now a property
+        super().__setstate__({**state, "_last_sample": None, "_last_perturbation": None})
 
 
 class PosteriorFactory(Protocol):

@@ -34,6 +34,7 @@ import os
 import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -114,6 +115,17 @@ def applies_to(tensor: Tensor) -> bool:
     return tensor.is_contiguous() and _cpu_float32(tensor)
 
 
+def _run(kernel: str, *args: object) -> Any:
+    """``kernels().<kernel>(*args)``. While ``torch.profiler`` records, the call is recorded as
+    ``bbb_lightning::<kernel>`` (a compiled call is invisible to the profiler otherwise); when it
+    does not, the check costs tens of nanoseconds."""
+    function = getattr(kernels(), kernel)
+    if not torch.autograd._profiler_enabled():
+        return function(*args)
+    with torch.profiler.record_function(f"bbb_lightning::{kernel}"):
+        return function(*args)
+
+
 def _key() -> int:
     """A fresh 64-bit Philox key from torch's default CPU generator."""
     return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
@@ -130,13 +142,13 @@ def standard_normal(shape: tuple[int, ...], like: Tensor) -> Tensor:
     if not _cpu_float32(like):
         return torch.randn(shape, dtype=like.dtype, device=like.device)
     out = torch.empty(shape, dtype=torch.float32)
-    return kernels().normal_(out, _key())
+    return _run("normal_", out, _key())
 
 
 def softplus_scale(rho: Tensor, min_scale: float, log_sum: bool) -> tuple[Tensor, Tensor, float]:
     """(sigma, sigmoid(rho), sum log sigma) with sigma = softplus(rho) + min_scale, without
     autograd; the sum is 0.0 unless ``log_sum``. Only for tensors :func:`applies_to`."""
-    return kernels().softplus_scale(rho.detach(), min_scale, log_sum)
+    return _run("softplus_scale", rho.detach(), min_scale, log_sum)
 
 
 def kl_rho_grad(
@@ -144,7 +156,7 @@ def kl_rho_grad(
 ) -> Tensor:
     """(sigma weight - grad / sigma) sigmoid(rho), finite for any finite rho; see
     :meth:`~bbb_lightning.bayes.gaussian_ops.ScaleValues.sigma_minus_inverse`."""
-    return kernels().kl_rho_grad(rho.detach(), sigma, dsigma, weight, grad, min_scale)
+    return _run("kl_rho_grad", rho.detach(), sigma, dsigma, weight, grad, min_scale)
 
 
 def sample_with_kl(
@@ -154,8 +166,8 @@ def sample_with_kl(
     autograd, where out is mu + sigma eps (``use`` 0), sigma eps (1) or sigma^2 (2, no eps and
     no sample shape), eps ~ N(0, I) of shape ``sample_shape + rho.shape``. Only for tensors
     :func:`applies_to`."""
-    return kernels().sample_with_kl(
-        mu.detach(), rho.detach(), use, list(sample_shape), _key(), min_scale, loc
+    return _run(
+        "sample_with_kl", mu.detach(), rho.detach(), use, list(sample_shape), _key(), min_scale, loc
     )
 
 
@@ -174,7 +186,8 @@ def sample_with_kl_backward(
     ``want`` says no."""
     eps, mu, rho, sigma, dsigma = saved
     grad = rho.new_empty(0) if grad is None else grad.contiguous()
-    return kernels().sample_with_kl_backward(
+    return _run(
+        "sample_with_kl_backward",
         grad,
         eps,
         mu.detach(),
