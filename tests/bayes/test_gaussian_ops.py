@@ -7,6 +7,7 @@ float64; gradients are also checked against central differences (gradcheck).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +16,13 @@ from torch import Tensor, nn
 from torch.distributions import Normal
 from torch.distributions import kl_divergence as torch_kl
 
-from bbb_lightning.bayes import BayesianLinear, MeanFieldNormal, bayesianize, kl_divergence
+from bbb_lightning.bayes import (
+    BayesianLinear,
+    MeanFieldNormal,
+    bayesianize,
+    gaussian_ops,
+    kl_divergence,
+)
 from bbb_lightning.bayes import layers as layers_module
 from bbb_lightning.bayes.gaussian_ops import (
     ScaleValues,
@@ -228,6 +235,27 @@ def test_reparameterization_without_gradients_draws_in_chunks(
     torch.testing.assert_close(out[:, 3], weights @ x[3])
     assert weights.reshape(5, -1).unique(dim=0).shape[0] == 5
     assert net[0].weight_posterior.last_sample is None
+
+
+@pytest.mark.parametrize("estimator", ["reparameterization", "flipout"])
+def test_chunked_draws_compute_sigma_once_per_call(
+    estimator: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three chunks of draws (5 samples, 2 per chunk) from one sigma per posterior and call."""
+    monkeypatch.setattr(layers_module, "_MAX_DRAWN_WEIGHTS", 12)
+    computed: list[tuple[int, ...]] = []
+
+    class Counted(ScaleValues):
+        def __init__(self, rho: Tensor, *args: Any, **kwargs: Any) -> None:
+            computed.append(tuple(rho.shape))
+            super().__init__(rho, *args, **kwargs)
+
+    monkeypatch.setattr(gaussian_ops, "ScaleValues", Counted)
+    net = bayesianize(nn.Sequential(nn.Linear(3, 2)), estimator=estimator)
+    with torch.no_grad():
+        for _ in range(2):
+            sample_forward(net, torch.randn(4, 3), 5)
+    assert computed == [(2, 3), (2,)] * 2
 
 
 @pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])

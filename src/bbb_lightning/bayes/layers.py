@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import native
+from .gaussian_ops import ScaleValues
 from .posteriors import MeanFieldNormal, VariationalPosterior
 from .priors import Prior
 
@@ -259,13 +260,16 @@ class BayesianLayer(nn.Module):
         """Rows of sample s through (W_s, b_s): one weight draw per sample (for flipout, one
         perturbation W_s - mu), one batched affine map. The draws are remembered for the Monte
         Carlo KL. Without gradients they are made in chunks of at most ``_MAX_DRAWN_WEIGHTS``
-        weights, each used while it is in cache, and not remembered."""
+        weights, each used while it is in cache, from one sigma, and not remembered."""
         weight_q, bias_q = self.weight_posterior, self.bias_posterior
+        held: dict[int, ScaleValues] = {}  # sigma of a Gaussian posterior, for all the chunks
 
         def draw(q: VariationalPosterior, count: int) -> Tensor:
             if perturbation:
                 assert isinstance(q, MeanFieldNormal)
-                return q.perturbation((count,))
+                return q.perturbation((count,), held.get(id(q)))
+            if isinstance(q, MeanFieldNormal):
+                return q.rsample((count,), held.get(id(q)))
             return q.rsample((count,))
 
         def plain_bias(count: int) -> Tensor | None:
@@ -283,6 +287,9 @@ class BayesianLayer(nn.Module):
                         q.last_sample = drawn
             return self._affine_per_sample(x, weight, bias)
         rows = x.shape[0] // num_samples
+        held.update(
+            (id(q), q.scale_values()) for q in (weight_q, bias_q) if isinstance(q, MeanFieldNormal)
+        )
         outputs = []
         for start in range(0, num_samples, chunk):
             count = min(chunk, num_samples - start)

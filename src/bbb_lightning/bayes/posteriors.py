@@ -267,19 +267,35 @@ class MeanFieldNormal(VariationalPosterior):
         out, self.__dict__["_kl_slot"] = joint
         return out
 
-    def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
-        """mu + sigma * eps, eps ~ N(0, I) of shape ``sample_shape + mu.shape``."""
-        joint = self._with_kl(gaussian_ops.DRAW, sample_shape)
-        if joint is not None:
-            return joint
-        return gaussian_ops.draw(self.mu, self.rho, self.scale_values(), self._noise(sample_shape))
+    def rsample(
+        self,
+        sample_shape: Sequence[int] = (),
+        scale_values: gaussian_ops.ScaleValues | None = None,
+    ) -> Tensor:
+        """mu + sigma * eps, eps ~ N(0, I) of shape ``sample_shape + mu.shape``.
 
-    def perturbation(self, sample_shape: Sequence[int] = ()) -> Tensor:
-        """sigma * eps: a draw minus mu (flipout's shared perturbation)."""
-        joint = self._with_kl(gaussian_ops.PERTURBATION, sample_shape)
-        if joint is not None:
-            return joint
-        return gaussian_ops.perturbation(self.rho, self.scale_values(), self._noise(sample_shape))
+        ``scale_values``: sigma as :meth:`scale_values` returned it, for a caller that makes
+        several draws from an unchanged rho (without it, each call computes sigma afresh)."""
+        if scale_values is None:
+            joint = self._with_kl(gaussian_ops.DRAW, sample_shape)
+            if joint is not None:
+                return joint
+            scale_values = self.scale_values()
+        return gaussian_ops.draw(self.mu, self.rho, scale_values, self._noise(sample_shape))
+
+    def perturbation(
+        self,
+        sample_shape: Sequence[int] = (),
+        scale_values: gaussian_ops.ScaleValues | None = None,
+    ) -> Tensor:
+        """sigma * eps: a draw minus mu (flipout's shared perturbation); ``scale_values`` as in
+        :meth:`rsample`."""
+        if scale_values is None:
+            joint = self._with_kl(gaussian_ops.PERTURBATION, sample_shape)
+            if joint is not None:
+                return joint
+            scale_values = self.scale_values()
+        return gaussian_ops.perturbation(self.rho, scale_values, self._noise(sample_shape))
 
     def variance(self) -> Tensor:
         """sigma^2, differentiable in rho (local reparameterization)."""
