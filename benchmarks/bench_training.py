@@ -318,6 +318,16 @@ def median_ratio(times: list[float], reference: list[float]) -> float:
     return statistics.median(t / r for t, r in zip(times, reference, strict=True))
 
 
+def ratio_quartiles(times: list[float], reference: list[float]) -> list[float]:
+    """First and third quartiles over rounds of time / reference time of the same round: the
+    spread of the median ratio on a noisy machine."""
+    ratios = [t / r for t, r in zip(times, reference, strict=True)]
+    if len(ratios) < 2:
+        return [ratios[0], ratios[0]]
+    first, _, third = statistics.quantiles(ratios, n=4, method="inclusive")
+    return [first, third]
+
+
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 
 
@@ -420,10 +430,20 @@ def plot(results: dict[str, Any], path: Path) -> None:
         )
         for n in names
     ]
-    axes[0].barh(names, ratios, color=colors)
+    quartiles = [
+        main[n].get("train_ratio_quartiles") or [r, r] for n, r in zip(names, ratios, strict=True)
+    ]
+    spread_bars = [
+        [r - q[0] for r, q in zip(ratios, quartiles, strict=True)],
+        [q[1] - r for r, q in zip(ratios, quartiles, strict=True)],
+    ]
+    axes[0].barh(names, ratios, color=colors, xerr=spread_bars, capsize=2)
     axes[0].axvline(2.0, color="tab:red", linestyle="--", label="target 2.0x")
     axes[0].invert_yaxis()
-    axes[0].set(xlabel="training step time / deterministic step", title="Training step cost")
+    axes[0].set(
+        xlabel="training step time / deterministic step (median, middle half of rounds)",
+        title="Training step cost",
+    )
     axes[0].legend(loc="lower right")
 
     scaling = results["sample_scaling"]
@@ -725,6 +745,7 @@ def main() -> None:
             "train_step_ms": step_s * 1e3,
             "train_examples_per_s": BATCH / step_s,
             "train_ratio": median_ratio(train_times[name], det_train),
+            "train_ratio_quartiles": ratio_quartiles(train_times[name], det_train),
             "eval_examples_per_s": BATCH / eval_s,
             "eval_ratio": median_ratio(eval_times[name], det_eval),
             "peak_step_mib": peak,
@@ -741,6 +762,11 @@ def main() -> None:
             None
             if fastest_peer is None
             else median_ratio(train_times[fastest_peer], train_times[name])
+        )
+        row["throughput_over_fastest_peer_quartiles"] = (
+            None
+            if fastest_peer is None
+            else ratio_quartiles(train_times[fastest_peer], train_times[name])
         )
 
     # 2. S training samples: vectorized against a loop ----------------------------------------
@@ -772,6 +798,7 @@ def main() -> None:
                 "loop_ms": statistics.median(loop) * 1e3,
                 "loop_over_vectorized": median_ratio(loop, vec),
                 "vectorized_over_s1": median_ratio(vec, s1),
+                "vectorized_over_s1_quartiles": ratio_quartiles(vec, s1),
                 "vectorized_over_deterministic": median_ratio(vec, det_scaling),
             }
         sample_scaling[name] = rows
@@ -805,6 +832,7 @@ def main() -> None:
             "vectorized_ms": None if vec is None else statistics.median(vec) * 1e3,
             "loop_ms": statistics.median(loop) * 1e3,
             "loop_over_vectorized": None if vec is None else median_ratio(loop, vec),
+            "loop_over_vectorized_quartiles": None if vec is None else ratio_quartiles(loop, vec),
             "best_over_deterministic_forward": median_ratio(vec if vec else loop, det_many),
             "peak_mib": peak,
         }
@@ -1022,7 +1050,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "target": "best estimator's training step <= 2.0x deterministic",
-                "measured": f"{best}: {value:.2f}x",
+                "measured": f"{best}: {value:.2f}x"
+                + spread(ours_rows[best].get("train_ratio_quartiles")),
                 "met": value <= 2.0,
             }
         )
@@ -1032,7 +1061,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append(
                 {
                     "target": "throughput >= 1.4x the fastest peer",
-                    "measured": f"{best_peer}: {value:.2f}x {results['fastest_peer']}",
+                    "measured": f"{best_peer}: {value:.2f}x {results['fastest_peer']}"
+                    + spread(ours_rows[best_peer].get("throughput_over_fastest_peer_quartiles")),
                     "met": value >= 1.4,
                 }
             )
@@ -1043,7 +1073,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "target": "S=16 training step <= 4x S=1",
-                "measured": f"{name}: {value:.2f}x",
+                "measured": f"{name}: {value:.2f}x"
+                + spread(by_s["16"].get("vectorized_over_s1_quartiles")),
                 "met": value <= 4.0,
             }
         )
@@ -1055,7 +1086,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             {
                 "target": f"{results['config']['eval_samples']}-sample evaluation >= 10x faster "
                 "than a loop",
-                "measured": f"{name}: {value:.2f}x",
+                "measured": f"{name}: {value:.2f}x"
+                + spread(r.get("loop_over_vectorized_quartiles")),
                 "met": value >= 10.0,
             }
         )
@@ -1085,6 +1117,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def spread(quartiles: list[float] | None) -> str:
+    """`` (a-bx)``: the middle half of the per-round ratios, or nothing if not measured."""
+    return "" if not quartiles else f" ({quartiles[0]:.2f}-{quartiles[1]:.2f}x)"
+
+
 def render(results: dict[str, Any]) -> str:
     cfg = results["config"]
     out = [
@@ -1094,7 +1131,7 @@ def render(results: dict[str, Any]) -> str:
         f"Command: `{cfg['command']}`. MLP 784-400-400-10, MNIST, batch {cfg['batch']}, Adam lr "
         f"{cfg['lr']}; malloc: {cfg.get('allocator', 'glibc malloc defaults')}; medians of "
         f"{cfg['repeats']} interleaved rounds; x = ratio to the deterministic network in the "
-        "same rounds (time, or memory).",
+        "same rounds (time, or memory); (a-bx) = the middle half of the per-round ratios.",
         "",
         "### Training and evaluation (1 posterior sample)",
         "",
@@ -1106,13 +1143,14 @@ def render(results: dict[str, Any]) -> str:
                 name,
                 fmt(r["train_step_ms"]),
                 fmt(r["train_examples_per_s"], ".0f"),
-                fmt(r["train_ratio"], ".2f", "x"),
+                fmt(r["train_ratio"], ".2f", "x") + spread(r.get("train_ratio_quartiles")),
                 fmt(r["eval_examples_per_s"], ".0f"),
                 fmt(r["eval_ratio"], ".2f", "x"),
                 fmt(r["peak_step_mib"], ".1f"),
                 fmt(r["peak_ratio"], ".1f", "x"),
                 fmt(r["state_mib"], ".1f"),
-                fmt(r["throughput_over_fastest_peer"], ".2f", "x"),
+                fmt(r["throughput_over_fastest_peer"], ".2f", "x")
+                + spread(r.get("throughput_over_fastest_peer_quartiles")),
             ]
         )
     out.append(
@@ -1143,7 +1181,8 @@ def render(results: dict[str, Any]) -> str:
                     fmt(r["vectorized_ms"]),
                     fmt(r["loop_ms"]),
                     fmt(r["loop_over_vectorized"], ".2f", "x"),
-                    fmt(r["vectorized_over_s1"], ".2f", "x"),
+                    fmt(r["vectorized_over_s1"], ".2f", "x")
+                    + spread(r.get("vectorized_over_s1_quartiles")),
                     fmt(r["vectorized_over_deterministic"], ".2f", "x"),
                 ]
             )
@@ -1169,7 +1208,8 @@ def render(results: dict[str, Any]) -> str:
                 name,
                 fmt(r["vectorized_ms"]),
                 fmt(r["loop_ms"]),
-                fmt(r["loop_over_vectorized"], ".2f", "x"),
+                fmt(r["loop_over_vectorized"], ".2f", "x")
+                + spread(r.get("loop_over_vectorized_quartiles")),
                 fmt(r["best_over_deterministic_forward"], ".0f", "x"),
                 fmt(r["peak_mib"], ".0f"),
             ]
