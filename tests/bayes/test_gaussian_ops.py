@@ -203,9 +203,10 @@ def test_shared_first_layer_gives_independent_samples(estimator: str) -> None:
     assert ((out.var(0) - var).abs() <= 5 * var * math.sqrt(2 / 3999)).all()
 
 
-def test_random_signs_are_fair_and_independent() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # native, torch ops
+def test_random_signs_are_fair_and_independent(dtype: torch.dtype) -> None:
     torch.manual_seed(5)
-    reference = torch.empty(4000, 7, 3)
+    reference = torch.empty(4000, 7, 3, dtype=dtype)
     signs = _random_signs(reference, channel_dim=1)
     assert signs.shape == (4000, 7, 1) and signs.dtype == reference.dtype
     assert set(signs.unique().tolist()) == {-1.0, 1.0}

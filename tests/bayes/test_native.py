@@ -1,7 +1,8 @@
 """The native CPU kernels (bbb_lightning.bayes.native) against independent references.
 
 Normals: moments and a Kolmogorov-Smirnov distance against N(0, 1) (torch.distributions),
-with bounds of several standard errors for the sample size. Softplus, sigmoid, sum log sigma,
+with bounds of several standard errors for the sample size; random signs: their mean and
+lagged products against 0, with the same bounds. Softplus, sigmoid, sum log sigma,
 the KL's rho-gradient and the joint draw-and-KL node: float64 torch ops, torch.distributions'
 KL and autograd, to a few float32 ulps.
 """
@@ -80,6 +81,41 @@ def test_standard_normal_shapes_and_fallback_dtypes(shape: tuple[int, ...]) -> N
     for like in (torch.zeros(1), torch.zeros(1, dtype=torch.float64)):
         eps = native.standard_normal(shape, like)
         assert eps.shape == shape and eps.dtype == like.dtype
+
+
+@needs_native
+def test_random_signs_are_fair_uncorrelated_and_thread_independent() -> None:
+    """Each sign is one bit of a Philox word: fair, uncorrelated within a word (lag 1), across
+    words and lanes (lags 32, 512) and across Philox calls (lag 2048 at 16 lanes); as the
+    normals, a function of the torch seed and not of the thread count."""
+    threads = torch.get_num_threads()
+    n = 1_000_003
+    try:
+        torch.manual_seed(4)
+        torch.set_num_threads(1)
+        one_thread = native.random_signs((n,), torch.zeros(1))
+        torch.manual_seed(4)
+        torch.set_num_threads(2)
+        two_threads = native.random_signs((n,), torch.zeros(1))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one_thread, two_threads)
+    signs = one_thread.double()
+    assert set(signs.unique().tolist()) == {-1.0, 1.0}
+    bound = 5 / math.sqrt(n)  # each product is +-1 with variance 1
+    assert abs(float(signs.mean())) < bound
+    for lag in (1, 7, 31, 32, 33, 512, 2048):
+        assert abs(float((signs[lag:] * signs[:-lag]).mean())) < bound
+    again = native.random_signs((n,), torch.zeros(1)).double()
+    assert abs(float((signs * again).mean())) < bound
+
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (33,), (2, 3, 700)])
+def test_random_signs_shapes_and_fallback_dtypes(shape: tuple[int, ...]) -> None:
+    for like in (torch.zeros(1), torch.zeros(1, dtype=torch.float64)):
+        signs = native.random_signs(shape, like)
+        assert signs.shape == shape and signs.dtype == like.dtype
+        assert bool((signs.abs() == 1).all())
 
 
 def reference_scale(rho: torch.Tensor, min_scale: float) -> tuple[torch.Tensor, ...]:
@@ -162,10 +198,12 @@ def test_the_profiler_sees_every_native_call_of_a_training_step(estimator: str) 
         step()
     names = [event.name for event in prof.events() if event.name.startswith("bbb_lightning::")]
     # weight and bias: one joint forward and one joint backward each; local reparameterization
-    # also draws its activations' noise natively (flipout's random signs come from torch)
+    # also draws its activations' noise natively, flipout its input and output signs
     expected = {"bbb_lightning::sample_with_kl": 2, "bbb_lightning::sample_with_kl_backward": 2}
     if estimator == "local":
         expected["bbb_lightning::normal_"] = 1
+    if estimator == "flipout":
+        expected["bbb_lightning::random_signs_"] = 2
     assert {name: names.count(name) for name in set(names)} == expected
 
 

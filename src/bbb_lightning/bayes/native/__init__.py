@@ -10,6 +10,8 @@ normal here). ``gaussian.cpp`` does the same work in fewer, vectorized passes:
   threads. Each call takes a fresh 64-bit key from torch's default generator, so
   ``torch.manual_seed`` makes runs reproducible, and element i depends on (key, i) only, so the
   draws are the same for any number of threads;
+- :func:`random_signs`: +1 or -1 with probability 1/2 each (flipout's Rademacher signs), one
+  Philox bit per sign, written as floats in one pass;
 - :func:`softplus_scale`: sigma = softplus(rho) + min_scale, sigmoid(rho) and sum log sigma from
   one exp(-|rho|) per weight;
 - :func:`kl_rho_grad`: the rho-gradient of the Gaussian KL in one pass;
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
@@ -44,6 +47,7 @@ __all__ = [
     "applies_to",
     "kernels",
     "kl_rho_grad",
+    "random_signs",
     "sample_with_kl",
     "sample_with_kl_backward",
     "softplus_scale",
@@ -143,6 +147,29 @@ def standard_normal(shape: tuple[int, ...], like: Tensor) -> Tensor:
         return torch.randn(shape, dtype=like.dtype, device=like.device)
     out = torch.empty(shape, dtype=torch.float32)
     return _run("normal_", out, _key())
+
+
+_BITS_PER_DRAW = 16
+
+
+def random_signs(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """Independent signs, +1 or -1 with probability 1/2 each, of ``shape``, with the dtype and
+    device of ``like``.
+
+    Natively one Philox bit per sign, like :func:`standard_normal` in its keys and its
+    independence from the thread count. Otherwise 16 signs per draw of 16 uniform random bits
+    (``bernoulli_`` costs one draw per sign, and about 15 times the time on a CPU).
+    """
+    if _cpu_float32(like):
+        return _run("random_signs_", torch.empty(shape, dtype=torch.float32), _key())
+    count = math.prod(shape)
+    device = like.device
+    words = torch.randint(
+        0, 1 << _BITS_PER_DRAW, (-(-count // _BITS_PER_DRAW), 1), dtype=torch.int32, device=device
+    )
+    shifts = torch.arange(_BITS_PER_DRAW, dtype=torch.int32, device=device)
+    bits = words.bitwise_right_shift(shifts).bitwise_and_(1).reshape(-1)[:count]
+    return bits.to(like.dtype).mul_(2).sub_(1).reshape(shape)
 
 
 def softplus_scale(rho: Tensor, min_scale: float, log_sum: bool) -> tuple[Tensor, Tensor, float]:

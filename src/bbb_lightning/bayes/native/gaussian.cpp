@@ -2,6 +2,8 @@
 //
 // normal_:        out ~ N(0, 1), Philox4x32-10 counters (Salmon et al. 2011) turned into
 //                 normals by Box-Muller; element i depends only on (seed, i), not on threads.
+// random_signs_:  out = +1 or -1 with probability 1/2 each (flipout's Rademacher signs), one
+//                 Philox bit per element; element i depends only on (seed, i).
 // softplus_scale: sigma = softplus(rho) + min_scale and dsigma = sigmoid(rho) from one
 //                 exp(-|rho|), and optionally sum_i log sigma_i, in one pass over rho.
 // kl_rho_grad:    (sigma w - g / sigma) sigmoid(rho), the gradient with respect to rho of
@@ -194,6 +196,48 @@ torch::Tensor normal_(torch::Tensor out, int64_t seed) {
         normal_block(tail, b, static_cast<uint64_t>(seed));
         std::copy(tail, tail + (n - start), data + start);
       }
+    }
+  });
+  return out;
+}
+
+// The kSignsPerBlock signs of block `block`: bit j of word w of one Philox call (the counter of
+// lane l is (block * kLanes + l, 0, 1): another stream than the normals of the same key) gives
+// element 32 w + j.
+constexpr int64_t kSignsPerBlock = 4 * kLanes * 32;
+
+inline void sign_block(float* out, int64_t count, uint64_t block, uint64_t seed) {
+  Words x;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    const uint64_t counter = block * kLanes + l;
+    x[0][l] = static_cast<uint32_t>(counter);
+    x[1][l] = static_cast<uint32_t>(counter >> 32);
+    x[2][l] = 0;
+    x[3][l] = 1;
+  }
+  philox(x, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  const uint32_t* words = &x[0][0];
+  for (int64_t w = 0; w * 32 < count; ++w) {
+    const uint32_t word = words[w];
+    float* signs = out + w * 32;
+    const int64_t bits = std::min<int64_t>(32, count - w * 32);
+    for (int64_t j = 0; j < bits; ++j) {
+      signs[j] = static_cast<float>(static_cast<int32_t>((word >> j) & 1u) * 2 - 1);
+    }
+  }
+}
+
+torch::Tensor random_signs_(torch::Tensor out, int64_t seed) {
+  check_float_cpu(out, "out");
+  float* data = out.data_ptr<float>();
+  const int64_t n = out.numel();
+  const int64_t blocks = (n + kSignsPerBlock - 1) / kSignsPerBlock;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / kSignsPerBlock),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t start = b * kSignsPerBlock;
+      sign_block(data + start, std::min(kSignsPerBlock, n - start), b,
+                 static_cast<uint64_t>(seed));
     }
   });
   return out;
@@ -468,6 +512,8 @@ std::tuple<torch::Tensor, torch::Tensor> sample_with_kl_backward(
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("normal_", &normal_, "Fill a float32 CPU tensor with N(0, 1) draws of stream seed.");
+  m.def("random_signs_", &random_signs_,
+        "Fill a float32 CPU tensor with +1 or -1, probability 1/2 each, of stream seed.");
   m.def("softplus_scale", &softplus_scale,
         "(softplus(rho) + min_scale, sigmoid(rho), sum log sigma or 0) in one pass.");
   m.def("kl_rho_grad", &kl_rho_grad,
