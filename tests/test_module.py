@@ -89,3 +89,33 @@ def test_loss_matches_hand_computation(kl, weights):
         # warm-up: step t = batch_idx, factor min(1, t / 4), is folded into ``weights``
         expected = _hand_loss(model, x, y, weight, kl.reduction)
         assert loss == pytest.approx(expected, rel=1e-5), batch_idx
+
+
+def test_the_default_optimizer_is_a_fused_adam_with_adams_updates():
+    """The default (module and ``conf/optimizer/adam.yaml``) is torch's fused Adam: one kernel
+    over all parameters, the same updates as the per-tensor implementation to float32 rounding."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("bbb_lightning.conf", version_base=None):
+        composed = compose("config")
+    assert composed.optimizer.fused is True
+
+    torch.manual_seed(0)
+    model = BayesByBackprop(
+        net=nn.Sequential(nn.Linear(3, 2)), likelihood=GaussianLikelihood(target_dim=2)
+    )
+    fused = model.configure_optimizers()
+    assert isinstance(fused, torch.optim.Adam) and fused.defaults["fused"] is True
+    params = list(model.parameters())
+    start = [p.detach().clone() for p in params]
+    reference_params = [p.detach().clone().requires_grad_() for p in params]
+    reference = torch.optim.Adam(reference_params, lr=1e-3, foreach=False, fused=False)
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(params, reference_params, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        reference.step()
+    for p, q, p0 in zip(params, reference_params, start, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7)
+        assert (p.detach() - p0).abs().min() > 1e-4  # every weight moved (5 steps of ~1e-3)

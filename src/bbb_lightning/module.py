@@ -49,7 +49,12 @@ __all__ = ["BayesByBackprop"]
 Config = Mapping[str, Any]
 # Logged as train/<name>_step (every log_every_n_steps steps) and train/<name>_epoch.
 TRAIN_SCALARS = ("loss", "nll", "kl", "kl_weight", "elbo")
-DEFAULT_OPTIMIZER: Config = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
+DEFAULT_OPTIMIZER: Config = {  # as conf/optimizer/adam.yaml
+    "_target_": "torch.optim.Adam",
+    "_partial_": True,
+    "lr": 1e-3,
+    "fused": True,
+}
 DEFAULT_POSTERIOR: Config = {
     "_target_": "bbb_lightning.bayes.MeanFieldNormal",
     "_partial_": True,
