@@ -35,8 +35,8 @@ Timings: R rounds (``--repeats``); in each round every case runs one block of st
 of the cases reversed every other round (interleaved), and the median over rounds is reported.
 A block is ``--steps-per-block`` (20) consecutive steps of one model, as in a training loop: the
 first step of a block finds the caches filled by the other contestants, and with short blocks
-that cold step weighs most on the smallest step, the deterministic one (5-step blocks measured
-our ratios about 10 % lower).
+that cold step weighs most on the smallest step, the deterministic one (in one comparison
+5-step blocks read our ratios about 15 % lower, no more than runs differ from each other).
 A ratio to the deterministic network is the median of the per-round ratios. Peak memory: the
 growth of the resident set (Linux ``VmHWM`` after ``/proc/self/clear_refs`` and
 ``malloc_trim``) during one step, above the memory held before it; ``state`` counts parameters,
