@@ -778,10 +778,10 @@ def main() -> None:
     print("timing S training samples ...", flush=True)
     scaling_cases: dict[str, Callable[[], None]] = {}
     ours_names = [n for n, c in contestants.items() if c.loop_train_step is not None]
+    steps_with = {s: max(2, block // s) for s in args.train_samples}  # steps per block
     for name in ours_names:
         c = contestants[name]
-        for s in args.train_samples:
-            steps = max(2, block // s)
+        for s, steps in steps_with.items():
             scaling_cases[f"{name}|{s}|vec"] = train_block(c, s, steps)
             scaling_cases[f"{name}|{s}|loop"] = train_block(c, s, steps, loop=True)
     scaling_cases["deterministic|1|vec"] = train_block(contestants["deterministic"], 1, block)
@@ -790,12 +790,9 @@ def main() -> None:
     sample_scaling: dict[str, dict[str, dict[str, float]]] = {}
     for name in ours_names:
         rows: dict[str, dict[str, float]] = {}
-        s1 = [
-            t / max(2, block // args.train_samples[0])
-            for t in scaling_times[f"{name}|{args.train_samples[0]}|vec"]
-        ]
-        for s in args.train_samples:
-            steps = max(2, block // s)
+        first = args.train_samples[0]
+        s1 = [t / steps_with[first] for t in scaling_times[f"{name}|{first}|vec"]]
+        for s, steps in steps_with.items():
             vec = [t / steps for t in scaling_times[f"{name}|{s}|vec"]]
             loop = [t / steps for t in scaling_times[f"{name}|{s}|loop"]]
             rows[str(s)] = {

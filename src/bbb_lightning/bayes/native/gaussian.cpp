@@ -157,18 +157,24 @@ inline void box_muller(const Vec& u1, const Vec& u2, float* cos_out, float* sin_
 #endif
 }
 
-// The kNormalsPerBlock normals of block `block` of the stream (seed, sample): the counter of
-// lane l is (block * kLanes + l, sample, 0) and the key is seed.
-inline void normal_block(float* out, uint64_t block, uint64_t seed, uint32_t sample = 0) {
-  Words x;
+// The 4 x kLanes random words of block `block` of the stream (seed, word2, word3): Philox of the
+// counter (block * kLanes + l, word2, word3) in lane l, with key seed.
+inline void philox_block(Words& x, uint64_t block, uint64_t seed, uint32_t word2, uint32_t word3) {
   for (int64_t l = 0; l < kLanes; ++l) {
     const uint64_t counter = block * kLanes + l;
     x[0][l] = static_cast<uint32_t>(counter);
     x[1][l] = static_cast<uint32_t>(counter >> 32);
-    x[2][l] = sample;
-    x[3][l] = 0;
+    x[2][l] = word2;
+    x[3][l] = word3;
   }
   philox(x, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// The kNormalsPerBlock normals of block `block` of the stream (seed, sample): the counter of
+// lane l is (block * kLanes + l, sample, 0) and the key is seed.
+inline void normal_block(float* out, uint64_t block, uint64_t seed, uint32_t sample = 0) {
+  Words x;
+  philox_block(x, block, seed, sample, 0);
   for (int pair = 0; pair < 2; ++pair) {
     box_muller(open_uniform(x[2 * pair]), open_uniform(x[2 * pair + 1]),
                out + 2 * pair * kLanes, out + (2 * pair + 1) * kLanes);
@@ -208,14 +214,7 @@ constexpr int64_t kSignsPerBlock = 4 * kLanes * 32;
 
 inline void sign_block(float* out, int64_t count, uint64_t block, uint64_t seed) {
   Words x;
-  for (int64_t l = 0; l < kLanes; ++l) {
-    const uint64_t counter = block * kLanes + l;
-    x[0][l] = static_cast<uint32_t>(counter);
-    x[1][l] = static_cast<uint32_t>(counter >> 32);
-    x[2][l] = 0;
-    x[3][l] = 1;
-  }
-  philox(x, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  philox_block(x, block, seed, 0, 1);
   const uint32_t* words = &x[0][0];
   for (int64_t w = 0; w * 32 < count; ++w) {
     const uint32_t word = words[w];
