@@ -179,6 +179,7 @@ BAD_INPUTS = [  # docs/errors.md, row by row
     ("ckpt_path={damaged}", "is not allowed: not a readable checkpoint"),
     ("on_nonfinite=ignore", "on_nonfinite='ignore' is not allowed: one of ['stop', 'skip']"),
     ("retain_freed_memory=maybe", "retain_freed_memory='maybe' is not allowed: true or false"),
+    ("optimizer.fused=maybe", "optimizer.fused='maybe' is not allowed: true or false"),
 ]
 
 

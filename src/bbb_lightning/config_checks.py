@@ -111,6 +111,7 @@ def check_config(cfg: DictConfig) -> None:
     _require(cfg, "kl.warmup_steps", _is_int(0), "an integer >= 0")
     _require(cfg, "posterior.estimator", lambda v: v in ESTIMATORS, f"one of {list(ESTIMATORS)}")
     _require(cfg, "optimizer.lr", _is_positive, "a number > 0")
+    _require(cfg, "optimizer.fused", lambda v: v is None or isinstance(v, bool), "true or false")
     _require(
         cfg,
         "trainer.max_epochs",
