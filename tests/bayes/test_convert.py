@@ -14,6 +14,7 @@ from bbb_lightning.bayes import (
     BayesianLayer,
     BayesianLinear,
     VariationalPosterior,
+    all_posteriors,
     bayesianize,
     is_bayesian,
     kl_divergence,
@@ -60,6 +61,10 @@ def test_every_parameter_gets_a_posterior() -> None:
 
     posteriors = dict(named_posteriors(net))
     assert sorted(posteriors) == sorted(ORIGINAL_NAMES)
+    assert list(all_posteriors(net)) == list(posteriors.values())  # the same, in the same order
+    shared = nn.Sequential(net.fc, nn.ReLU(), net.fc)  # a module reached twice counts once
+    assert list(all_posteriors(shared)) == [q for _, q in named_posteriors(shared)]
+    assert len(list(all_posteriors(shared))) == 2
     assert isinstance(net.fc, BayesianLinear)
     for module in (net, net.embed, net.norm):
         assert parametrize.is_parametrized(module)

@@ -26,6 +26,7 @@ from .layers import (
 from .posteriors import (
     MeanFieldNormal,
     VariationalPosterior,
+    all_posteriors,
     named_posteriors,
     posterior_scales,
     signal_to_noise,
@@ -62,6 +63,7 @@ __all__ = [
     "ScaleMixtureNormal",
     "ScaleMixturePrior",
     "VariationalPosterior",
+    "all_posteriors",
     "bayesianize",
     "freeze",
     "is_bayesian",

@@ -18,7 +18,7 @@ adds to a deterministic one. Here:
   one node computes the forward's use of sigma and the KL together, in one pass over mu and
   rho, and its backward gives the gradients of both in one more pass (instead of two nodes,
   six passes and autograd adding their gradients). The KL is kept in a :class:`KLSlot` until
-  the loss asks for it (:meth:`~bbb_lightning.bayes.posteriors.MeanFieldNormal.fused_kl`).
+  the loss asks for it (:meth:`~bbb_lightning.bayes.posteriors.MeanFieldNormal.kl_from_forward`).
 
 The functions (``eps`` ~ N(0, I) of shape ``sample_shape + mu.shape``; sums over the sample
 dimensions in the gradients):
@@ -42,7 +42,6 @@ same values without a Function.
 
 from __future__ import annotations
 
-import math
 import weakref
 from typing import Any
 
@@ -326,19 +325,14 @@ class _SampleWithKL(torch.autograd.Function):
         loc: float,
         scale: float,
     ) -> tuple[Tensor, Tensor]:
-        out, eps, sigma, dsigma, sums = native.sample_with_kl(
-            mu, rho, use, sample_shape, min_scale, loc
+        out, eps, sigma, dsigma, kl = native.sample_with_kl(
+            mu, rho, use, sample_shape, min_scale, loc, scale
         )
-        log_sigma_sum, sigma_sq_sum, diff_sq_sum = sums
-        count = mu.numel()
-        inv_var = 1.0 / (scale * scale)
-        quadratic = (sigma_sq_sum + diff_sq_sum) * inv_var
-        kl = _kl_from_sums(count, count * math.log(scale), log_sigma_sum, quadratic)
         ctx.save_for_backward(eps, mu, rho, sigma, dsigma)
-        ctx.constants = (use, min_scale, loc, inv_var)
+        ctx.constants = (use, min_scale, loc, 1.0 / (scale * scale))
         ctx.slot = None
         ctx.set_materialize_grads(False)
-        return out, torch.tensor(kl, dtype=mu.dtype)
+        return out, kl
 
     @staticmethod
     @once_differentiable

@@ -11,7 +11,9 @@ big SGD step on rho away).
 A posterior may compute its summed closed-form KL faster than through the registry
 (:meth:`~bbb_lightning.bayes.posteriors.VariationalPosterior.fused_kl`): the Gaussian posterior
 against a Gaussian prior does, in one autograd node that reuses the forward's sigma
-(:mod:`bbb_lightning.bayes.gaussian_ops`); it is the same formula as the registered one.
+(:mod:`bbb_lightning.bayes.gaussian_ops`); it is the same formula as the registered one. Where
+the forward already computed that KL with its draw
+(:meth:`~bbb_lightning.bayes.posteriors.VariationalPosterior.kl_from_forward`), it is used as is.
 
 Without a closed form (e.g. Blundell's scale-mixture prior) the KL is estimated by Monte Carlo
 at the weights w_s used in the last forward pass (Blundell et al. 2015, eq. 2):
@@ -35,7 +37,7 @@ from torch import Tensor, nn
 from torch.distributions import Laplace, Normal, register_kl
 from torch.distributions import kl_divergence as distribution_kl
 
-from .posteriors import SoftplusNormal, VariationalPosterior, named_posteriors
+from .posteriors import SoftplusNormal, VariationalPosterior, all_posteriors
 
 __all__ = ["KL_REDUCTIONS", "kl_divergence", "posterior_kl"]
 
@@ -69,6 +71,10 @@ def posterior_kl(posterior: VariationalPosterior, monte_carlo: bool = False) -> 
         posterior: q, with its prior p attached.
         monte_carlo: sample E_q[log p(w)] even where a closed-form KL exists.
     """
+    if not monte_carlo:
+        from_forward = posterior.kl_from_forward()
+        if from_forward is not None:
+            return from_forward
     p = posterior.prior.distribution()
     if not monte_carlo:
         fused = posterior.fused_kl(p)
@@ -120,7 +126,7 @@ def kl_divergence(net: nn.Module, reduction: str = "sum", monte_carlo: bool = Fa
         )
     total: Tensor | None = None
     count = 0
-    for _, posterior in named_posteriors(net):
+    for posterior in all_posteriors(net):
         term = posterior_kl(posterior, monte_carlo)
         total = term if total is None else total + term
         count += posterior.mean.numel()

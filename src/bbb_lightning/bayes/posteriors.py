@@ -34,6 +34,7 @@ __all__ = [
     "PosteriorFactory",
     "SoftplusNormal",
     "VariationalPosterior",
+    "all_posteriors",
     "log_softplus",
     "named_posteriors",
     "posterior_scales",
@@ -100,6 +101,12 @@ class VariationalPosterior(nn.Module):
         """A reparameterized draw of shape ``sample_shape + mean.shape``."""
         raise NotImplementedError
 
+    def kl_from_forward(self) -> Tensor | None:
+        """The summed KL(q || p) that the last forward computed with its draw, while it is
+        still that of the current parameters and prior, else None (the default): asked first,
+        before the prior's distribution is built. It must agree with the registered closed form."""
+        return None
+
     def fused_kl(self, prior: Distribution) -> Tensor | None:
         """KL(q || p) summed over the tensor by a faster route than torch's KL registry, or
         None where there is none (the default); it must agree with the registered closed form."""
@@ -115,19 +122,23 @@ class VariationalPosterior(nn.Module):
 
     @last_sample.setter
     def last_sample(self, sample: Tensor | None) -> None:
-        self._last_sample, self._last_perturbation = sample, None
+        self._remember(sample, None)
 
     def remember_perturbation(self, perturbation: Tensor) -> None:
         """Remember mean + ``perturbation`` (flipout's draw) as :attr:`last_sample` without
         computing it: only the Monte Carlo KL needs it, and it is a pass over S x the weights."""
-        self._last_sample, self._last_perturbation = None, perturbation
+        self._remember(None, perturbation)
+
+    def _remember(self, sample: Tensor | None, perturbation: Tensor | None) -> None:
+        # Plain attributes, written past Module.__setattr__ (microseconds per call, every step).
+        self.__dict__.update(_last_sample=sample, _last_perturbation=perturbation)
 
     def forward(self) -> Tensor:
         """The weight for one forward pass: a draw from q (remembered), or the mean if frozen."""
         if self.frozen:
             return self.mean
         weight = self.rsample()
-        self.last_sample = weight
+        self._remember(weight, None)
         return weight
 
     def right_inverse(self, value: Tensor) -> tuple[()]:
@@ -244,12 +255,13 @@ class MeanFieldNormal(VariationalPosterior):
 
     def _scalar_gaussian_prior(self) -> tuple[float, float] | None:
         """(loc, scale) if the prior is a constant scalar ``GaussianPrior``, else None."""
-        prior = self.prior
-        if type(prior) is not GaussianPrior or prior.loc.dim() or prior.scale.dim():
+        prior = self._modules["prior"]  # past Module.__getattr__: this runs every step
+        if type(prior) is not GaussianPrior:
             return None
-        if prior.loc.requires_grad or prior.scale.requires_grad:
+        loc, scale = prior._buffers["loc"], prior._buffers["scale"]
+        if loc.dim() or scale.dim() or loc.requires_grad or scale.requires_grad:
             return None
-        return float(prior.loc), float(prior.scale)
+        return loc.item(), scale.item()
 
     def _with_kl(self, use: int, sample_shape: Sequence[int] = ()) -> Tensor | None:
         """The forward's use of sigma from the node that also computes the KL against a scalar
@@ -304,20 +316,21 @@ class MeanFieldNormal(VariationalPosterior):
             return joint
         return gaussian_ops.variance(self.rho, self.scale_values())
 
+    def kl_from_forward(self) -> Tensor | None:
+        """The KL against a scalar Gaussian prior that the last forward's node computed
+        (:meth:`_with_kl`), while mu, rho and the prior are unchanged since and that node's
+        backward has not run: the same value, from the same autograd node."""
+        slot = self.__dict__.get("_kl_slot")  # absent in a posterior pickled by an older version
+        if slot is None or not torch.is_grad_enabled():
+            return None
+        prior = self._scalar_gaussian_prior()
+        return None if prior is None else slot.get(self.mu, self.rho, *prior)
+
     def fused_kl(self, prior: Distribution) -> Tensor | None:
         """The closed-form KL against a ``Normal`` prior with constant parameters, summed
-        (:func:`~bbb_lightning.bayes.gaussian_ops.gaussian_kl`); None for any other prior.
-
-        Where the last forward computed it already (:meth:`_with_kl`) and mu and rho are
-        unchanged since, that KL is returned: the same value, from the same autograd node."""
+        (:func:`~bbb_lightning.bayes.gaussian_ops.gaussian_kl`); None for any other prior."""
         if type(prior) is not Normal or prior.loc.requires_grad or prior.scale.requires_grad:
             return None
-        slot = self.__dict__.get("_kl_slot")  # absent in a posterior pickled by an older version
-        scalar = prior.loc.numel() == 1 and prior.scale.numel() == 1
-        if slot is not None and scalar and torch.is_grad_enabled():
-            kl = slot.get(self.mu, self.rho, float(prior.loc), float(prior.scale))
-            if kl is not None:
-                return kl
         values = self.scale_values(reuse=True)
         return gaussian_ops.gaussian_kl(self.mu, self.rho, values, prior.loc, prior.scale)
 
@@ -347,6 +360,21 @@ def _tensor_name(module_path: str) -> str:
         owner, tensor = match.groups()
         return f"{owner}.{tensor}" if owner else tensor
     return module_path.removesuffix("_posterior")
+
+
+def all_posteriors(net: nn.Module) -> Iterator[VariationalPosterior]:
+    """Every posterior of ``net`` (``net`` itself included), in the order of
+    :func:`named_posteriors`, without building the names: the loss walks them every step."""
+    seen: set[int] = set()
+    pending = [net]
+    while pending:
+        module = pending.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if isinstance(module, VariationalPosterior):
+            yield module
+        pending.extend(child for child in reversed(module._modules.values()) if child is not None)
 
 
 def named_posteriors(net: nn.Module) -> Iterator[tuple[str, VariationalPosterior]]:

@@ -16,8 +16,8 @@ normal here). ``gaussian.cpp`` does the same work in fewer, vectorized passes:
   one exp(-|rho|) per weight;
 - :func:`kl_rho_grad`: the rho-gradient of the Gaussian KL in one pass;
 - :func:`sample_with_kl` and :func:`sample_with_kl_backward`: one use of sigma (a draw, a
-  perturbation or the variance) and the sums of the Gaussian-prior KL in one pass over mu and
-  rho, and the gradients of both in one pass
+  perturbation or the variance) and the Gaussian-prior KL in one pass over mu and rho, and the
+  gradients of both in one pass
   (:func:`bbb_lightning.bayes.gaussian_ops.sample_with_kl`).
 
 They apply to contiguous float32 CPU tensors; everything else (float64, CUDA, where CUDA's own
@@ -131,8 +131,9 @@ def _run(kernel: str, *args: object) -> Any:
 
 
 def _key() -> int:
-    """A fresh 64-bit Philox key from torch's default CPU generator."""
-    return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
+    """A fresh 64-bit Philox key from torch's default CPU generator (drawn in C++: a
+    ``torch.randint`` costs microseconds, and a training step draws one key per tensor)."""
+    return kernels().random_key()  # only called where the kernels are built
 
 
 def standard_normal(shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -187,14 +188,28 @@ def kl_rho_grad(
 
 
 def sample_with_kl(
-    mu: Tensor, rho: Tensor, use: int, sample_shape: tuple[int, ...], min_scale: float, loc: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor, list[float]]:
-    """(out, eps, sigma, sigmoid(rho), [sum log sigma, sum sigma^2, sum (mu - loc)^2]) without
-    autograd, where out is mu + sigma eps (``use`` 0), sigma eps (1) or sigma^2 (2, no eps and
-    no sample shape), eps ~ N(0, I) of shape ``sample_shape + rho.shape``. Only for tensors
-    :func:`applies_to`."""
+    mu: Tensor,
+    rho: Tensor,
+    use: int,
+    sample_shape: tuple[int, ...],
+    min_scale: float,
+    loc: float,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, eps, sigma, sigmoid(rho), KL) without autograd, where out is mu + sigma eps (``use``
+    0), sigma eps (1) or sigma^2 (2, no eps and no sample shape), eps ~ N(0, I) of shape
+    ``sample_shape + rho.shape``, and KL = KL(N(mu, sigma^2) || N(loc, scale^2)) summed, a 0-dim
+    tensor. Only for tensors :func:`applies_to`."""
     return _run(
-        "sample_with_kl", mu.detach(), rho.detach(), use, list(sample_shape), _key(), min_scale, loc
+        "sample_with_kl",
+        mu.detach(),
+        rho.detach(),
+        use,
+        list(sample_shape),
+        _key(),
+        min_scale,
+        loc,
+        scale,
     )
 
 

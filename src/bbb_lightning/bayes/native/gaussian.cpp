@@ -9,8 +9,8 @@
 // kl_rho_grad:    (sigma w - g / sigma) sigmoid(rho), the gradient with respect to rho of
 //                 g KL(N(mu, sigma^2) || N(m, s^2)) with w = g / s^2, in one pass.
 // sample_with_kl: one use of sigma (a draw mu + sigma eps, a perturbation sigma eps, or the
-//                 variance sigma^2) together with the three sums of the Gaussian-prior KL
-//                 (sum log sigma, sum sigma^2, sum (mu - m)^2), in one pass over mu and rho;
+//                 variance sigma^2) together with the Gaussian-prior KL, from the three sums
+//                 sum log sigma, sum sigma^2 and sum (mu - m)^2, in one pass over mu and rho;
 //                 sample_with_kl_backward: the gradients of that use and of the KL together,
 //                 in one pass.
 //
@@ -20,11 +20,14 @@
 // element i depends on the lane count); each stream is exactly N(0, 1).
 #include <torch/extension.h>
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <array>
+#include <cmath>
+#include <mutex>
 #include <cstdint>
 #include <tuple>
 #include <vector>
@@ -215,6 +218,14 @@ void check_float_cpu(const torch::Tensor& t, const char* name) {
 }
 
 // -- kernels ----------------------------------------------------------------------------
+// A fresh 64-bit key from torch's default CPU generator (what torch.manual_seed seeds), as
+// ATen's own CPU samplers draw theirs.
+int64_t random_key() {
+  auto generator = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  return static_cast<int64_t>(at::check_generator<at::CPUGeneratorImpl>(generator)->random64());
+}
+
 torch::Tensor normal_(torch::Tensor out, int64_t seed) {
   check_float_cpu(out, "out");
   float* data = out.data_ptr<float>();
@@ -399,15 +410,16 @@ enum Use : int64_t { kDraw = 0, kPerturbation = 1, kVariance = 2 };
 
 using Sums = std::array<double, 3>;  // sum log sigma, sum sigma^2, sum (mu - m)^2
 
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, std::vector<double>>
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor>
 sample_with_kl(const torch::Tensor& mu, const torch::Tensor& rho, int64_t use,
                const std::vector<int64_t>& sample_shape, int64_t seed, double min_scale,
-               double loc) {
+               double loc, double prior_scale) {
   check_float_cpu(mu, "mu");
   check_float_cpu(rho, "rho");
   TORCH_CHECK(mu.sizes() == rho.sizes(), "mu and rho must have the same shape");
   TORCH_CHECK(use >= kDraw && use <= kVariance, "use must be 0 (draw), 1 (perturbation) or 2");
   TORCH_CHECK(use != kVariance || sample_shape.empty(), "the variance takes no sample shape");
+  TORCH_CHECK(prior_scale > 0, "the prior scale must be > 0");
   int64_t samples = 1;
   for (const int64_t size : sample_shape) samples *= size;
   TORCH_CHECK(samples >= 1 && samples <= UINT32_MAX,
@@ -484,7 +496,11 @@ sample_with_kl(const torch::Tensor& mu, const torch::Tensor& rho, int64_t use,
         for (size_t k = 0; k < a.size(); ++k) a[k] += b[k];
         return a;
       });
-  return {out, eps, sigma, dsigma, std::vector<double>(sums.begin(), sums.end())};
+  // KL = sum_i [log s - log sigma_i + (sigma_i^2 + (mu_i - m)^2) / (2 s^2) - 1/2]
+  const double count = static_cast<double>(n);
+  const double kl = count * std::log(prior_scale) - sums[0] +
+                    0.5 * ((sums[1] + sums[2]) / (prior_scale * prior_scale) - count);
+  return {out, eps, sigma, dsigma, torch::scalar_tensor(kl, rho.options())};
 }
 
 // The gradients of L = <G, out> + g KL with KL against N(m, s^2), w = g / s^2 (`kl_weight`):
@@ -559,9 +575,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(softplus(rho) + min_scale, sigmoid(rho), sum log sigma or 0) in one pass.");
   m.def("kl_rho_grad", &kl_rho_grad,
         "(sigma weight - grad / sigma) sigmoid(rho), small-rho safe, in one pass.");
+  m.def("random_key", &random_key, "A 64-bit key from torch's default CPU generator.");
   m.def("sample_with_kl", &sample_with_kl,
-        "(out, eps, sigma, sigmoid(rho), [sum log sigma, sum sigma^2, sum (mu - m)^2]) in one "
-        "pass; out is mu + sigma eps (use 0), sigma eps (1) or sigma^2 (2).");
+        "(out, eps, sigma, sigmoid(rho), KL(N(mu, sigma^2) || N(m, s^2)) summed) in one pass; "
+        "out is mu + sigma eps (use 0), sigma eps (1) or sigma^2 (2).");
   m.def("sample_with_kl_backward", &sample_with_kl_backward,
         "(grad mu, grad rho) of <grad, out> + kl_grad KL, in one pass.");
 }
