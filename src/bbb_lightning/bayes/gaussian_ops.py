@@ -17,8 +17,10 @@ adds to a deterministic one. Here:
 - there, against a Gaussian prior with scalar parameters, :func:`sample_with_kl` goes further:
   one node computes the forward's use of sigma and the KL together, in one pass over mu and
   rho, and its backward gives the gradients of both in one more pass (instead of two nodes,
-  six passes and autograd adding their gradients). The KL is kept in a :class:`KLSlot` until
-  the loss asks for it (:meth:`~bbb_lightning.bayes.posteriors.MeanFieldNormal.kl_from_forward`).
+  six passes and autograd adding their gradients), computing sigma and sigmoid(rho) again
+  rather than keeping them (less memory traffic than storing and reading them back). The KL
+  is kept in a :class:`KLSlot` until the loss asks for it
+  (:meth:`~bbb_lightning.bayes.posteriors.MeanFieldNormal.kl_from_forward`).
 
 The functions (``eps`` ~ N(0, I) of shape ``sample_shape + mu.shape``; sums over the sample
 dimensions in the gradients):
@@ -325,10 +327,8 @@ class _SampleWithKL(torch.autograd.Function):
         loc: float,
         scale: float,
     ) -> tuple[Tensor, Tensor]:
-        out, eps, sigma, dsigma, kl = native.sample_with_kl(
-            mu, rho, use, sample_shape, min_scale, loc, scale
-        )
-        ctx.save_for_backward(eps, mu, rho, sigma, dsigma)
+        out, eps, kl = native.sample_with_kl(mu, rho, use, sample_shape, min_scale, loc, scale)
+        ctx.save_for_backward(eps, mu, rho)
         ctx.constants = (use, min_scale, loc, 1.0 / (scale * scale))
         ctx.slot = None
         ctx.set_materialize_grads(False)

@@ -195,8 +195,8 @@ def sample_with_kl(
     min_scale: float,
     loc: float,
     scale: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(out, eps, sigma, sigmoid(rho), KL) without autograd, where out is mu + sigma eps (``use``
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, eps, KL) without autograd, where out is mu + sigma eps (``use``
     0), sigma eps (1) or sigma^2 (2, no eps and no sample shape), eps ~ N(0, I) of shape
     ``sample_shape + rho.shape``, and KL = KL(N(mu, sigma^2) || N(loc, scale^2)) summed, a 0-dim
     tensor. Only for tensors :func:`applies_to`."""
@@ -215,7 +215,7 @@ def sample_with_kl(
 
 def sample_with_kl_backward(
     grad: Tensor | None,
-    saved: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
+    saved: tuple[Tensor, Tensor, Tensor],
     use: int,
     kl_grad: float,
     kl_weight: float,
@@ -224,9 +224,9 @@ def sample_with_kl_backward(
     want: tuple[bool, bool],
 ) -> tuple[Tensor | None, Tensor | None]:
     """(dL/dmu, dL/drho) for L = <grad, out> + kl_grad KL of :func:`sample_with_kl`, ``saved`` =
-    (eps, mu, rho, sigma, sigmoid(rho)), ``kl_weight`` = kl_grad / prior_scale^2; None where
-    ``want`` says no."""
-    eps, mu, rho, sigma, dsigma = saved
+    (eps, mu, rho), ``kl_weight`` = kl_grad / prior_scale^2; None where ``want`` says no. sigma
+    and sigmoid(rho) are computed again from rho, in the same pass."""
+    eps, mu, rho = saved
     grad = rho.new_empty(0) if grad is None else grad.contiguous()
     return _run(
         "sample_with_kl_backward",
@@ -234,8 +234,6 @@ def sample_with_kl_backward(
         eps,
         mu.detach(),
         rho.detach(),
-        sigma,
-        dsigma,
         use,
         kl_grad,
         kl_weight,

@@ -410,7 +410,7 @@ enum Use : int64_t { kDraw = 0, kPerturbation = 1, kVariance = 2 };
 
 using Sums = std::array<double, 3>;  // sum log sigma, sum sigma^2, sum (mu - m)^2
 
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor>
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor>
 sample_with_kl(const torch::Tensor& mu, const torch::Tensor& rho, int64_t use,
                const std::vector<int64_t>& sample_shape, int64_t seed, double min_scale,
                double loc, double prior_scale) {
@@ -425,8 +425,6 @@ sample_with_kl(const torch::Tensor& mu, const torch::Tensor& rho, int64_t use,
   TORCH_CHECK(samples >= 1 && samples <= UINT32_MAX,
               "the sample shape must hold 1 to 2^32 - 1 samples");
   const int64_t n = rho.numel();
-  auto sigma = torch::empty_like(rho);
-  auto dsigma = torch::empty_like(rho);
   std::vector<int64_t> sample_sizes(sample_shape);
   sample_sizes.insert(sample_sizes.end(), rho.sizes().begin(), rho.sizes().end());
   const bool draws = use != kVariance;
@@ -434,8 +432,6 @@ sample_with_kl(const torch::Tensor& mu, const torch::Tensor& rho, int64_t use,
   auto eps = draws ? torch::empty(sample_sizes, rho.options()) : torch::empty({0}, rho.options());
   const float* m = mu.data_ptr<float>();
   const float* r = rho.data_ptr<float>();
-  float* sg = sigma.data_ptr<float>();
-  float* ds = dsigma.data_ptr<float>();
   float* o = out.data_ptr<float>();
   float* e = eps.data_ptr<float>();
   const Vec floor(static_cast<float>(min_scale)), prior_loc(static_cast<float>(loc));
@@ -447,6 +443,7 @@ sample_with_kl(const torch::Tensor& mu, const torch::Tensor& rho, int64_t use,
       [&](int64_t begin, int64_t end, Sums partial) {
         KahanSum log_sigma, sigma_sq, diff_sq;
         alignas(64) float noise[kNormalsPerBlock];
+        alignas(64) float sg[kNormalsPerBlock];  // sigma of the block, for every sample
         for (int64_t b = begin; b < end; ++b) {
           const int64_t start = b * kNormalsPerBlock;
           const int64_t block_count = std::min(kNormalsPerBlock, n - start);
@@ -456,8 +453,7 @@ sample_with_kl(const torch::Tensor& mu, const torch::Tensor& rho, int64_t use,
             const Vec x = Vec::loadu(r + i, count);
             Vec sig, dsig;
             softplus_sigmoid(x, floor, sig, dsig);
-            dsig.store(ds + i, count);
-            sig.store(sg + i, count);
+            sig.store(sg + j);
             if (!draws) (sig * sig).store(o + i, count);
             const Vec diff = Vec::loadu(m + i, count) - prior_loc;
             Vec log_sig = log_sigma_of(x, sig, tiny_rho);
@@ -481,7 +477,7 @@ sample_with_kl(const torch::Tensor& mu, const torch::Tensor& rho, int64_t use,
               const int64_t i = start + j;
               const int count = static_cast<int>(std::min<int64_t>(kLanes, block_count - j));
               const Vec z = Vec::loadu(noise + j);
-              const Vec scaled = Vec::loadu(sg + i, count) * z;
+              const Vec scaled = Vec::loadu(sg + j) * z;
               z.store(eps_row + i, count);
               (use == kDraw ? Vec::loadu(m + i, count) + scaled : scaled).store(out_row + i, count);
             }
@@ -500,19 +496,21 @@ sample_with_kl(const torch::Tensor& mu, const torch::Tensor& rho, int64_t use,
   const double count = static_cast<double>(n);
   const double kl = count * std::log(prior_scale) - sums[0] +
                     0.5 * ((sums[1] + sums[2]) / (prior_scale * prior_scale) - count);
-  return {out, eps, sigma, dsigma, torch::scalar_tensor(kl, rho.options())};
+  return {out, eps, torch::scalar_tensor(kl, rho.options())};
 }
 
 // The gradients of L = <G, out> + g KL with KL against N(m, s^2), w = g / s^2 (`kl_weight`):
 //   dL/dmu  = [sum_s G_s if kDraw] + w (mu - m)
 //   dL/drho = ([sum_s G_s eps_s, or 2 G sigma for kVariance] + sigma w - g / sigma) sigmoid(rho),
 // with the small-rho form of the KL term where sigma underflows. An empty `grad` means G = 0.
+// sigma and sigmoid(rho) are computed again from rho: cheaper than storing them in the forward
+// and reading them back, on a CPU where the step is bound by memory traffic as much as by math.
 std::tuple<torch::Tensor, torch::Tensor> sample_with_kl_backward(
     const torch::Tensor& grad, const torch::Tensor& eps, const torch::Tensor& mu,
-    const torch::Tensor& rho, const torch::Tensor& sigma, const torch::Tensor& dsigma,
-    int64_t use, double kl_grad, double kl_weight, double loc, double min_scale, bool want_mu,
-    bool want_rho) {
-  for (const auto* t : {&mu, &rho, &sigma, &dsigma}) check_float_cpu(*t, "mu, rho, sigma, dsigma");
+    const torch::Tensor& rho, int64_t use, double kl_grad, double kl_weight, double loc,
+    double min_scale, bool want_mu, bool want_rho) {
+  for (const auto* t : {&mu, &rho}) check_float_cpu(*t, "mu, rho");
+  TORCH_CHECK(mu.sizes() == rho.sizes(), "mu and rho must have the same shape");
   const int64_t n = rho.numel();
   const bool has_grad = grad.numel() > 0;
   const bool draws = use != kVariance;
@@ -531,17 +529,15 @@ std::tuple<torch::Tensor, torch::Tensor> sample_with_kl_backward(
   const float* e = has_grad && draws ? eps.data_ptr<float>() : nullptr;
   const float* m = mu.data_ptr<float>();
   const float* r = rho.data_ptr<float>();
-  const float* sg = sigma.data_ptr<float>();
-  const float* ds = dsigma.data_ptr<float>();
   float* gm = want_mu ? grad_mu.data_ptr<float>() : nullptr;
   float* gr = want_rho ? grad_rho.data_ptr<float>() : nullptr;
   const Vec w(static_cast<float>(kl_weight)), kg(static_cast<float>(kl_grad));
   const Vec prior_loc(static_cast<float>(loc)), zero(0.0f), two(2.0f);
+  const Vec floor(static_cast<float>(min_scale));
   const Vec tiny_rho(min_scale > 0 ? -INFINITY : kTinyRho);
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; i += kLanes) {
       const int count = static_cast<int>(std::min<int64_t>(kLanes, end - i));
-      const Vec sig = Vec::loadu(sg + i, count);
       Vec grad_sum = zero, grad_eps = zero;  // sum_s G_s and sum_s G_s eps_s (or 2 G sigma)
       if (has_grad) {
         for (int64_t s = 0; s < samples; ++s) {
@@ -549,7 +545,6 @@ std::tuple<torch::Tensor, torch::Tensor> sample_with_kl_backward(
           grad_sum = grad_sum + gs;
           if (draws) grad_eps = at::vec::fmadd(gs, Vec::loadu(e + s * n + i, count), grad_eps);
         }
-        if (!draws) grad_eps = two * grad_sum * sig;
       }
       if (want_mu) {
         const Vec kl_part = w * (Vec::loadu(m + i, count) - prior_loc);
@@ -557,7 +552,9 @@ std::tuple<torch::Tensor, torch::Tensor> sample_with_kl_backward(
       }
       if (want_rho) {
         const Vec x = Vec::loadu(r + i, count);
-        const Vec dsig = Vec::loadu(ds + i, count);
+        Vec sig, dsig;
+        softplus_sigmoid(x, floor, sig, dsig);
+        if (!draws) grad_eps = two * grad_sum * sig;
         (grad_eps * dsig + kl_rho_term(x, sig, dsig, w, kg, tiny_rho)).store(gr + i, count);
       }
     }
@@ -577,7 +574,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(sigma weight - grad / sigma) sigmoid(rho), small-rho safe, in one pass.");
   m.def("random_key", &random_key, "A 64-bit key from torch's default CPU generator.");
   m.def("sample_with_kl", &sample_with_kl,
-        "(out, eps, sigma, sigmoid(rho), KL(N(mu, sigma^2) || N(m, s^2)) summed) in one pass; "
+        "(out, eps, KL(N(mu, sigma^2) || N(m, s^2)) summed) in one pass; "
         "out is mu + sigma eps (use 0), sigma eps (1) or sigma^2 (2).");
   m.def("sample_with_kl_backward", &sample_with_kl_backward,
         "(grad mu, grad rho) of <grad, out> + kl_grad KL, in one pass.");
