@@ -353,6 +353,56 @@ def test_sample_with_kl_draws_independent_standard_normals_per_sample() -> None:
 
 
 @needs_native
+@pytest.mark.parametrize("with_mean", [True, False])
+def test_scaled_normal_draws_mu_plus_sigma_times_independent_normals(with_mean: bool) -> None:
+    torch.manual_seed(10)
+    n = 100_003  # a partial last block
+    mu = torch.randn(n) * 3
+    sigma = torch.rand(n) * 2 + 0.1
+    out = native.scaled_normal((4,), sigma, mu if with_mean else None)
+    assert out.shape == (4, n)
+    eps = ((out - mu) if with_mean else out).double() / sigma.double()
+    se = 1 / math.sqrt(n)
+    for row in eps:  # each sample standard normal, after removing mu and sigma
+        assert abs(float(row.mean())) < 5 * se
+        assert abs(float(row.var()) - 1) < 5 * math.sqrt(2) * se
+        assert abs(float((row**4).mean()) - 3) < 5 * math.sqrt(96) * se
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert abs(float((eps[a] * eps[b]).mean())) < 5 * se
+    for lag in (1, 16, 64):
+        assert abs(float((eps[0, lag:] * eps[0, :-lag]).mean())) < 5 * se
+    threads = torch.get_num_threads()
+    try:
+        draws = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            torch.manual_seed(11)
+            draws.append(native.scaled_normal((3,), sigma, mu))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(draws[0], draws[1])
+
+
+@needs_native
+def test_a_draw_without_gradients_takes_the_one_pass_kernel() -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    q = MeanFieldNormal(torch.full((50, 40), 2.0), GaussianPrior())
+    with profile(activities=[ProfilerActivity.CPU]) as prof, torch.no_grad():
+        draws = q.rsample((3,))
+        perturbations = q.perturbation((3,))
+    names = [event.name for event in prof.events() if event.name.startswith("bbb_lightning::")]
+    assert names.count("bbb_lightning::scaled_normal_") == 2
+    assert "bbb_lightning::normal_" not in names  # no separate eps
+    # mu + sigma eps and sigma eps, sigma = softplus(U(-5, -4)) in 0.0067 to 0.018
+    for value, mean in ((draws, 2.0), (perturbations, 0.0)):
+        assert value.shape == (3, 50, 40) and value.grad_fn is None
+        assert abs(float(value.mean()) - mean) < 0.002
+        assert 0.005 < float(value.std()) < 0.02
+
+
+@needs_native
 @pytest.mark.parametrize("estimator", ["reparameterization", "local", "flipout"])
 def test_the_layer_kl_comes_from_the_forward_node_until_it_is_used(estimator: str) -> None:
     torch.manual_seed(9)

@@ -61,6 +61,7 @@ __all__ = [
     "KLSlot",
     "ScaleValues",
     "draw",
+    "fresh_draw",
     "gaussian_kl",
     "perturbation",
     "sample_with_kl",
@@ -277,6 +278,20 @@ def perturbation(rho: Tensor, scale: ScaleValues, eps: Tensor) -> Tensor:
     if tracked(rho):
         return _Draw.apply(None, rho, scale, eps)
     return _draw_value(None, scale, eps)
+
+
+def fresh_draw(
+    mu: Tensor | None, rho: Tensor, scale: ScaleValues, sample_shape: tuple[int, ...]
+) -> Tensor:
+    """mu + sigma * eps (sigma * eps where ``mu`` is None) with a fresh eps ~ N(0, I) of shape
+    ``sample_shape + rho.shape``: :func:`draw` or :func:`perturbation` where autograd records;
+    without it, on tensors the native kernels apply to, one pass that never stores eps
+    (:func:`bbb_lightning.bayes.native.scaled_normal`)."""
+    untracked_native = not tracked(mu, rho) and native.applies_to(scale.sigma)
+    if untracked_native and (mu is None or native.applies_to(mu)):
+        return native.scaled_normal(sample_shape, scale.sigma, mu)
+    eps = native.standard_normal((*sample_shape, *rho.shape), like=rho)
+    return perturbation(rho, scale, eps) if mu is None else draw(mu, rho, scale, eps)
 
 
 def variance(rho: Tensor, scale: ScaleValues) -> Tensor:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
-from . import gaussian_ops, native
+from . import gaussian_ops
 from .priors import GaussianPrior, Prior
 
 __all__ = [
@@ -250,9 +250,6 @@ class MeanFieldNormal(VariationalPosterior):
             self.__dict__["_scale_values"] = values  # a plain attribute: skip Module.__setattr__
         return values
 
-    def _noise(self, sample_shape: Sequence[int]) -> Tensor:
-        return native.standard_normal((*sample_shape, *self.mu.shape), like=self.mu)
-
     def _scalar_gaussian_prior(self) -> tuple[float, float] | None:
         """(loc, scale) if the prior is a constant scalar ``GaussianPrior``, else None."""
         prior = self._modules["prior"]  # past Module.__getattr__: this runs every step
@@ -293,7 +290,7 @@ class MeanFieldNormal(VariationalPosterior):
             if joint is not None:
                 return joint
             scale_values = self.scale_values()
-        return gaussian_ops.draw(self.mu, self.rho, scale_values, self._noise(sample_shape))
+        return gaussian_ops.fresh_draw(self.mu, self.rho, scale_values, tuple(sample_shape))
 
     def perturbation(
         self,
@@ -307,7 +304,7 @@ class MeanFieldNormal(VariationalPosterior):
             if joint is not None:
                 return joint
             scale_values = self.scale_values()
-        return gaussian_ops.perturbation(self.rho, scale_values, self._noise(sample_shape))
+        return gaussian_ops.fresh_draw(None, self.rho, scale_values, tuple(sample_shape))
 
     def variance(self) -> Tensor:
         """sigma^2, differentiable in rho (local reparameterization)."""

@@ -12,6 +12,8 @@ normal here). ``gaussian.cpp`` does the same work in fewer, vectorized passes:
   draws are the same for any number of threads;
 - :func:`random_signs`: +1 or -1 with probability 1/2 each (flipout's Rademacher signs), one
   Philox bit per sign, written as floats in one pass;
+- :func:`scaled_normal`: mu + sigma eps (or sigma eps) for S samples, eps never stored: the
+  draws without autograd (the many-sample predictive) in one pass instead of two;
 - :func:`softplus_scale`: sigma = softplus(rho) + min_scale, sigmoid(rho) and sum log sigma from
   one exp(-|rho|) per weight;
 - :func:`kl_rho_grad`: the rho-gradient of the Gaussian KL in one pass;
@@ -50,6 +52,7 @@ __all__ = [
     "random_signs",
     "sample_with_kl",
     "sample_with_kl_backward",
+    "scaled_normal",
     "softplus_scale",
     "standard_normal",
     "status",
@@ -171,6 +174,15 @@ def random_signs(shape: tuple[int, ...], like: Tensor) -> Tensor:
     shifts = torch.arange(_BITS_PER_DRAW, dtype=torch.int32, device=device)
     bits = words.bitwise_right_shift(shifts).bitwise_and_(1).reshape(-1)[:count]
     return bits.to(like.dtype).mul_(2).sub_(1).reshape(shape)
+
+
+def scaled_normal(sample_shape: tuple[int, ...], sigma: Tensor, mu: Tensor | None) -> Tensor:
+    """mu + sigma eps (sigma eps where ``mu`` is None), eps ~ N(0, I) of shape
+    ``sample_shape + sigma.shape``, without autograd, in one pass. eps is never stored: only
+    for a draw whose gradient is not needed. Only for tensors :func:`applies_to`."""
+    out = torch.empty((*sample_shape, *sigma.shape), dtype=torch.float32)
+    mean = sigma.new_empty(0) if mu is None else mu.detach()
+    return _run("scaled_normal_", out, sigma, mean, _key())
 
 
 def softplus_scale(rho: Tensor, min_scale: float, log_sum: bool) -> tuple[Tensor, Tensor, float]:

@@ -4,6 +4,7 @@
 //                 normals by Box-Muller; element i depends only on (seed, i), not on threads.
 // random_signs_:  out = +1 or -1 with probability 1/2 each (flipout's Rademacher signs), one
 //                 Philox bit per element; element i depends only on (seed, i).
+// scaled_normal_: out = mu + sigma eps or sigma eps for S samples, in one pass (no autograd).
 // softplus_scale: sigma = softplus(rho) + min_scale and dsigma = sigmoid(rho) from one
 //                 exp(-|rho|), and optionally sum_i log sigma_i, in one pass over rho.
 // kl_rho_grad:    (sigma w - g / sigma) sigmoid(rho), the gradient with respect to rho of
@@ -275,6 +276,47 @@ torch::Tensor random_signs_(torch::Tensor out, int64_t seed) {
       const int64_t start = b * kSignsPerBlock;
       sign_block(data + start, std::min(kSignsPerBlock, n - start), b,
                  static_cast<uint64_t>(seed));
+    }
+  });
+  return out;
+}
+
+// out[s, i] = mu_i + sigma_i z[s, i] (sigma_i z[s, i] where mu is empty), z[s, i] normal i of
+// the stream (seed, s): the draws of sample_with_kl, without its eps, KL or gradient, written in
+// one pass (a draw without autograd needs neither eps nor a second pass over it).
+torch::Tensor scaled_normal_(torch::Tensor out, const torch::Tensor& sigma, const torch::Tensor& mu,
+                             int64_t seed) {
+  check_float_cpu(out, "out");
+  check_float_cpu(sigma, "sigma");
+  const int64_t n = sigma.numel();
+  const bool has_mu = mu.numel() > 0;
+  if (has_mu) {
+    check_float_cpu(mu, "mu");
+    TORCH_CHECK(mu.numel() == n, "mu and sigma must have the same number of elements");
+  }
+  if (n == 0) return out;
+  const int64_t samples = out.numel() / n;
+  TORCH_CHECK(out.numel() == samples * n, "out must hold whole samples of sigma's shape");
+  TORCH_CHECK(samples <= UINT32_MAX, "at most 2^32 - 1 samples");
+  const float* sg = sigma.data_ptr<float>();
+  const float* m = has_mu ? mu.data_ptr<float>() : nullptr;
+  float* o = out.data_ptr<float>();
+  const int64_t blocks = (n + kNormalsPerBlock - 1) / kNormalsPerBlock;
+  at::parallel_for(0, samples * blocks, kGrain / kNormalsPerBlock, [&](int64_t begin, int64_t end) {
+    alignas(64) float noise[kNormalsPerBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = task / blocks, b = task % blocks;
+      normal_block(noise, static_cast<uint64_t>(b), static_cast<uint64_t>(seed),
+                   static_cast<uint32_t>(s));
+      const int64_t start = b * kNormalsPerBlock;
+      const int64_t block_count = std::min(kNormalsPerBlock, n - start);
+      float* row = o + s * n;
+      for (int64_t j = 0; j < block_count; j += kLanes) {
+        const int64_t i = start + j;
+        const int count = static_cast<int>(std::min<int64_t>(kLanes, block_count - j));
+        const Vec scaled = Vec::loadu(sg + i, count) * Vec::loadu(noise + j);
+        (has_mu ? Vec::loadu(m + i, count) + scaled : scaled).store(row + i, count);
+      }
     }
   });
   return out;
@@ -568,6 +610,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("normal_", &normal_, "Fill a float32 CPU tensor with N(0, 1) draws of stream seed.");
   m.def("random_signs_", &random_signs_,
         "Fill a float32 CPU tensor with +1 or -1, probability 1/2 each, of stream seed.");
+  m.def("scaled_normal_", &scaled_normal_,
+        "Fill out (S samples of sigma's shape) with mu + sigma eps, or sigma eps, in one pass.");
   m.def("softplus_scale", &softplus_scale,
         "(softplus(rho) + min_scale, sigmoid(rho), sum log sigma or 0) in one pass.");
   m.def("kl_rho_grad", &kl_rho_grad,
