@@ -144,6 +144,25 @@ def test_softplus_scale_matches_float64(min_scale: float) -> None:
 
 
 @needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sum_log_sigma_over_millions_of_weights_matches_float64(threads: int) -> None:
+    """Millions of terms (the per-lane sums of exponents are flushed many times), small-rho
+    lanes mixed into most vectors, a partial last vector."""
+    torch.manual_seed(12)
+    rho = torch.randn(3_000_001) * 4 - 3
+    rho[::7] = -60.0  # sigma ~ 1e-26: the small-rho form, next to ordinary lanes
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        log_sum = native.softplus_scale(rho, 0.0, log_sum=True)[2]
+    finally:
+        torch.set_num_threads(previous)
+    reference = float(reference_scale(rho, 0.0)[2])
+    # float32 sigma to 2 ulps, each log to a few ulps of its own magnitude: far below 1e-6
+    assert abs(log_sum - reference) < 1e-6 * abs(reference)
+
+
+@needs_native
 @pytest.mark.parametrize("min_scale", [0.0, 1e-3])
 def test_kl_rho_grad_matches_autograd_in_float64(min_scale: float) -> None:
     rho = torch.cat([torch.linspace(-60, 30, 50_001), torch.tensor([-120.0])])

@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cfloat>
 #include <cmath>
 #include <mutex>
 #include <cstdint>
@@ -384,6 +385,85 @@ inline Vec kl_rho_term(const Vec& x, const Vec& sigma, const Vec& dsigma, const 
   return Vec::blendv(value, small, x < tiny_rho);
 }
 
+// sum_i log sigma_i, finite for any finite rho, over the lanes of a loop. With AVX-512 or
+// AVX2, sigma = 2^k m with m in [1, 2) is split by bit manipulation: the exponents k are summed
+// (exactly: integers, flushed to a double long before a float sum could round them) and the
+// mantissas multiplied into one running product per lane, renormalized after each factor; one
+// log per lane at the end replaces a log per weight. Lanes where sigma needs the small-rho form
+// (or is subnormal) take log_sigma_of instead. Otherwise, a compensated sum of log_sigma_of.
+struct LogSigmaSum {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  Vec exponents{0.0f}, mantissas{1.0f};
+  int64_t terms = 0;
+  double flushed = 0.0;
+  KahanSum direct;
+
+  // exponent k and mantissa m in [1, 2) of positive normal floats, lane by lane
+  static void split(const Vec& v, Vec& exponent, Vec& mantissa) {
+#if defined(CPU_CAPABILITY_AVX512)
+    exponent = Vec(_mm512_getexp_ps(v));
+    mantissa = Vec(_mm512_getmant_ps(v, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero));
+#else
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i biased = _mm256_srli_epi32(bits, 23);
+    exponent = Vec(_mm256_cvtepi32_ps(_mm256_sub_epi32(biased, _mm256_set1_epi32(127))));
+    mantissa = Vec(_mm256_castsi256_ps(_mm256_or_si256(
+        _mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)), _mm256_set1_epi32(0x3F800000))));
+#endif
+  }
+
+  void add(const Vec& x, const Vec& sigma, const Vec& tiny_rho, int count) {
+    const Vec one(1.0f), zero(0.0f);
+    const Vec special = (x < tiny_rho) | (sigma < Vec(FLT_MIN));
+    Vec factor = Vec::blendv(sigma, one, special);
+    if (count < kLanes) factor = Vec::set(one, factor, count);
+    if (special.zero_mask() != (1 << kLanes) - 1) {  // some lane takes the direct form
+      Vec value = Vec::blendv(zero, log_sigma_of(x, sigma, tiny_rho), special);
+      if (count < kLanes) value = Vec::set(zero, value, count);
+      direct.add(value);
+    }
+    Vec exponent, mantissa;
+    split(factor, exponent, mantissa);
+    exponents = exponents + exponent;
+    split(mantissas * mantissa, exponent, mantissa);  // the product is in [1, 4)
+    exponents = exponents + exponent;
+    mantissas = mantissa;
+    if (++terms == kFlushEvery) flush();
+  }
+
+  void flush() {
+    alignas(64) float lanes[kLanes];
+    exponents.store(lanes);
+    for (int64_t l = 0; l < kLanes; ++l) flushed += lanes[l];
+    exponents = Vec(0.0f);
+    terms = 0;
+  }
+
+  double total() {
+    flush();
+    alignas(64) float lanes[kLanes];
+    mantissas.store(lanes);
+    double log_mantissas = 0.0;
+    for (int64_t l = 0; l < kLanes; ++l) log_mantissas += std::log(static_cast<double>(lanes[l]));
+    return flushed * kLn2 + log_mantissas + direct.total();
+  }
+
+  // each add changes a lane's exponent sum by at most 2 * 150: exact in float below 2^24
+  static constexpr int64_t kFlushEvery = 16384;
+  static constexpr double kLn2 = 0.69314718055994530942;
+#else
+  KahanSum direct;
+
+  void add(const Vec& x, const Vec& sigma, const Vec& tiny_rho, int count) {
+    Vec value = log_sigma_of(x, sigma, tiny_rho);
+    if (count < kLanes) value = Vec::set(Vec(0.0f), value, count);
+    direct.add(value);
+  }
+
+  double total() { return direct.total(); }
+#endif
+};
+
 std::tuple<torch::Tensor, torch::Tensor, double> softplus_scale(
     const torch::Tensor& rho, double min_scale, bool log_sum) {
   check_float_cpu(rho, "rho");
@@ -397,7 +477,7 @@ std::tuple<torch::Tensor, torch::Tensor, double> softplus_scale(
   const double total = at::parallel_reduce(
       int64_t{0}, rho.numel(), kGrain, 0.0,
       [&](int64_t begin, int64_t end, double partial) {
-        KahanSum log_sigma;
+        LogSigmaSum log_sigma;
         for (int64_t i = begin; i < end; i += kLanes) {
           const int count = static_cast<int>(std::min<int64_t>(kLanes, end - i));
           const Vec x = Vec::loadu(r + i, count);
@@ -405,11 +485,7 @@ std::tuple<torch::Tensor, torch::Tensor, double> softplus_scale(
           softplus_sigmoid(x, floor, sig, dsig);
           sig.store(s + i, count);
           dsig.store(d + i, count);
-          if (log_sum) {
-            Vec log_sig = log_sigma_of(x, sig, tiny_rho);
-            if (count < kLanes) log_sig = Vec::set(zero, log_sig, count);
-            log_sigma.add(log_sig);
-          }
+          if (log_sum) log_sigma.add(x, sig, tiny_rho, count);
         }
         return partial + log_sigma.total();
       },
@@ -483,7 +559,8 @@ sample_with_kl(const torch::Tensor& mu, const torch::Tensor& rho, int64_t use,
   const Sums sums = at::parallel_reduce(
       int64_t{0}, blocks, kGrain / kNormalsPerBlock, Sums{0.0, 0.0, 0.0},
       [&](int64_t begin, int64_t end, Sums partial) {
-        KahanSum log_sigma, sigma_sq, diff_sq;
+        LogSigmaSum log_sigma;
+        KahanSum sigma_sq, diff_sq;
         alignas(64) float noise[kNormalsPerBlock];
         alignas(64) float sg[kNormalsPerBlock];  // sigma of the block, for every sample
         for (int64_t b = begin; b < end; ++b) {
@@ -498,14 +575,12 @@ sample_with_kl(const torch::Tensor& mu, const torch::Tensor& rho, int64_t use,
             sig.store(sg + j);
             if (!draws) (sig * sig).store(o + i, count);
             const Vec diff = Vec::loadu(m + i, count) - prior_loc;
-            Vec log_sig = log_sigma_of(x, sig, tiny_rho);
+            log_sigma.add(x, sig, tiny_rho, count);
             Vec sig_sq = sig * sig, diff_sq_value = diff * diff;
             if (count < kLanes) {
-              log_sig = Vec::set(zero, log_sig, count);
               sig_sq = Vec::set(zero, sig_sq, count);
               diff_sq_value = Vec::set(zero, diff_sq_value, count);
             }
-            log_sigma.add(log_sig);
             sigma_sq.add(sig_sq);
             diff_sq.add(diff_sq_value);
           }
