@@ -905,6 +905,8 @@ PROFILE_CATEGORIES = {  # operator (aten, or our native kernels) -> where the ti
         "aten::bernoulli_",
         "aten::uniform_",
         "bbb_lightning::normal_",
+        "bbb_lightning::scaled_normal_",
+        "bbb_lightning::random_signs_",
     ),
     "native posterior kernels": (
         "bbb_lightning::sample_with_kl",
@@ -1027,9 +1029,11 @@ def profile_steps(
         f"predictive of {BATCH} examples) under torch.profiler: medians of {repeats} "
         "interleaved rounds. The profiler adds microseconds per operator, so code made of many "
         "small operators looks slower than it runs. `native posterior kernels`: our compiled "
-        "CPU kernels (draw, perturbation or variance with the KL's sums, and their backward; "
-        "`bbb_lightning::normal_`, the activation noise of local reparameterization, counts as "
-        "random numbers). `optimizer`: everything inside `Adam.step`; the other columns and "
+        "CPU kernels (draw, perturbation or variance with the KL's sums, and their backward); "
+        "our native `normal_` (the activation noise of local reparameterization), "
+        "`scaled_normal_` (a draw without gradients, mu + sigma eps in one pass) and "
+        "`random_signs_` (flipout's signs) count as random numbers. `optimizer`: everything "
+        "inside `Adam.step`; the other columns and "
         "the top operators exclude it; `other`: the rest (elementwise work, autograd and "
         "Python overhead).",
         "",
