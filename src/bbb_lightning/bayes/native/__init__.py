@@ -47,6 +47,7 @@ from torch import Tensor
 __all__ = [
     "ENV_VAR",
     "applies_to",
+    "build",
     "kernels",
     "kl_rho_grad",
     "random_signs",
@@ -77,25 +78,28 @@ def _enabled() -> bool:
     return value in ("1", "true", "on")
 
 
+def build(isa: str) -> ModuleType:
+    """Compile (or load from the cache) the kernels for the instruction set ``isa``:
+    ``"AVX512"`` or ``"AVX2"`` (16 or 8 float lanes), anything else portable code. Raises what
+    the compiler raised. :func:`kernels` builds the one torch itself uses on this CPU; the
+    others exist for users of other CPUs, and for the tests that check them here."""
+    from torch.utils import cpp_extension
+
+    flags = ["-O3", "-fopenmp"]
+    if isa in _ISA_FLAGS:
+        flags += [*_ISA_FLAGS[isa], f"-DCPU_CAPABILITY_{isa}", f"-DCPU_CAPABILITY={isa}"]
+    name = "bbb_lightning_gaussian_" + (isa.lower() if isa in _ISA_FLAGS else "portable")
+    log.info("loading native kernels %s (compiled once, about 30 s)", name)
+    return cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags)
+
+
 @functools.cache
 def kernels() -> ModuleType | None:
     """The compiled kernels (built on the first call), or None if disabled or unbuildable."""
     if not _enabled():
         return None
-    isa = torch.backends.cpu.get_cpu_capability()
-    flags = ["-O3", "-fopenmp"]
-    if isa in _ISA_FLAGS:
-        flags += [*_ISA_FLAGS[isa], f"-DCPU_CAPABILITY_{isa}", f"-DCPU_CAPABILITY={isa}"]
-    name = "bbb_lightning_gaussian_" + (isa.lower() if isa in _ISA_FLAGS else "portable")
     try:
-        from torch.utils import cpp_extension
-
-        log.info("loading native kernels %s (compiled once, about 30 s)", name)
-        return cpp_extension.load(
-            name,
-            [str(SOURCE)],
-            extra_cflags=flags,
-        )
+        return build(torch.backends.cpu.get_cpu_capability())
     except Exception as error:  # no compiler, no ninja, no OpenMP, ...: fall back, loudly
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         warnings.warn(
