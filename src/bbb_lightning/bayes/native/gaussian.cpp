@@ -472,7 +472,7 @@ std::tuple<torch::Tensor, torch::Tensor, double> softplus_scale(
   const float* r = rho.data_ptr<float>();
   float* s = sigma.data_ptr<float>();
   float* d = dsigma.data_ptr<float>();
-  const Vec floor(static_cast<float>(min_scale)), zero(0.0f);
+  const Vec floor(static_cast<float>(min_scale));
   const Vec tiny_rho(min_scale > 0 ? -INFINITY : kTinyRho);
   const double total = at::parallel_reduce(
       int64_t{0}, rho.numel(), kGrain, 0.0,
