@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -27,6 +28,17 @@ needs_native = pytest.mark.skipif(
     native.kernels() is None, reason="native kernels could not be built here (no compiler?)"
 )
 F32_ULP = 2.0**-23
+
+
+def draws_on_one_and_two_threads(seed: int, draw: Callable[[], torch.Tensor]) -> list[torch.Tensor]:
+    """``draw()`` right after ``torch.manual_seed(seed)``, on 1 and then on 2 intra-op threads
+    (the autouse fixture of conftest.py restores the thread count after the test)."""
+    draws = []
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        torch.manual_seed(seed)
+        draws.append(draw())
+    return draws
 
 
 @needs_native
@@ -62,16 +74,9 @@ def test_normals_are_uncorrelated_across_neighbours_and_calls() -> None:
 
 @needs_native
 def test_normals_follow_the_torch_seed_and_not_the_thread_count() -> None:
-    threads = torch.get_num_threads()
-    try:
-        torch.manual_seed(3)
-        torch.set_num_threads(1)
-        one_thread = native.standard_normal((3, 70_001), torch.zeros(1))
-        torch.manual_seed(3)
-        torch.set_num_threads(2)
-        two_threads = native.standard_normal((3, 70_001), torch.zeros(1))
-    finally:
-        torch.set_num_threads(threads)
+    one_thread, two_threads = draws_on_one_and_two_threads(
+        3, lambda: native.standard_normal((3, 70_001), torch.zeros(1))
+    )
     assert torch.equal(one_thread, two_threads)
     assert not torch.equal(one_thread, native.standard_normal((3, 70_001), torch.zeros(1)))
 
@@ -88,17 +93,10 @@ def test_random_signs_are_fair_uncorrelated_and_thread_independent() -> None:
     """Each sign is one bit of a Philox word: fair, uncorrelated within a word (lag 1), across
     words and lanes (lags 32, 512) and across Philox calls (lag 2048 at 16 lanes); as the
     normals, a function of the torch seed and not of the thread count."""
-    threads = torch.get_num_threads()
     n = 1_000_003
-    try:
-        torch.manual_seed(4)
-        torch.set_num_threads(1)
-        one_thread = native.random_signs((n,), torch.zeros(1))
-        torch.manual_seed(4)
-        torch.set_num_threads(2)
-        two_threads = native.random_signs((n,), torch.zeros(1))
-    finally:
-        torch.set_num_threads(threads)
+    one_thread, two_threads = draws_on_one_and_two_threads(
+        4, lambda: native.random_signs((n,), torch.zeros(1))
+    )
     assert torch.equal(one_thread, two_threads)
     signs = one_thread.double()
     assert set(signs.unique().tolist()) == {-1.0, 1.0}
@@ -151,12 +149,8 @@ def test_sum_log_sigma_over_millions_of_weights_matches_float64(threads: int) ->
     torch.manual_seed(12)
     rho = torch.randn(3_000_001) * 4 - 3
     rho[::7] = -60.0  # sigma ~ 1e-26: the small-rho form, next to ordinary lanes
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        log_sum = native.softplus_scale(rho, 0.0, log_sum=True)[2]
-    finally:
-        torch.set_num_threads(previous)
+    torch.set_num_threads(threads)  # restored by the autouse fixture of conftest.py
+    log_sum = native.softplus_scale(rho, 0.0, log_sum=True)[2]
     reference = float(reference_scale(rho, 0.0)[2])
     # float32 sigma to 3 ulps, each log to a few ulps of its own magnitude: far below 1e-6
     assert abs(log_sum - reference) < 1e-6 * abs(reference)
@@ -359,15 +353,9 @@ def test_sample_with_kl_draws_independent_standard_normals_per_sample() -> None:
     for a in range(4):
         for b in range(a + 1, 4):
             assert abs(float((eps[a] * eps[b]).mean())) < 5 * se
-    threads = torch.get_num_threads()
-    try:
-        draws = []
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            torch.manual_seed(8)
-            draws.append(gaussian_ops.sample_with_kl(mu, rho, 0, (2,), 0.0, 0.0, 1.0)[0])
-    finally:
-        torch.set_num_threads(threads)
+    draws = draws_on_one_and_two_threads(
+        8, lambda: gaussian_ops.sample_with_kl(mu, rho, 0, (2,), 0.0, 0.0, 1.0)[0]
+    )
     assert torch.equal(draws[0], draws[1])
 
 
@@ -391,15 +379,7 @@ def test_scaled_normal_draws_mu_plus_sigma_times_independent_normals(with_mean: 
             assert abs(float((eps[a] * eps[b]).mean())) < 5 * se
     for lag in (1, 16, 64):
         assert abs(float((eps[0, lag:] * eps[0, :-lag]).mean())) < 5 * se
-    threads = torch.get_num_threads()
-    try:
-        draws = []
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            torch.manual_seed(11)
-            draws.append(native.scaled_normal((3,), sigma, mu))
-    finally:
-        torch.set_num_threads(threads)
+    draws = draws_on_one_and_two_threads(11, lambda: native.scaled_normal((3,), sigma, mu))
     assert torch.equal(draws[0], draws[1])
 
 
