@@ -214,6 +214,22 @@ inline void normal_block(float* out, uint64_t block, uint64_t seed, uint32_t sam
   }
 }
 
+// The `count` draws of block `block` of the stream (seed, sample), from its normals z_j:
+// out[j] = mu[j] + sigma[j] z_j (sigma[j] z_j where mu is null), and eps[j] = z_j unless eps is
+// null. The pointers start at the block's first element.
+inline void draw_block(float* out, float* eps, const float* sigma, const float* mu, int64_t count,
+                       uint64_t block, uint64_t seed, uint32_t sample) {
+  alignas(64) float noise[kNormalsPerBlock];
+  normal_block(noise, block, seed, sample);
+  for (int64_t j = 0; j < count; j += kLanes) {
+    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, count - j));
+    const Vec z = Vec::loadu(noise + j);
+    const Vec scaled = Vec::loadu(sigma + j, lanes) * z;
+    if (eps != nullptr) z.store(eps + j, lanes);
+    (mu != nullptr ? Vec::loadu(mu + j, lanes) + scaled : scaled).store(out + j, lanes);
+  }
+}
+
 void check_float_cpu(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
               name, " must be a contiguous float32 CPU tensor");
@@ -304,20 +320,12 @@ torch::Tensor scaled_normal_(torch::Tensor out, const torch::Tensor& sigma, cons
   float* o = out.data_ptr<float>();
   const int64_t blocks = (n + kNormalsPerBlock - 1) / kNormalsPerBlock;
   at::parallel_for(0, samples * blocks, kGrain / kNormalsPerBlock, [&](int64_t begin, int64_t end) {
-    alignas(64) float noise[kNormalsPerBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / blocks, b = task % blocks;
-      normal_block(noise, static_cast<uint64_t>(b), static_cast<uint64_t>(seed),
-                   static_cast<uint32_t>(s));
       const int64_t start = b * kNormalsPerBlock;
-      const int64_t block_count = std::min(kNormalsPerBlock, n - start);
-      float* row = o + s * n;
-      for (int64_t j = 0; j < block_count; j += kLanes) {
-        const int64_t i = start + j;
-        const int count = static_cast<int>(std::min<int64_t>(kLanes, block_count - j));
-        const Vec scaled = Vec::loadu(sg + i, count) * Vec::loadu(noise + j);
-        (has_mu ? Vec::loadu(m + i, count) + scaled : scaled).store(row + i, count);
-      }
+      draw_block(o + s * n + start, nullptr, sg + start, has_mu ? m + start : nullptr,
+                 std::min(kNormalsPerBlock, n - start), static_cast<uint64_t>(b),
+                 static_cast<uint64_t>(seed), static_cast<uint32_t>(s));
     }
   });
   return out;
@@ -561,7 +569,6 @@ sample_with_kl(const torch::Tensor& mu, const torch::Tensor& rho, int64_t use,
       [&](int64_t begin, int64_t end, Sums partial) {
         LogSigmaSum log_sigma;
         KahanSum sigma_sq, diff_sq;
-        alignas(64) float noise[kNormalsPerBlock];
         alignas(64) float sg[kNormalsPerBlock];  // sigma of the block, for every sample
         for (int64_t b = begin; b < end; ++b) {
           const int64_t start = b * kNormalsPerBlock;
@@ -586,18 +593,9 @@ sample_with_kl(const torch::Tensor& mu, const torch::Tensor& rho, int64_t use,
           }
           if (!draws) continue;
           for (int64_t s = 0; s < samples; ++s) {
-            normal_block(noise, static_cast<uint64_t>(b), static_cast<uint64_t>(seed),
-                         static_cast<uint32_t>(s));
-            float* eps_row = e + s * n;
-            float* out_row = o + s * n;
-            for (int64_t j = 0; j < block_count; j += kLanes) {
-              const int64_t i = start + j;
-              const int count = static_cast<int>(std::min<int64_t>(kLanes, block_count - j));
-              const Vec z = Vec::loadu(noise + j);
-              const Vec scaled = Vec::loadu(sg + j) * z;
-              z.store(eps_row + i, count);
-              (use == kDraw ? Vec::loadu(m + i, count) + scaled : scaled).store(out_row + i, count);
-            }
+            draw_block(o + s * n + start, e + s * n + start, sg,
+                       use == kDraw ? m + start : nullptr, block_count, static_cast<uint64_t>(b),
+                       static_cast<uint64_t>(seed), static_cast<uint32_t>(s));
           }
         }
         partial[0] += log_sigma.total();
