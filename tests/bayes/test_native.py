@@ -252,6 +252,21 @@ def test_a_bad_environment_value_is_a_one_line_error() -> None:
 
 
 @needs_native
+def test_a_lock_left_by_an_interrupted_build_does_not_block_the_next() -> None:
+    """torch waits forever on its lock file if a build was killed after creating it; the
+    build takes its own operating-system lock, so such a file is known stale and removed."""
+    code = (
+        "import torch; from bbb_lightning.bayes import native;"
+        "isa = torch.backends.cpu.get_cpu_capability();"
+        "stale = native.build_directory(isa) / 'lock'; stale.touch();"
+        "native.build(isa); print(stale.exists())"
+    )
+    result = run_python(code, "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+@needs_native
 def test_training_steps_agree_with_and_without_the_kernels(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -25,18 +25,27 @@ normal here). ``gaussian.cpp`` does the same work in fewer, vectorized passes:
 They apply to contiguous float32 CPU tensors; everything else (float64, CUDA, where CUDA's own
 Philox is already fast) keeps the torch ops, and so does every tensor when the kernels cannot
 be built. The build uses ``torch.utils.cpp_extension`` (a C++ compiler with OpenMP and
-``ninja``), takes about 30 s once, and is cached in ``TORCH_EXTENSIONS_DIR`` (default
-``~/.cache/torch_extensions``). ``BBB_LIGHTNING_NATIVE=0`` turns the kernels off; a failed build
-warns once and falls back. :func:`status` says which is in use.
+``ninja``), takes about 30 s once, and is cached per torch and Python version under
+``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``; :func:`build_directory`).
+``BBB_LIGHTNING_NATIVE=0`` turns the kernels off; a failed build warns once and falls back.
+:func:`status` says which is in use.
+
+Processes that build at once (the ranks of a DDP job) take turns under an operating-system lock,
+which a killed process releases. torch's own lock is a plain file that a build interrupted by
+Ctrl-C or a kill leaves behind, after which every later build in that directory waits forever;
+under our lock such a file can only be stale, and is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
+import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -48,6 +57,7 @@ __all__ = [
     "ENV_VAR",
     "applies_to",
     "build",
+    "build_directory",
     "kernels",
     "kl_rho_grad",
     "random_signs",
@@ -78,19 +88,61 @@ def _enabled() -> bool:
     return value in ("1", "true", "on")
 
 
+def _extension_name(isa: str) -> str:
+    return "bbb_lightning_gaussian_" + (isa.lower() if isa in _ISA_FLAGS else "portable")
+
+
+def build_directory(isa: str) -> Path:
+    """Where :func:`build` compiles and caches the kernels for ``isa``: one folder per torch and
+    Python version (a module compiled against one torch does not load in another) under
+    ``TORCH_EXTENSIONS_DIR``, or torch's default extensions root."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    versions = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
+    return Path(root) / f"bbb_lightning-{versions}" / _extension_name(isa)
+
+
+@contextlib.contextmanager
+def _exclusive_build(directory: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``directory/build.flock`` (released by the OS if this
+    process dies) and remove torch's ``lock`` file there, which only an interrupted build can
+    have left while we hold ours. Without ``fcntl`` (Windows), torch's lock alone."""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(directory / "build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        stale = directory / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by an interrupted build", stale)
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def build(isa: str) -> ModuleType:
     """Compile (or load from the cache) the kernels for the instruction set ``isa``:
-    ``"AVX512"`` or ``"AVX2"`` (16 or 8 float lanes), anything else portable code. Raises what
-    the compiler raised. :func:`kernels` builds the one torch itself uses on this CPU; the
-    others exist for users of other CPUs, and for the tests that check them here."""
+    ``"AVX512"`` or ``"AVX2"`` (16 or 8 float lanes), anything else portable code, in
+    :func:`build_directory`. Raises what the compiler raised. :func:`kernels` builds the one
+    torch itself uses on this CPU; the others exist for users of other CPUs, and for the tests
+    that check them here."""
     from torch.utils import cpp_extension
 
     flags = ["-O3", "-fopenmp"]
     if isa in _ISA_FLAGS:
         flags += [*_ISA_FLAGS[isa], f"-DCPU_CAPABILITY_{isa}", f"-DCPU_CAPABILITY={isa}"]
-    name = "bbb_lightning_gaussian_" + (isa.lower() if isa in _ISA_FLAGS else "portable")
+    name, directory = _extension_name(isa), build_directory(isa)
     log.info("loading native kernels %s (compiled once, about 30 s)", name)
-    return cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags)
+    with _exclusive_build(directory):
+        return cpp_extension.load(
+            name, [str(SOURCE)], extra_cflags=flags, build_directory=str(directory)
+        )
 
 
 @functools.cache
