@@ -907,8 +907,10 @@ PROFILE_CATEGORIES = {  # operator (aten, or our native kernels) -> where the ti
         "bbb_lightning::normal_",
         "bbb_lightning::scaled_normal_",
         "bbb_lightning::random_signs_",
+        "bbb_lightning::local_noise",
     ),
-    "native posterior kernels": (
+    "other native kernels": (
+        "bbb_lightning::local_noise_backward",
         "bbb_lightning::sample_with_kl",
         "bbb_lightning::sample_with_kl_backward",
         "bbb_lightning::softplus_scale",
@@ -1028,11 +1030,12 @@ def profile_steps(
         f"Command: `{config['command']}`. Self CPU ms per unit of work (a training step, or one "
         f"predictive of {BATCH} examples) under torch.profiler: medians of {repeats} "
         "interleaved rounds. The profiler adds microseconds per operator, so code made of many "
-        "small operators looks slower than it runs. `native posterior kernels`: our compiled "
-        "CPU kernels (draw, perturbation or variance with the KL's sums, and their backward); "
-        "our native `normal_` (the activation noise of local reparameterization), "
-        "`scaled_normal_` (a draw without gradients, mu + sigma eps in one pass) and "
-        "`random_signs_` (flipout's signs) count as random numbers. `optimizer`: everything "
+        "small operators looks slower than it runs. Our native draws count as random numbers: "
+        "`local_noise` (local reparameterization's pre-activations, mean + sqrt(variance) eps in "
+        "one pass), `scaled_normal_` (a weight draw without gradients, mu + sigma eps in one "
+        "pass), `random_signs_` (flipout's signs) and `normal_`. `other native kernels`: the "
+        "posterior's joint node (draw, perturbation or variance with the KL's sums) and its "
+        "backward, and the backward of `local_noise`. `optimizer`: everything "
         "inside `Adam.step`; the other columns and "
         "the top operators exclude it; `other`: the rest (elementwise work, autograd and "
         "Python overhead).",

@@ -263,26 +263,26 @@ def test_chunked_draws_compute_sigma_once_per_call(
 def test_the_first_layer_computes_the_mean_once_per_example(
     mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Under local reparameterization the first layer's two affine maps (mean and variance) see
-    the B distinct rows, the second layer's all S*B rows; also in inference mode (whose
-    tensors have no version counter: sample_forward builds the copies as a normal tensor)."""
+    """Under local reparameterization the first layer's moments (mean and variance) see the B
+    distinct rows, the second layer's all S*B rows; also in inference mode (whose tensors have
+    no version counter: sample_forward builds the copies as a normal tensor)."""
     net = bayesianize(
         nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), estimator="local"
     )
     seen: list[tuple[int, int]] = []
-    original = BayesianLinear._affine
+    original = BayesianLinear._moments
 
-    def spy(self: BayesianLinear, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def spy(self: BayesianLinear, x: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
         seen.append((self.plain_config["in_features"], x.shape[0]))
-        return original(self, x, weight, bias)
+        return original(self, x, *args)
 
-    monkeypatch.setattr(BayesianLinear, "_affine", spy)
+    monkeypatch.setattr(BayesianLinear, "_moments", spy)
     x = torch.randn(5, 2, 2)
     context = {"grad": torch.enable_grad, "no_grad": torch.no_grad}.get(mode, torch.inference_mode)
     with context():
         out = sample_forward(net, x, 7)
     assert out.shape == (7, 5, 2)
-    assert seen == [(4, 5), (4, 5), (3, 35), (3, 35)]
+    assert seen == [(4, 5), (3, 35)]
 
 
 def test_scale_values_of_an_inference_tensor_are_never_reused() -> None:

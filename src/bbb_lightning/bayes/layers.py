@@ -27,7 +27,8 @@ input alone once per example: the mean and variance under ``"local"``, the mean 
 
 The per-weight work of the Gaussian posterior (sigma = softplus(rho), the draw, sigma^2, and
 their gradients) runs in :mod:`bbb_lightning.bayes.gaussian_ops`: sigma once per forward, one
-autograd node per use.
+autograd node per use; local reparameterization's draw of the pre-activations, and its
+gradient, in :mod:`bbb_lightning.bayes.local_reparameterization`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from torch import Tensor, nn
 
 from . import native
 from .gaussian_ops import ScaleValues
+from .local_reparameterization import linear_moments, sample_preactivations
 from .posteriors import MeanFieldNormal, VariationalPosterior
 from .priors import Prior
 
@@ -58,10 +60,6 @@ __all__ = [
 ]
 
 ESTIMATORS = ("reparameterization", "local", "flipout")
-
-# Variances below this are clamped before the square root, so that an input row of zeros
-# (e.g. a dead ReLU layer) never produces an infinite gradient of sqrt at 0.
-_MIN_VARIANCE = 1e-12
 
 # Without gradients, S per-sample weight draws (weight reparameterization, flipout) are made at
 # most this many weights at a time (4 MiB in float32): memory does not grow with S, and each
@@ -213,6 +211,17 @@ class BayesianLayer(nn.Module):
         """x folds S samples as (S*B, ...); ``weight`` is (S, *weight_shape), ``bias`` (S, out)."""
         raise NotImplementedError
 
+    def _moments(
+        self,
+        x: Tensor,
+        mu: Tensor,
+        weight_var: Tensor,
+        bias_mean: Tensor | None,
+        bias_var: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """The pre-activations' mean x mu + b_mu and variance x^2 sigma^2 + b_var."""
+        return self._affine(x, mu, bias_mean), self._affine(x.square(), weight_var, bias_var)
+
     # -- the estimators ---------------------------------------------------------------------
     def _bias_mean(self) -> Tensor | None:
         return self.bias if self.bias_posterior is None else self.bias_posterior.mean
@@ -292,20 +301,17 @@ class BayesianLayer(nn.Module):
         assert isinstance(weight_q, MeanFieldNormal)
         rows = _distinct_rows(x)
         distinct = x if rows is None else x[:rows]
-        mean = self._affine(distinct, weight_q.mu, self._bias_mean())
         bias_var = None
         if isinstance(bias_q, MeanFieldNormal):
             bias_var = bias_q.variance()
             bias_q.last_sample = None
-        variance = self._affine(distinct.square(), weight_q.variance(), bias_var)
+        mean, variance = self._moments(
+            distinct, weight_q.mu, weight_q.variance(), self._bias_mean(), bias_var
+        )
         weight_q.last_sample = None
         # One mean and variance for the S copies of each row, independent noise for each copy.
         sample_shape = () if rows is None else (x.shape[0] // rows,)
-        noise = native.standard_normal((*sample_shape, *mean.shape), like=mean)
-        if torch.is_grad_enabled():
-            out = torch.addcmul(mean, variance.clamp_min(_MIN_VARIANCE).sqrt(), noise)
-        else:  # no graph: reuse the buffers
-            out = noise.mul_(variance.clamp_min_(_MIN_VARIANCE).sqrt_()).add_(mean)
+        out = sample_preactivations(mean, variance, sample_shape)
         return out if rows is None else out.flatten(0, 1)
 
     def _flipout(self, x: Tensor) -> Tensor:
@@ -372,6 +378,16 @@ class BayesianLinear(BayesianLayer):
 
     def _affine(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
+
+    def _moments(
+        self,
+        x: Tensor,
+        mu: Tensor,
+        weight_var: Tensor,
+        bias_mean: Tensor | None,
+        bias_var: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        return linear_moments(x, mu, weight_var, bias_mean, bias_var)
 
     def _affine_per_sample(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         samples = x.reshape(weight.shape[0], -1, x.shape[-1])

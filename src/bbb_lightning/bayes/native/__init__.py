@@ -14,6 +14,9 @@ normal here). ``gaussian.cpp`` does the same work in fewer, vectorized passes:
   Philox bit per sign, written as floats in one pass;
 - :func:`scaled_normal`: mu + sigma eps (or sigma eps) for S samples, eps never stored: the
   draws without autograd (the many-sample predictive) in one pass instead of two;
+- :func:`local_noise` and :func:`local_noise_backward`: local reparameterization's
+  pre-activations mean + sqrt(variance) eps for S samples in one pass, and their gradients in
+  one more (:func:`bbb_lightning.bayes.local_reparameterization.sample_preactivations`);
 - :func:`softplus_scale`: sigma = softplus(rho) + min_scale, sigmoid(rho) and sum log sigma from
   one exp(-|rho|) per weight;
 - :func:`kl_rho_grad`: the rho-gradient of the Gaussian KL in one pass;
@@ -60,6 +63,8 @@ __all__ = [
     "build_directory",
     "kernels",
     "kl_rho_grad",
+    "local_noise",
+    "local_noise_backward",
     "random_signs",
     "sample_with_kl",
     "sample_with_kl_backward",
@@ -239,6 +244,33 @@ def scaled_normal(sample_shape: tuple[int, ...], sigma: Tensor, mu: Tensor | Non
     out = torch.empty((*sample_shape, *sigma.shape), dtype=torch.float32)
     mean = sigma.new_empty(0) if mu is None else mu.detach()
     return _run("scaled_normal_", out, sigma, mean, _key())
+
+
+def local_noise(
+    mean: Tensor, variance: Tensor, sample_shape: tuple[int, ...], min_variance: float, keep: bool
+) -> tuple[Tensor, Tensor]:
+    """(out, eps) without autograd: out = mean + sqrt(max(variance, min_variance)) eps of shape
+    ``sample_shape + mean.shape``, eps ~ N(0, I) of that shape (normal i of stream s, as
+    :func:`scaled_normal`), returned only if ``keep`` (else empty). Only for tensors
+    :func:`applies_to`."""
+    return _run(
+        "local_noise",
+        mean.detach(),
+        variance.detach(),
+        list(sample_shape),
+        _key(),
+        min_variance,
+        keep,
+    )
+
+
+def local_noise_backward(
+    grad: Tensor, eps: Tensor, variance: Tensor, min_variance: float
+) -> tuple[Tensor, Tensor]:
+    """(dL/dmean, dL/dvariance) of L = <grad, out> for :func:`local_noise`'s out, in one pass:
+    sum_s grad_s (empty for one sample, where it is ``grad`` itself) and
+    sum_s grad_s eps_s / (2 sqrt(variance)) where variance >= min_variance, else 0."""
+    return _run("local_noise_backward", grad.contiguous(), eps, variance.detach(), min_variance)
 
 
 def softplus_scale(rho: Tensor, min_scale: float, log_sum: bool) -> tuple[Tensor, Tensor, float]:

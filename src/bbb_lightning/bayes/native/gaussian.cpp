@@ -331,6 +331,93 @@ torch::Tensor scaled_normal_(torch::Tensor out, const torch::Tensor& sigma, cons
   return out;
 }
 
+// -- local reparameterization's pre-activations ----------------------------------------------
+// out[s, i] = mean_i + std_i z[s, i] with std_i = sqrt(max(variance_i, min_variance)) and z[s, i]
+// normal i of the stream (seed, s) (as scaled_normal_), and eps = z where want_eps: S samples of
+// one mean and variance in one pass, std computed once per element for all samples.
+std::tuple<torch::Tensor, torch::Tensor> local_noise(const torch::Tensor& mean,
+                                                     const torch::Tensor& variance,
+                                                     const std::vector<int64_t>& sample_shape,
+                                                     int64_t seed, double min_variance,
+                                                     bool want_eps) {
+  check_float_cpu(mean, "mean");
+  check_float_cpu(variance, "variance");
+  TORCH_CHECK(mean.sizes() == variance.sizes(), "mean and variance must have the same shape");
+  int64_t samples = 1;
+  for (const int64_t size : sample_shape) samples *= size;
+  TORCH_CHECK(samples >= 1 && samples <= UINT32_MAX,
+              "the sample shape must hold 1 to 2^32 - 1 samples");
+  std::vector<int64_t> sizes(sample_shape);
+  sizes.insert(sizes.end(), mean.sizes().begin(), mean.sizes().end());
+  auto out = torch::empty(sizes, mean.options());
+  auto eps = want_eps ? torch::empty(sizes, mean.options()) : torch::empty({0}, mean.options());
+  const int64_t n = mean.numel();
+  if (n == 0) return {out, eps};
+  const float* m = mean.data_ptr<float>();
+  const float* v = variance.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  float* e = want_eps ? eps.data_ptr<float>() : nullptr;
+  const Vec floor(static_cast<float>(min_variance));
+  const int64_t blocks = (n + kNormalsPerBlock - 1) / kNormalsPerBlock;
+  const int64_t grain = std::max<int64_t>(1, kGrain / (kNormalsPerBlock * samples));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) float std_dev[kNormalsPerBlock];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t start = b * kNormalsPerBlock;
+      const int64_t count = std::min(kNormalsPerBlock, n - start);
+      for (int64_t j = 0; j < count; j += kLanes) {
+        const int lanes = static_cast<int>(std::min<int64_t>(kLanes, count - j));
+        at::vec::maximum(Vec::loadu(v + start + j, lanes), floor).sqrt().store(std_dev + j);
+      }
+      for (int64_t s = 0; s < samples; ++s) {
+        draw_block(o + s * n + start, e != nullptr ? e + s * n + start : nullptr, std_dev,
+                   m + start, count, static_cast<uint64_t>(b), static_cast<uint64_t>(seed),
+                   static_cast<uint32_t>(s));
+      }
+    }
+  });
+  return {out, eps};
+}
+
+// The gradients of L = <G, out> for local_noise's out, in one pass:
+//   dL/dmean = sum_s G_s (empty for one sample: it is G itself),
+//   dL/dvariance = sum_s G_s eps_s / (2 std) where variance >= min_variance, else 0
+// (the gradient of the clamp, as torch's clamp_min).
+std::tuple<torch::Tensor, torch::Tensor> local_noise_backward(const torch::Tensor& grad,
+                                                              const torch::Tensor& eps,
+                                                              const torch::Tensor& variance,
+                                                              double min_variance) {
+  for (const auto* t : {&grad, &eps, &variance}) check_float_cpu(*t, "grad, eps, variance");
+  const int64_t n = variance.numel();
+  const int64_t samples = grad.numel() / std::max<int64_t>(n, 1);
+  TORCH_CHECK(grad.numel() == samples * n && eps.numel() == grad.numel(),
+              "grad and eps must hold whole samples of the variance's shape");
+  auto grad_mean = samples > 1 ? torch::empty_like(variance) : torch::empty({0}, grad.options());
+  auto grad_variance = torch::empty_like(variance);
+  const float* g = grad.data_ptr<float>();
+  const float* e = eps.data_ptr<float>();
+  const float* v = variance.data_ptr<float>();
+  float* gm = samples > 1 ? grad_mean.data_ptr<float>() : nullptr;
+  float* gv = grad_variance.data_ptr<float>();
+  const Vec floor(static_cast<float>(min_variance)), zero(0.0f), half(0.5f);
+  at::parallel_for(0, n, std::max<int64_t>(1, kGrain / samples), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i += kLanes) {
+      const int count = static_cast<int>(std::min<int64_t>(kLanes, end - i));
+      Vec grad_sum = zero, grad_eps = zero;  // sum_s G_s and sum_s G_s eps_s
+      for (int64_t s = 0; s < samples; ++s) {
+        const Vec gs = Vec::loadu(g + s * n + i, count);
+        grad_sum = grad_sum + gs;
+        grad_eps = at::vec::fmadd(gs, Vec::loadu(e + s * n + i, count), grad_eps);
+      }
+      if (gm != nullptr) grad_sum.store(gm + i, count);
+      const Vec var = Vec::loadu(v + i, count);
+      const Vec value = half * grad_eps / at::vec::maximum(var, floor).sqrt();
+      Vec::blendv(zero, value, var >= floor).store(gv + i, count);
+    }
+  });
+  return {grad_mean, grad_variance};
+}
+
 // A float sum per lane, Kahan-compensated: a float sum of many equal terms (e.g. log sigma
 // at sigma = min_scale) would otherwise round the same way at every addition.
 struct KahanSum {
@@ -685,6 +772,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Fill a float32 CPU tensor with +1 or -1, probability 1/2 each, of stream seed.");
   m.def("scaled_normal_", &scaled_normal_,
         "Fill out (S samples of sigma's shape) with mu + sigma eps, or sigma eps, in one pass.");
+  m.def("local_noise", &local_noise,
+        "(mean + sqrt(max(variance, min_variance)) eps for S samples, eps or empty) in one pass.");
+  m.def("local_noise_backward", &local_noise_backward,
+        "(grad mean summed over samples or empty, grad variance) of local_noise, in one pass.");
   m.def("softplus_scale", &softplus_scale,
         "(softplus(rho) + min_scale, sigmoid(rho), sum log sigma or 0) in one pass.");
   m.def("kl_rho_grad", &kl_rho_grad,
