@@ -4,7 +4,8 @@ its own bit-field code for the exponent and mantissa of sigma) and portable code
 `native.kernels()` builds only the widest set torch uses here, so without these tests the code
 that users of other CPUs run would never execute in CI. Each build is checked against
 independent references, as `test_native.py` checks the default one: N(0, 1) moments, fair
-signs, float64 softplus, sigmoid, sum log sigma and KL, and the default build's gradients.
+signs, float64 softplus, sigmoid, sum log sigma and KL, the default build's gradients, and local
+reparameterization's pre-activations and their gradients.
 """
 
 from __future__ import annotations
@@ -87,3 +88,20 @@ def test_the_joint_node_matches_float64_and_the_default_build(build: ModuleType)
     expected_mu, expected_rho = native.kernels().sample_with_kl_backward(*args)
     for got, expected in ((got_mu, expected_mu), (got_rho, expected_rho)):
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_local_noise_and_its_gradient_match_float64(build: ModuleType) -> None:
+    torch.manual_seed(15)
+    mean, variance = torch.randn(3, 1001), torch.rand(3, 1001) * 2
+    variance[:, ::9] = 0.0
+    out, eps = build.local_noise(mean, variance, [4], 17, 1e-12, True)
+    standard_normal_ok(eps)
+    std64 = variance.double().clamp_min(1e-12).sqrt()
+    assert torch.allclose(out.double(), mean.double() + std64 * eps.double(), rtol=1e-6, atol=1e-6)
+    grad = torch.randn(4, 3, 1001)
+    grad_mean, grad_variance = build.local_noise_backward(grad, eps, variance, 1e-12)
+    assert torch.allclose(grad_mean.double(), grad.double().sum(0), rtol=1e-5, atol=1e-5)
+    expected = torch.where(
+        variance.double() > 0, (grad.double() * eps.double()).sum(0) / (2 * std64), 0.0
+    )
+    assert torch.allclose(grad_variance.double(), expected, rtol=1e-5, atol=1e-5)
