@@ -897,7 +897,7 @@ def _cpu_model() -> str:
 
 
 PROFILE_CATEGORIES = {  # operator (aten, or our native kernels) -> where the time goes
-    "matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "matrix products": ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"),
     "random numbers": (
         "aten::normal_",
         "aten::randint",
