@@ -102,7 +102,7 @@ class _LinearMoments(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_mean: Tensor, grad_variance: Tensor) -> tuple[Tensor | None, ...]:
         x, x_sq, mu, weight_variance = ctx.saved_tensors
-        rows = (-1, x.shape[-1])
+        input_shape, rows = x.shape, (-1, x.shape[-1])
         x, x_sq = x.reshape(rows), x_sq.reshape(rows)
         grad_mean = grad_mean.reshape(-1, mu.shape[0])
         grad_variance = grad_variance.reshape(-1, mu.shape[0])
@@ -110,7 +110,7 @@ class _LinearMoments(torch.autograd.Function):
         grad_x = None
         if need[0]:  # 2 x * (G_v sigma^2) + G_m mu, the factor 2 in the product's beta
             grad_x = torch.mm(grad_variance, weight_variance).mul_(x)
-            grad_x = grad_x.addmm_(grad_mean, mu, beta=2.0).reshape(ctx.saved_tensors[0].shape)
+            grad_x = grad_x.addmm_(grad_mean, mu, beta=2.0).reshape(input_shape)
         grad_mu = torch.mm(grad_mean.t(), x) if need[1] else None
         grad_weight_variance = torch.mm(grad_variance.t(), x_sq) if need[2] else None
         grad_bias_mean = grad_mean.sum(0) if ctx.has_bias[0] and need[3] else None
