@@ -268,8 +268,9 @@ def test_a_lock_left_by_an_interrupted_build_does_not_block_the_next() -> None:
 
 
 @needs_native
+@pytest.mark.parametrize("estimator", ["reparameterization", "local", "flipout"])
 def test_training_steps_agree_with_and_without_the_kernels(
-    monkeypatch: pytest.MonkeyPatch,
+    estimator: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Same data, same initial weights: after 30 steps the native and the torch-op paths reach
     the same loss to within the Monte Carlo spread (their noise streams differ)."""
@@ -277,7 +278,8 @@ def test_training_steps_agree_with_and_without_the_kernels(
     def train() -> float:
         torch.manual_seed(5)
         net = bayesianize(
-            torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+            torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2)),
+            estimator=estimator,
         )
         x = torch.randn(256, 20)
         y = (x[:, 0] > 0).long()
