@@ -81,6 +81,18 @@ def test_normals_follow_the_torch_seed_and_not_the_thread_count() -> None:
     assert not torch.equal(one_thread, native.standard_normal((3, 70_001), torch.zeros(1)))
 
 
+@needs_native
+def test_local_noise_follows_the_torch_seed_and_not_the_thread_count() -> None:
+    mean, variance = torch.randn(70, 1001), torch.rand(70, 1001)
+
+    def draw() -> torch.Tensor:
+        return native.local_noise(mean, variance, (3,), 1e-12, False)[0]
+
+    one_thread, two_threads = draws_on_one_and_two_threads(4, draw)
+    assert torch.equal(one_thread, two_threads)
+    assert not torch.equal(one_thread, draw())
+
+
 @pytest.mark.parametrize("shape", [(0,), (1,), (7,), (2, 3, 5)])
 def test_standard_normal_shapes_and_fallback_dtypes(shape: tuple[int, ...]) -> None:
     for like in (torch.zeros(1), torch.zeros(1, dtype=torch.float64)):

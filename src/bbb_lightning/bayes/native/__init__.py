@@ -139,7 +139,10 @@ def build(isa: str) -> ModuleType:
     that check them here."""
     from torch.utils import cpp_extension
 
-    flags = ["-O3", "-fopenmp"]
+    # No contraction of a * b + c into a fused multiply-add at the compiler's discretion: it
+    # decides per inlined copy of a loop, and at::parallel_for runs the serial and the threaded
+    # copy of each kernel, so the rounding (and the draws) would depend on the thread count.
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     if isa in _ISA_FLAGS:
         flags += [*_ISA_FLAGS[isa], f"-DCPU_CAPABILITY_{isa}", f"-DCPU_CAPABILITY={isa}"]
     name, directory = _extension_name(isa), build_directory(isa)
