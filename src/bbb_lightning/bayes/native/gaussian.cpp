@@ -235,6 +235,19 @@ void check_float_cpu(const torch::Tensor& t, const char* name) {
               name, " must be a contiguous float32 CPU tensor");
 }
 
+// sample_shape + shape, the shape of S draws of a tensor of `shape`; `samples` receives S, which
+// must be 1 to 2^32 - 1 (the sample is one word of the Philox counter).
+std::vector<int64_t> with_samples(const std::vector<int64_t>& sample_shape, at::IntArrayRef shape,
+                                  int64_t& samples) {
+  samples = 1;
+  for (const int64_t size : sample_shape) samples *= size;
+  TORCH_CHECK(samples >= 1 && samples <= UINT32_MAX,
+              "the sample shape must hold 1 to 2^32 - 1 samples");
+  std::vector<int64_t> sizes(sample_shape);
+  sizes.insert(sizes.end(), shape.begin(), shape.end());
+  return sizes;
+}
+
 // -- kernels ----------------------------------------------------------------------------
 // A fresh 64-bit key from torch's default CPU generator (what torch.manual_seed seeds), as
 // ATen's own CPU samplers draw theirs.
@@ -343,12 +356,8 @@ std::tuple<torch::Tensor, torch::Tensor> local_noise(const torch::Tensor& mean,
   check_float_cpu(mean, "mean");
   check_float_cpu(variance, "variance");
   TORCH_CHECK(mean.sizes() == variance.sizes(), "mean and variance must have the same shape");
-  int64_t samples = 1;
-  for (const int64_t size : sample_shape) samples *= size;
-  TORCH_CHECK(samples >= 1 && samples <= UINT32_MAX,
-              "the sample shape must hold 1 to 2^32 - 1 samples");
-  std::vector<int64_t> sizes(sample_shape);
-  sizes.insert(sizes.end(), mean.sizes().begin(), mean.sizes().end());
+  int64_t samples;
+  const auto sizes = with_samples(sample_shape, mean.sizes(), samples);
   auto out = torch::empty(sizes, mean.options());
   auto eps = want_eps ? torch::empty(sizes, mean.options()) : torch::empty({0}, mean.options());
   const int64_t n = mean.numel();
@@ -633,13 +642,9 @@ sample_with_kl(const torch::Tensor& mu, const torch::Tensor& rho, int64_t use,
   TORCH_CHECK(use >= kDraw && use <= kVariance, "use must be 0 (draw), 1 (perturbation) or 2");
   TORCH_CHECK(use != kVariance || sample_shape.empty(), "the variance takes no sample shape");
   TORCH_CHECK(prior_scale > 0, "the prior scale must be > 0");
-  int64_t samples = 1;
-  for (const int64_t size : sample_shape) samples *= size;
-  TORCH_CHECK(samples >= 1 && samples <= UINT32_MAX,
-              "the sample shape must hold 1 to 2^32 - 1 samples");
+  int64_t samples;
+  const auto sample_sizes = with_samples(sample_shape, rho.sizes(), samples);
   const int64_t n = rho.numel();
-  std::vector<int64_t> sample_sizes(sample_shape);
-  sample_sizes.insert(sample_sizes.end(), rho.sizes().begin(), rho.sizes().end());
   const bool draws = use != kVariance;
   auto out = draws ? torch::empty(sample_sizes, rho.options()) : torch::empty_like(rho);
   auto eps = draws ? torch::empty(sample_sizes, rho.options()) : torch::empty({0}, rho.options());
