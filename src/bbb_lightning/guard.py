@@ -4,6 +4,13 @@
 end the run with a one-line error naming the step, the term and the likely cause.
 ``skip``: drop the step (no optimizer update) and count it in ``train/skipped_steps``.
 Under data parallelism the decision is taken jointly, so every process stops or skips together.
+
+Under float16 mixed precision (``trainer.precision=16-mixed``) a gradient scaler multiplies the
+loss by a scale s before the backward pass; an infinite gradient there is usually the scaled
+gradient overflowing float16, which the scaler handles itself: it skips that step and halves s.
+Such gradients are left to it while s >= 1 (:func:`scaler_handles_nonfinite_gradients`). Once
+s < 1 the scaled gradients are smaller than the true ones, so the true gradients are
+non-finite too and the mode applies.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ __all__ = [
     "NonFiniteError",
     "first_nonfinite",
     "keep_last_good_state",
+    "scaler_handles_nonfinite_gradients",
     "stop_message",
 ]
 
@@ -54,6 +62,13 @@ def first_nonfinite(named: Iterable[tuple[str, Tensor | None]]) -> str | None:
         if not bool(torch.isfinite(tensor).all()):
             return name
     return None
+
+
+def scaler_handles_nonfinite_gradients(trainer: pl.Trainer) -> bool:
+    """Whether the trainer's gradient scaler (float16 mixed precision) is on with a scale >= 1:
+    it then skips a step with non-finite gradients and lowers its scale, so they are no error."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler is not None and scaler.is_enabled() and scaler.get_scale() >= 1.0
 
 
 def keep_last_good_state(trainer: pl.Trainer, module: pl.LightningModule) -> Path | None:

@@ -38,6 +38,7 @@ from .guard import (
     NonFiniteError,
     first_nonfinite,
     keep_last_good_state,
+    scaler_handles_nonfinite_gradients,
     stop_message,
 )
 from .objectives import CategoricalLikelihood, GaussianLikelihood, KLTerm, Likelihood
@@ -65,6 +66,13 @@ DEFAULT_POSTERIOR: Config = {
 def _build(value: Any) -> Any:
     """Objects pass through; a mapping with ``_target_`` is instantiated (Hydra-style)."""
     return instantiate(value) if isinstance(value, Mapping) else value
+
+
+def _full_precision(outputs: Tensor) -> Tensor:
+    """``outputs`` in float32 if they are float16 or bfloat16 (a forward under mixed precision,
+    ``trainer.precision=bf16-mixed``), else unchanged: the likelihood, the loss and the metrics
+    are computed in float32, where bfloat16 would round the NLL to 3 significant digits."""
+    return outputs.float() if outputs.dtype in (torch.float16, torch.bfloat16) else outputs
 
 
 def _check_samples(name: str, value: int) -> int:
@@ -168,8 +176,9 @@ class BayesByBackprop(LightningModule):
 
     # -- forward and loss ---------------------------------------------------------------------
     def forward(self, x: Tensor, num_samples: int | None = None) -> Tensor:
-        """Network outputs for S posterior draws, shape (S, B, ...)."""
-        return sample_forward(self.net, x, num_samples or self.eval_samples)
+        """Network outputs for S posterior draws, shape (S, B, ...); float32 under mixed
+        precision."""
+        return _full_precision(sample_forward(self.net, x, num_samples or self.eval_samples))
 
     @property
     def num_train(self) -> int:
@@ -182,7 +191,7 @@ class BayesByBackprop(LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x, y = batch
         batch_size = x.shape[0]
-        outputs = sample_forward(self.net, x, self.num_samples)
+        outputs = _full_precision(sample_forward(self.net, x, self.num_samples))
         nll = -self.likelihood.log_prob(outputs, y).mean(0).sum()
         kl = kl_divergence(self.net, self.kl_term.reduction, self.kl_term.monte_carlo)
         num_batches = self.trainer.num_training_batches
@@ -248,7 +257,7 @@ class BayesByBackprop(LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         bad = first_nonfinite((f"gradient of {n}", p.grad) for n, p in self.named_parameters())
-        if not self._any_rank(bad is not None):
+        if not self._any_rank(bad is not None) or scaler_handles_nonfinite_gradients(self.trainer):
             return
         if self.on_nonfinite == "skip":
             optimizer.zero_grad(set_to_none=True)  # the step then changes nothing

@@ -106,3 +106,56 @@ def test_linear_moments_skip_gradients_nobody_needs() -> None:
     torch.testing.assert_close(mu.grad, x.sum(0).expand(4, 5))
     torch.testing.assert_close(weight_variance.grad, x.square().sum(0).expand(4, 5))
     assert x.grad is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_moments_under_autocast_run_in_its_dtype_and_match_float64(
+    dtype: torch.dtype,
+) -> None:
+    """Mixed precision: the moments and their backward in autocast's dtype, the gradients of the
+    float32 inputs in float32. Reference: float64 from the inputs rounded to that dtype, as
+    autocast rounds them. Each result element passes through at most four roundings of unit
+    roundoff u (the incoming gradient, a product, a multiply, a multiply-add), so the
+    norm-relative error is below 4u; the bound is 8u."""
+    torch.manual_seed(3)
+    x = torch.randn(64, 50, requires_grad=True)
+    mu = (0.1 * torch.randn(30, 50)).requires_grad_()
+    weight_variance = (0.01 * torch.rand(30, 50)).requires_grad_()
+    bias_mean = torch.randn(30, requires_grad=True)
+    bias_variance = (0.01 * torch.rand(30)).requires_grad_()
+    inputs = (x, mu, weight_variance, bias_mean, bias_variance)
+    grad_mean, grad_variance = torch.randn(64, 30), torch.randn(64, 30)
+    with torch.autocast("cpu", dtype=dtype):
+        mean, variance = linear_moments(*inputs)
+    assert mean.dtype == variance.dtype == dtype
+    (mean.float() * grad_mean + variance.float() * grad_variance).sum().backward()
+
+    rounded = [t.detach().to(dtype).double().requires_grad_() for t in inputs]
+    x64, mu64, var64, bias_mean64, bias_var64 = rounded
+    mean64 = F.linear(x64, mu64, bias_mean64)
+    variance64 = F.linear(x64.square(), var64, bias_var64)
+    (mean64 * grad_mean.double() + variance64 * grad_variance.double()).sum().backward()
+
+    bound = 8 * torch.finfo(dtype).eps / 2
+    for got, want in [(mean, mean64), (variance, variance64)] + [
+        (t.grad, r.grad) for t, r in zip(inputs, rounded, strict=True)
+    ]:
+        assert got.dtype in (dtype, torch.float32)
+        assert float((got.detach().double() - want).norm() / want.norm()) < bound
+    assert all(t.grad.dtype == torch.float32 for t in inputs)
+
+
+def test_reduced_precision_moments_are_sampled_in_float32() -> None:
+    """float16 cannot hold v_min: its pre-activations are drawn in float32 and cast back, so a
+    zero variance still has a zero (not an infinite) gradient."""
+    torch.manual_seed(4)
+    mean = torch.zeros(200, 50, dtype=torch.float16, requires_grad=True)
+    variance = torch.full((200, 50), 1e-2, dtype=torch.float16)
+    variance[:, 0] = 0.0
+    variance.requires_grad_()
+    out = sample_preactivations(mean, variance, (2,))
+    assert out.dtype == torch.float16 and out.shape == (2, 200, 50)
+    out.backward(torch.ones_like(out))
+    assert bool(variance.grad.isfinite().all()) and bool((variance.grad[:, 0] == 0).all())
+    z = (out[:, :, 1:].double() / 0.1).flatten()  # ~ N(0, 1) up to float16 rounding of v
+    assert abs(float(z.std()) - 1) < 5 * math.sqrt(2 / z.numel()) + 1e-3

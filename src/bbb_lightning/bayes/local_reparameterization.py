@@ -40,6 +40,7 @@ from . import native
 __all__ = ["MIN_VARIANCE", "linear_moments", "sample_preactivations"]
 
 MIN_VARIANCE = 1e-12
+_REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class _SamplePreactivations(torch.autograd.Function):
@@ -71,7 +72,14 @@ def sample_preactivations(
         >>> b = sample_preactivations(mean, variance, (1000,))
         >>> b.shape, abs(float(b.std()) - 2.0) < 0.1
         (torch.Size([1000, 4, 3]), True)
+
+    float16 and bfloat16 moments (from a linear map under mixed precision) are sampled in
+    float32 and the result cast back: v_min is below float16's smallest normal number, and the
+    square root's gradient near it needs float32's range.
     """
+    if mean.dtype in _REDUCED_PRECISION or variance.dtype in _REDUCED_PRECISION:
+        dtype = torch.promote_types(mean.dtype, variance.dtype)
+        return sample_preactivations(mean.float(), variance.float(), sample_shape).to(dtype)
     if native.applies_to(mean) and native.applies_to(variance):
         if torch.is_grad_enabled() and (mean.requires_grad or variance.requires_grad):
             return _SamplePreactivations.apply(mean, variance, tuple(sample_shape))
@@ -137,5 +145,21 @@ def linear_moments(
     """
     tensors = (x, mu, weight_variance, bias_mean, bias_variance)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _LinearMoments.apply(*tensors)
+        return _LinearMoments.apply(*_autocast_inputs(tensors))
     return F.linear(x, mu, bias_mean), F.linear(x.square(), weight_variance, bias_variance)
+
+
+def _autocast_inputs(tensors: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+    """The tensors in the dtype autocast gives the inputs of ``F.linear`` where autocast is on
+    for their device (mixed precision: float32 to bfloat16 or float16; float64 is left alone),
+    else unchanged. The casts are recorded by autograd outside :class:`_LinearMoments`, whose
+    backward then sees gradients and saved tensors of one dtype and returns the gradients of
+    float32 inputs in float32."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    )
