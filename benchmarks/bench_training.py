@@ -42,6 +42,10 @@ growth of the resident set (Linux ``VmHWM`` after ``/proc/self/clear_refs`` and
 ``malloc_trim``) during one step, above the memory held before it; ``state`` counts parameters,
 gradients and optimizer state.
 
+``--precision bf16-mixed`` runs every contestant's forward passes under bfloat16 autocast
+(the backward pass and the optimizer outside it, as Lightning's precision plugin does); ours
+computes the likelihood in float32 from the bfloat16 logits, as ``module.py`` does.
+
 ``--baseline DIR`` adds ``ours-<estimator>@baseline`` contestants built from another copy of the
 ``bbb_lightning/bayes`` package (e.g. ``git archive HEAD src/bbb_lightning/bayes``), for
 before/after comparisons in one invocation. Run from the repository root::
@@ -53,6 +57,7 @@ before/after comparisons in one invocation. Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime
 import gc
@@ -96,6 +101,24 @@ LIKELIHOOD = CategoricalLikelihood(NUM_CLASSES)
 
 
 # -- contestants ------------------------------------------------------------------------------
+class ForwardPrecision:
+    """The context of every contestant's forward pass: bfloat16 autocast under ``bf16-mixed``,
+    nothing under ``32-true`` (``--precision``)."""
+
+    CHOICES = ("32-true", "bf16-mixed")
+
+    def __init__(self) -> None:
+        self.name = "32-true"
+
+    def __call__(self) -> contextlib.AbstractContextManager[Any]:
+        if self.name == "bf16-mixed":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+FORWARD = ForwardPrecision()
+
+
 def mlp() -> nn.Module:
     return MLP([1, 28, 28], NUM_CLASSES, hidden=(400, 400))
 
@@ -119,7 +142,8 @@ class Contestant:
 
 
 def stack_forwards(model: nn.Module, x: Tensor, samples: int) -> Tensor:
-    return torch.stack([model(x) for _ in range(samples)])
+    with FORWARD():
+        return torch.stack([model(x) for _ in range(samples)])
 
 
 def deterministic(num_train: int) -> Contestant:
@@ -128,11 +152,14 @@ def deterministic(num_train: int) -> Contestant:
 
     def train_step(x: Tensor, y: Tensor, samples: int) -> None:
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with FORWARD():
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
         optimizer.step()
 
     def predict(x: Tensor, samples: int) -> Tensor:
-        return model(x).unsqueeze(0)
+        with FORWARD():
+            return model(x).unsqueeze(0)
 
     return Contestant("deterministic", model, optimizer, train_step, predict, group="baseline")
 
@@ -148,9 +175,11 @@ def ours_contestant(
 
     def step(x: Tensor, y: Tensor, outputs: Callable[[], Tensor]) -> None:
         optimizer.zero_grad(set_to_none=True)
-        nll = -LIKELIHOOD.log_prob(outputs(), y).mean(0).sum()
-        kl = bayes.kl_divergence(model)
-        (nll / x.shape[0] + kl_weight * kl / x.shape[0]).backward()
+        with FORWARD():
+            nll = -LIKELIHOOD.log_prob(outputs().float(), y).mean(0).sum()
+            kl = bayes.kl_divergence(model)
+            loss = nll / x.shape[0] + kl_weight * kl / x.shape[0]
+        loss.backward()
         optimizer.step()
 
     def train_step(x: Tensor, y: Tensor, samples: int) -> None:
@@ -160,7 +189,8 @@ def ours_contestant(
         step(x, y, lambda: stack_forwards(model, x, samples))
 
     def predict(x: Tensor, samples: int) -> Tensor:
-        return bayes.sample_forward(model, x, samples)
+        with FORWARD():
+            return bayes.sample_forward(model, x, samples)
 
     return Contestant(
         f"ours-{estimator}{suffix}",
@@ -193,9 +223,11 @@ def bayesian_torch(kind: str, num_train: int) -> Contestant:
 
     def train_step(x: Tensor, y: Tensor, samples: int) -> None:
         optimizer.zero_grad(set_to_none=True)
-        outputs = [model(x) for _ in range(samples)]
-        ce = torch.stack([F.cross_entropy(out, y) for out in outputs]).mean()
-        (ce + get_kl_loss(model) / x.shape[0]).backward()
+        with FORWARD():
+            outputs = [model(x) for _ in range(samples)]
+            ce = torch.stack([F.cross_entropy(out, y) for out in outputs]).mean()
+            loss = ce + get_kl_loss(model) / x.shape[0]
+        loss.backward()
         optimizer.step()
 
     return Contestant(
@@ -230,13 +262,14 @@ def blitz(num_train: int) -> Contestant:
 
     def train_step(x: Tensor, y: Tensor, samples: int) -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss = model.sample_elbo(
-            inputs=x,
-            labels=y,
-            criterion=criterion,
-            sample_nbr=samples,
-            complexity_cost_weight=1 / num_train,
-        )
+        with FORWARD():
+            loss = model.sample_elbo(
+                inputs=x,
+                labels=y,
+                criterion=criterion,
+                sample_nbr=samples,
+                complexity_cost_weight=1 / num_train,
+            )
         loss.backward()
         optimizer.step()
 
@@ -258,8 +291,10 @@ def torchbayesian(num_train: int) -> Contestant:
 
     def train_step(x: Tensor, y: Tensor, samples: int) -> None:
         optimizer.zero_grad(set_to_none=True)
-        ce = torch.stack([F.cross_entropy(model(x), y) for _ in range(samples)]).mean()
-        (ce + model.kl_divergence() / num_train).backward()
+        with FORWARD():
+            ce = torch.stack([F.cross_entropy(model(x), y) for _ in range(samples)]).mean()
+            loss = ce + model.kl_divergence() / num_train
+        loss.backward()
         optimizer.step()
 
     return Contestant(
@@ -548,6 +583,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument(
+        "--precision",
+        choices=ForwardPrecision.CHOICES,
+        default="32-true",
+        help="bf16-mixed: every forward pass under bfloat16 autocast (default 32-true)",
+    )
+    parser.add_argument(
         "--allocator",
         choices=("retain", "default"),
         default="retain",
@@ -587,6 +628,7 @@ def main() -> None:
         args.eval_samples = min(args.eval_samples, 20)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    FORWARD.name = args.precision
     retained = args.allocator == "retain" and retain_freed_memory()
     started = datetime.datetime.now()
 
@@ -650,6 +692,7 @@ def main() -> None:
         f"{platform.platform()}",
         "cpu": _cpu_model(),
         "threads": torch.get_num_threads(),
+        "precision": args.precision,
         "allocator": "freed memory retained" if retained else "glibc malloc defaults",
         "env": {
             k: os.environ[k]
@@ -1138,7 +1181,8 @@ def render(results: dict[str, Any]) -> str:
         f"torch {cfg['versions']['torch']}",
         "",
         f"Command: `{cfg['command']}`. MLP 784-400-400-10, MNIST, batch {cfg['batch']}, Adam lr "
-        f"{cfg['lr']}; malloc: {cfg.get('allocator', 'glibc malloc defaults')}; medians of "
+        f"{cfg['lr']}; precision {cfg.get('precision', '32-true')}; "
+        f"malloc: {cfg.get('allocator', 'glibc malloc defaults')}; medians of "
         f"{cfg['repeats']} interleaved rounds; x = ratio to the deterministic network in the "
         "same rounds (time, or memory); (a-bx) = the middle half of the per-round ratios.",
         "",

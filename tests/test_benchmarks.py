@@ -48,7 +48,10 @@ def test_bench_training_quick_run_writes_its_tables(tmp_path, mnist_dir):
     assert "### Targets" in (tmp_path / "out" / "bench_training.md").read_text()
     assert (tmp_path / "out" / "bench_training.png").stat().st_size > 0
 
-    profiled = _run("bench_training.py", *common, "--profile", "--out-dir", "prof", cwd=tmp_path)
+    profiled = _run(  # and the forward passes under bfloat16 autocast
+        "bench_training.py", *common, "--profile", "--precision", "bf16-mixed", "--out-dir",
+        "prof", cwd=tmp_path,
+    )  # fmt: skip
     assert profiled.returncode == 0, profiled.stderr[-2000:]
     report = (tmp_path / "prof" / "profile.md").read_text()
     assert "ours-local, S=16 step" in report

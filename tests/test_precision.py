@@ -21,10 +21,11 @@ from bbb_testing import QUICK, compose_config
 
 
 @pytest.mark.parametrize("estimator", ["local", "reparameterization", "flipout"])
-def test_bf16_mixed_trains_through_the_entry_point(tmp_path, estimator):
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_bf16_mixed_trains_through_the_entry_point(tmp_path, estimator, num_samples):
     cfg = compose_config(
         tmp_path, *QUICK, "logger=none", "trainer.precision=bf16-mixed",
-        f"posterior.estimator={estimator}",
+        f"posterior.estimator={estimator}", f"num_samples={num_samples}",
     )  # fmt: skip
     metrics = train(cfg)
     assert {"test/nll", "val/nll", "test/rmse"} <= set(metrics)

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from . import native
 from .gaussian_ops import ScaleValues
 from .local_reparameterization import linear_moments, sample_preactivations
+from .mixed_precision import autocast_inputs
 from .posteriors import MeanFieldNormal, VariationalPosterior
 from .priors import Prior
 
@@ -391,7 +392,7 @@ class BayesianLinear(BayesianLayer):
 
     def _affine_per_sample(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         samples = x.reshape(weight.shape[0], -1, x.shape[-1])
-        out = _PerSampleLinear.apply(samples, weight, bias)
+        out = _PerSampleLinear.apply(*autocast_inputs(samples, weight, bias))
         return out.reshape(*x.shape[:-1], weight.shape[1])
 
 

@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import native
+from .mixed_precision import autocast_inputs
 
 __all__ = ["MIN_VARIANCE", "linear_moments", "sample_preactivations"]
 
@@ -145,21 +146,5 @@ def linear_moments(
     """
     tensors = (x, mu, weight_variance, bias_mean, bias_variance)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _LinearMoments.apply(*_autocast_inputs(tensors))
+        return _LinearMoments.apply(*autocast_inputs(*tensors))
     return F.linear(x, mu, bias_mean), F.linear(x.square(), weight_variance, bias_variance)
-
-
-def _autocast_inputs(tensors: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
-    """The tensors in the dtype autocast gives the inputs of ``F.linear`` where autocast is on
-    for their device (mixed precision: float32 to bfloat16 or float16; float64 is left alone),
-    else unchanged. The casts are recorded by autograd outside :class:`_LinearMoments`, whose
-    backward then sees gradients and saved tensors of one dtype and returns the gradients of
-    float32 inputs in float32."""
-    device = tensors[0].device.type
-    if not torch.is_autocast_enabled(device):
-        return tensors
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(
-        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-        for t in tensors
-    )
