@@ -41,11 +41,14 @@ def softplus64(rho: Tensor) -> Tensor:
     return rho.clamp_min(0) + torch.log1p(torch.exp(-rho.abs()))
 
 
-def small_net(prior: Prior, estimator: str = "reparameterization") -> nn.Module:
-    """Linear + LayerNorm (parametrized) + Linear in float64 with random mu and rho."""
+def small_net(
+    prior: Prior, estimator: str = "reparameterization", middle: nn.Module | None = None
+) -> nn.Module:
+    """Linear + ``middle`` (default LayerNorm, parametrized) + Linear in float64 with random mu
+    and rho."""
     torch.manual_seed(0)
     net = bayesianize(
-        nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2)),
+        nn.Sequential(nn.Linear(4, 3), middle or nn.LayerNorm(3), nn.Linear(3, 2)),
         prior=prior,
         estimator=estimator,
     ).double()
@@ -259,7 +262,9 @@ def test_monte_carlo_kl_uses_the_forward_pass_weights() -> None:
 
 
 def test_monte_carlo_kl_averages_the_folded_samples() -> None:
-    net = small_net(ScaleMixturePrior().double())
+    """Bayesian layers only: the S samples are folded into one call, each layer draws S
+    weights, and the Monte Carlo KL averages log p over them."""
+    net = small_net(ScaleMixturePrior().double(), middle=nn.Tanh())
     sample_forward(net, torch.randn(5, 4, dtype=F64), num_samples=7)
     q = net[0].weight_posterior
     assert q.last_sample.shape == (7, 3, 4)

@@ -110,6 +110,36 @@ def test_sample_forward_shapes_and_validation() -> None:
             sample_forward(net, X, bad)
 
 
+def test_sample_forward_draws_parametrized_tensors_afresh_for_every_sample() -> None:
+    """A bare root layer is parametrized (drawn once per call): its S samples must still be
+    independent draws, y = W x + b with Var(y_j) = sum_i x_i^2 sigma_ji^2 + sigma_bj^2.
+    4000 samples; 5 standard errors of the sample variance, sqrt(2 / (S - 1)) relative."""
+    torch.manual_seed(5)
+    net = bayesianize(nn.Linear(3, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    samples = 4000
+    with torch.no_grad():
+        out = sample_forward(net, x, samples)
+        sigma = {name: q.scale for name, q in named_posteriors(net)}
+    expected = x.square() @ sigma["weight"].square().T + sigma["bias"].square()
+    se = expected * (2 / (samples - 1)) ** 0.5
+    assert torch.all((out.var(0) - expected).abs() < 5 * se)
+    centred = out - out.mean(0)
+    correlation = (centred[1:] * centred[:-1]).mean(0) / out.var(0)
+    assert torch.all(correlation.abs() < 5 / samples**0.5)
+
+
+def test_sample_forward_stacks_every_output_of_a_parametrized_network() -> None:
+    """An LSTM (parametrized, its states batch-second) runs S calls: every output gets a
+    leading sample dimension, and the samples differ."""
+    torch.manual_seed(6)
+    net = bayesianize(nn.LSTM(3, 4, batch_first=True))
+    with torch.no_grad():
+        out, (h, c) = sample_forward(net, torch.randn(2, 5, 3), 3)
+    assert out.shape == (3, 2, 5, 4) and h.shape == c.shape == (3, 1, 2, 4)
+    assert not torch.equal(out[0], out[1]) and not torch.equal(h[1], h[2])
+
+
 def pyro_classifier() -> nn.Module:
     """A Pyro user's 784-512-512-512-10 leaky-ReLU classifier."""
     torch.manual_seed(0)

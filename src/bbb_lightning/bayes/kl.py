@@ -25,7 +25,8 @@ Where q has a closed-form entropy (the Gaussian posterior does) it replaces the 
 (log q(mu + sigma eps) = -eps^2/2 - log sigma - log(2 pi)/2, whose eps term has no gradient), and
 nothing divides by an underflowed sigma^2. Otherwise log q(w_s) is sampled too. Layers that
 draw no weight (local reparameterization), or a tensor not used since the last KL, get a fresh
-draw instead.
+draw instead. A network that ``sample_forward`` runs as S calls (one with parametrized
+tensors) keeps the last call's draw: a one-sample estimate, as unbiased.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Drawing from the posterior: multi-sample forward, deterministic networks, freezing.
 
-Which modules get independent noise per sample in :func:`sample_forward`: every Bayesian
-Linear/Conv layer, under all three estimators (one weight draw per sample under weight
-reparameterization, one perturbation per sample under flipout, fresh noise per row under local
-reparameterization). Tensors
-backed by a parametrization (norm layers, embeddings, raw parameters) are drawn once per
-forward call and shared by the S samples of that call.
+Every one of the S samples of :func:`sample_forward` is an independent draw of every tensor.
+Bayesian Linear/Conv layers draw S times within one forward call on the folded batch (one
+weight draw per sample under weight reparameterization, one perturbation per sample under
+flipout, fresh noise per row under local reparameterization). Tensors backed by a
+parametrization (norm layers, embeddings, raw parameters, a bare root layer) are drawn once per
+forward call, so a network that holds any runs S forward calls instead.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def sample_forward(net: nn.Module, x: Tensor, num_samples: int) -> Tensor:
     """Outputs for ``num_samples`` posterior draws in one vectorized forward: shape (S, B, ...).
 
     The S copies of the batch are folded into the batch dimension (S*B, ...), so the network
-    runs once; no Python loop over samples. ``net`` must treat dimension 0 as the batch. A
+    runs once; no Python loop over samples. ``net`` must treat dimension 0 as the batch. (A
+    network with a posterior behind a parametrization, drawn once per call, runs S calls on
+    the batch instead, their outputs stacked; any output structure then works.) A
     Bayesian layer that receives the folded copies themselves (the first layer, possibly after
     views such as ``nn.Flatten``) computes the part of its output that depends on the input
     alone once per example rather than once per sample (the mean and variance under local
@@ -54,6 +56,9 @@ def sample_forward(net: nn.Module, x: Tensor, num_samples: int) -> Tensor:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     if num_samples == 1:
         return tree_map(lambda out: out.unsqueeze(0), net(x))
+    if _has_parametrized_posteriors(net):
+        outputs = [net(x) for _ in range(num_samples)]
+        return tree_map(lambda *samples: torch.stack(samples), *outputs)
     batch = x.shape[0]
 
     def fold() -> Tensor:
@@ -71,6 +76,18 @@ def sample_forward(net: nn.Module, x: Tensor, num_samples: int) -> Tensor:
     with folded_samples(num_samples, copies=folded):
         out = net(folded)
     return tree_map(lambda t: t.reshape(num_samples, batch, *t.shape[1:]), out)
+
+
+def _has_parametrized_posteriors(net: nn.Module) -> bool:
+    """Whether a posterior (not frozen) backs a parametrized tensor of ``net``: drawn once per
+    forward call, it would be shared by S samples folded into one call."""
+    return any(
+        isinstance(posterior, VariationalPosterior) and not posterior.frozen
+        for module in net.modules()
+        if parametrize.is_parametrized(module)
+        for parametrizations in module.parametrizations.values()
+        for posterior in parametrizations
+    )
 
 
 def _posteriors(net: nn.Module) -> Iterator[VariationalPosterior]:
