@@ -383,3 +383,26 @@ def test_flipout_remembers_the_weights_it_used(num_samples: int) -> None:
     neg_entropy = -(sigma.log() + 0.5 * math.log(2 * math.pi * math.e)).sum()
     by_hand = neg_entropy - prior.log_prob(drawn).sum() / num_samples
     torch.testing.assert_close(kl, by_hand)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_a_seed_gives_the_same_forward_with_and_without_gradients(
+    estimator: str, num_samples: int
+) -> None:
+    """What reentrant ``torch.utils.checkpoint`` relies on: a forward recomputed with gradients
+    after one without draws the same noise, and leaves the generator where the first left it.
+    float32, so that the native kernels (where built) take the recorded path."""
+    torch.manual_seed(0)
+    net = bayesianize(
+        nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)), estimator=estimator
+    )
+    x = torch.randn(6, 5)
+    outputs, next_draws = [], []
+    for grad in (False, True):
+        torch.manual_seed(3)
+        with torch.set_grad_enabled(grad):
+            outputs.append(sample_forward(net, x, num_samples))
+        next_draws.append(torch.rand(1))
+    torch.testing.assert_close(outputs[0], outputs[1].detach())
+    assert torch.equal(*next_draws)

@@ -290,6 +290,9 @@ def kl_rho_grad(
     return _run("kl_rho_grad", rho.detach(), sigma, dsigma, weight, grad, min_scale)
 
 
+_VARIANCE = 2  # sample_with_kl's use that draws nothing (gaussian_ops.VARIANCE)
+
+
 def sample_with_kl(
     mu: Tensor,
     rho: Tensor,
@@ -309,7 +312,7 @@ def sample_with_kl(
         rho.detach(),
         use,
         list(sample_shape),
-        _key(),
+        _key() if use != _VARIANCE else 0,  # no noise: the generator is left as it is
         min_scale,
         loc,
         scale,
