@@ -198,7 +198,8 @@ def test_monte_carlo_kl_converges_to_the_reference(case: str) -> None:
     eps = torch.randn((NUM_DRAWS, *mu.shape), generator=generator, dtype=F64)
     draws = mu + sigma * eps
     q.last_sample = draws
-    estimate = posterior_kl(q, monte_carlo=True).item()
+    with torch.no_grad():  # draws without a graph serve a KL without gradients
+        estimate = posterior_kl(q, monte_carlo=True).item()
 
     # What the estimator averages: -H(q) (exact) - log p(w_d), one value per draw.
     neg_entropy = -(torch.log(sigma) + 0.5 * math.log(2 * math.pi * math.e)).sum()
@@ -282,14 +283,16 @@ def test_monte_carlo_kl_draws_fresh_weights_under_local_reparameterization() -> 
     net = small_net(ScaleMixturePrior().double(), estimator="local")
     net(torch.randn(5, 4, dtype=F64))
     assert net[0].weight_posterior.last_sample is None  # no weight was drawn
+    # the LayerNorm's draws, before the KL uses them up (each draw serves one KL)
+    remembered = {name: q.last_sample for name, q in named_posteriors(net)}
     torch.manual_seed(3)
     ours = kl_divergence(net).item()
 
     torch.manual_seed(3)  # the same draws, in the same order (named_posteriors order)
     by_hand = 0.0
-    for _, q in named_posteriors(net):
+    for name, q in named_posteriors(net):
         sigma = softplus64(q.rho.detach())
-        w = q.last_sample.detach() if q.last_sample is not None else None
+        w = None if remembered[name] is None else remembered[name].detach()
         if w is None:
             w = q.mu.detach() + sigma * torch.randn(q.mu.shape, dtype=F64)
         prior = q.prior
@@ -332,3 +335,34 @@ def test_kl_is_zero_when_posterior_equals_prior() -> None:
             q.mu.zero_()
             q.rho.fill_(math.log(math.e - 1))
     assert abs(kl_divergence(net).item()) < 1e-12
+
+
+def test_each_draw_serves_one_kl() -> None:
+    """A Monte Carlo KL with no forward since the last KL draws afresh: it does not reuse a draw
+    whose graph a backward pass has freed (a second backward would fail), whether the last KL
+    was in closed form or not; and a parametrized tensor's draw at registration serves once."""
+    torch.manual_seed(0)
+    net = bayesianize(nn.Sequential(nn.Linear(3, 4)))
+    (net(torch.randn(5, 3)).sum() + kl_divergence(net)).backward()
+    first = kl_divergence(net, monte_carlo=True)
+    first.backward()
+    second = kl_divergence(net, monte_carlo=True)
+    second.backward()
+    assert first.item() != second.item()
+
+    net = bayesianize(nn.Sequential(nn.LayerNorm(3)), prior=ScaleMixturePrior())
+    kl_divergence(net).backward()
+    kl_divergence(net).backward()
+
+
+def test_a_draw_without_gradients_is_not_used_for_a_kl_with_them() -> None:
+    """After an evaluation forward (no gradients) the KL draws afresh, so that log p(w) sends
+    its gradient to mu and rho."""
+    torch.manual_seed(0)
+    net = small_net(ScaleMixturePrior().double(), middle=nn.Tanh())
+    with torch.no_grad():
+        net(torch.randn(5, 4, dtype=F64))
+    q = net[0].weight_posterior
+    assert q.last_sample is not None and not q.last_sample.requires_grad
+    kl_divergence(net).backward()
+    assert q.mu.grad is not None and bool(q.mu.grad.abs().sum() > 0)

@@ -24,8 +24,9 @@ Where q has a closed-form entropy (the Gaussian posterior does) it replaces the 
 (1/S) sum_s log q(w_s): the expectation and the reparameterization gradients are the same
 (log q(mu + sigma eps) = -eps^2/2 - log sigma - log(2 pi)/2, whose eps term has no gradient), and
 nothing divides by an underflowed sigma^2. Otherwise log q(w_s) is sampled too. Layers that
-draw no weight (local reparameterization), or a tensor not used since the last KL, get a fresh
-draw instead. A network that ``sample_forward`` runs as S calls (one with parametrized
+draw no weight (local reparameterization), a tensor not used since the last KL (each draw
+serves one KL), and draws made without gradients when the KL wants them get a fresh draw
+instead. A network that ``sample_forward`` runs as S calls (one with parametrized
 tensors) keeps the last call's draw: a one-sample estimate, as unbiased.
 """
 
@@ -68,27 +69,22 @@ def _kl_softplus_normal_laplace(q: SoftplusNormal, p: Laplace) -> Tensor:
 def posterior_kl(posterior: VariationalPosterior, monte_carlo: bool = False) -> Tensor:
     """KL(q || p) of one tensor, summed over its elements.
 
+    Each forward's draw serves one KL: whichever way it is computed, the remembered draw is
+    forgotten, so a Monte Carlo KL with no forward since the last KL draws afresh (the last
+    forward's graph may have been freed by a backward pass since).
+
     Args:
         posterior: q, with its prior p attached.
         monte_carlo: sample E_q[log p(w)] even where a closed-form KL exists.
     """
-    if not monte_carlo:
-        from_forward = posterior.kl_from_forward()
-        if from_forward is not None:
-            return from_forward
+    closed_form = None if monte_carlo else _closed_form_kl(posterior)
+    weights = None if closed_form is not None else posterior.last_sample
+    posterior.last_sample = None
+    if closed_form is not None:
+        return closed_form
     p = posterior.prior.distribution()
-    if not monte_carlo:
-        fused = posterior.fused_kl(p)
-        if fused is not None:
-            return fused
     q = posterior.distribution()
-    if not monte_carlo:
-        try:
-            return distribution_kl(q, p).sum()
-        except NotImplementedError:
-            pass
-    weights = posterior.last_sample
-    if weights is None:
+    if weights is None or _lacks_the_graph(weights, posterior):
         weights = posterior.rsample()
     num_draws = weights.numel() // posterior.mean.numel()
     cross_entropy = -p.log_prob(weights).sum() / num_draws
@@ -96,6 +92,32 @@ def posterior_kl(posterior: VariationalPosterior, monte_carlo: bool = False) -> 
         return cross_entropy - q.entropy().sum()
     except NotImplementedError:
         return cross_entropy + q.log_prob(weights).sum() / num_draws
+
+
+def _closed_form_kl(posterior: VariationalPosterior) -> Tensor | None:
+    """The summed closed-form KL: the forward's, the posterior's fused one, or torch's registry
+    (in that order); None where none exists."""
+    from_forward = posterior.kl_from_forward()
+    if from_forward is not None:
+        return from_forward
+    p = posterior.prior.distribution()
+    fused = posterior.fused_kl(p)
+    if fused is not None:
+        return fused
+    try:
+        return distribution_kl(posterior.distribution(), p).sum()
+    except NotImplementedError:
+        return None
+
+
+def _lacks_the_graph(weights: Tensor, posterior: VariationalPosterior) -> bool:
+    """Whether ``weights`` were drawn without gradients (an evaluation forward) while the KL
+    is wanted with them: log p(w) would then carry no gradient to mu and rho."""
+    return (
+        torch.is_grad_enabled()
+        and not weights.requires_grad
+        and any(parameter.requires_grad for parameter in posterior.parameters())
+    )
 
 
 def kl_divergence(net: nn.Module, reduction: str = "sum", monte_carlo: bool = False) -> Tensor:
