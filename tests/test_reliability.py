@@ -199,6 +199,20 @@ def test_a_new_run_never_overwrites_an_earlier_one(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+def test_the_entry_point_refuses_before_hydra_writes_over_an_earlier_run(tmp_path):
+    """Hydra writes .hydra/ and train.log before the task runs: the refusal must come first."""
+    run = ["hydra.run.dir=run", "trainer.max_epochs=1", *QUIET]
+    assert run_cli(*run, cwd=tmp_path).returncode == 0
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+    again = run_cli(*run, "dataset=mnist", cwd=tmp_path)
+    assert again.returncode == 1
+    assert sum("already holds a run" in line for line in again.stderr.splitlines()) == 1
+    assert "Traceback" not in again.stderr
+    after = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in after} == before
+
+
 @pytest.mark.slow
 def test_a_failing_multirun_job_does_not_stop_the_others(tmp_path):
     result = run_cli(

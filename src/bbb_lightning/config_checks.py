@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 __all__ = [
+    "RefuseEarlierRunDirectory",
     "UserError",
     "check_checkpoint",
     "check_config",
@@ -158,6 +160,23 @@ def check_input_fits(model: torch.nn.Module, batch: Any) -> None:
             f"an input of shape {tuple(x.shape[1:])} does not fit the network ({reason}); check "
             "model.net (e.g. its input_shape) against the dataset"
         ) from None
+
+
+class RefuseEarlierRunDirectory(Callback):
+    """Hydra callback: a single run pointed at a directory that already holds a run stops
+    before Hydra writes its config there (``.hydra/``, ``train.log``), so the earlier run's
+    files are left as they were (:func:`check_fresh_output_dir` in ``train`` comes too late for
+    them). Multiruns give every job a new subdirectory."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # A run.dir with ${now:...} resolves to a new directory here as later; a literal one,
+        # the only kind that can hold an earlier run, resolves to itself.
+        run_dir = Path(str(config.hydra.run.dir))
+        try:
+            check_fresh_output_dir(run_dir, config.get("ckpt_path"))
+        except UserError as error:  # on stderr only: that run's train.log is not ours to touch
+            print(f"[{__name__}][ERROR] - {error}", file=sys.stderr)
+            sys.exit(1)
 
 
 def check_fresh_output_dir(output_dir: Path, ckpt_path: str | None) -> None:
