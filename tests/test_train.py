@@ -220,3 +220,14 @@ def test_unknown_choice_lists_the_options(tmp_path):
     assert result.returncode != 0
     assert "Could not find 'prior/cauchy'" in result.stderr
     assert "scale_mixture" in result.stderr
+
+
+def test_a_run_with_excluded_parameters_writes_readable_checkpoints(tmp_path):
+    """include/exclude reach the module as plain lists: its saved hyperparameters must load with
+    ``weights_only=True`` (Lightning's test of the best checkpoint, evaluate, predict)."""
+    metrics = train(compose_config(tmp_path, *QUICK, "logger=none", "model.exclude=[layers.3.*]"))
+    assert "test/nll" in metrics
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["exclude"] == ["layers.3.*"]
+    model = BayesByBackprop.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert isinstance(model.net.layers[3], torch.nn.Linear)  # kept deterministic

@@ -44,7 +44,9 @@ __all__ = ["main", "train"]
 
 
 def _container(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    """A config node as plain dicts and lists: the module's hyperparameters are saved in its
+    checkpoints, which ``torch.load(weights_only=True)`` cannot read with omegaconf objects."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def _fill_sizes(cfg: DictConfig, datamodule: pl.LightningDataModule) -> tuple[dict, dict]:

@@ -257,3 +257,22 @@ def test_posteriors_are_modules_with_their_prior() -> None:
     for _, q in named_posteriors(net):
         assert isinstance(q, VariationalPosterior)
         assert q.prior is not None
+
+
+@pytest.mark.parametrize(
+    ("include", "exclude", "message"),
+    [
+        (["fc.*"], None, r"^include pattern 'fc\.\*' matches none of the parameters: 0\.weight"),
+        (None, ["2.*"], r"^exclude pattern '2\.\*' matches none of the parameters"),
+        ("0.weight", None, r"^include must be a list of glob patterns, got the string '0\.weight'"),
+        (None, ["*"], r"leave no parameter variational"),
+    ],
+)
+def test_include_and_exclude_patterns_that_would_change_the_model_silently_are_refused(
+    include, exclude, message
+) -> None:
+    net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    with pytest.raises(ValueError, match=message):
+        bayesianize(net, include=include, exclude=exclude)
+    with pytest.raises(ValueError, match="the network has none"):
+        bayesianize(nn.ReLU())

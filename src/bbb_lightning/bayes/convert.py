@@ -38,6 +38,29 @@ def _check_untied(net: nn.Module) -> None:
         seen[id(parameter)] = name
 
 
+def _check_patterns(
+    net: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None
+) -> None:
+    """Every include/exclude pattern matches a parameter name, and some parameter is left
+    variational: a typo in a pattern would otherwise change the model silently."""
+    names = [name for name, _ in net.named_parameters()]
+    listed = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    for key, patterns in (("include", include), ("exclude", exclude)):
+        if isinstance(patterns, str):
+            raise ValueError(f"{key} must be a list of glob patterns, got the string {patterns!r}")
+        for pattern in patterns or ():
+            if not any(fnmatchcase(name, pattern) for name in names):
+                raise ValueError(
+                    f"{key} pattern {pattern!r} matches none of the parameters: {listed}"
+                )
+    if not any(_selected(name, include, exclude) for name in names):
+        raise ValueError(
+            "no parameter to make variational: the network has none"
+            if not names
+            else f"include={include!r} and exclude={exclude!r} leave no parameter variational"
+        )
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -81,6 +104,7 @@ def bayesianize(
     if is_bayesian(net):
         raise ValueError("the network is already Bayesian; bayesianize it only once")
     _check_untied(net)
+    _check_patterns(net, include, exclude)
     prior = GaussianPrior(0.0, 1.0) if prior is None else prior
 
     def make_posterior(value: Tensor) -> VariationalPosterior:
