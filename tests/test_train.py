@@ -231,3 +231,31 @@ def test_a_run_with_excluded_parameters_writes_readable_checkpoints(tmp_path):
     assert checkpoint["hyper_parameters"]["exclude"] == ["layers.3.*"]
     model = BayesByBackprop.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert isinstance(model.net.layers[3], torch.nn.Linear)  # kept deterministic
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [*QUICK, "optimizer.lr=100"],  # signal-to-noise ratios beyond TensorBoard's buckets
+        ["trainer.max_epochs=2", "callbacks=none"],  # Lightning's own checkpoint: no best score
+        [*QUICK, "trainer.precision=64-true"],  # the figure's grid in the network's dtype
+        [*QUICK, "trainer.precision=bf16-true"],
+    ],
+)
+def test_runs_that_used_to_crash_after_training_finish(tmp_path, overrides):
+    metrics = train(compose_config(tmp_path, *overrides))
+    assert "test/nll" in metrics and (tmp_path / "metrics.json").is_file()
+
+
+def test_histogram_values_fit_tensorboard_buckets():
+    from bbb_lightning.callbacks import histogram_values
+
+    values = histogram_values(torch.tensor([1.0, float("inf"), float("nan"), -1e30, 1e25]))
+    assert torch.equal(values, torch.tensor([1.0, -1e20, 1e20]))
+    assert histogram_values(torch.tensor([float("nan")])) is None
+
+
+def test_a_mandatory_value_left_unset_is_named_in_one_line(tmp_path):
+    cfg = compose_config(tmp_path, "dataset=csv", "dataset.path=data.csv")
+    with pytest.raises(UserError, match=r"^dataset\.target is required and has no default"):
+        train(cfg)

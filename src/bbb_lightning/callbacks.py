@@ -18,11 +18,25 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.figure import Figure
+from torch import Tensor
 
 from .bayes import posterior_scales, signal_to_noise
 from .objectives import GaussianLikelihood
 
-__all__ = ["PosteriorHistograms", "RegressionFigure", "tensorboard_writer"]
+__all__ = ["PosteriorHistograms", "RegressionFigure", "histogram_values", "tensorboard_writer"]
+
+# TensorBoard's default histogram buckets end at +-1e20; values beyond fall outside every bucket.
+_BUCKET_LIMIT = 1e20
+
+
+def histogram_values(values: Tensor) -> Tensor | None:
+    """``values`` ready for ``SummaryWriter.add_histogram``: float32 on the CPU, the
+    non-finite ones dropped and the rest clipped to TensorBoard's buckets (+-1e20), which a
+    diverging run's signal-to-noise ratios exceed ("the histogram is empty"); None if none is
+    left."""
+    values = values.detach().float().cpu().flatten()
+    values = values[values.isfinite()].clamp(-_BUCKET_LIMIT, _BUCKET_LIMIT)
+    return values if values.numel() else None
 
 
 def tensorboard_writer(trainer: Trainer) -> Any | None:
@@ -48,10 +62,14 @@ class PosteriorHistograms(Callback):
         if writer is None or trainer.current_epoch % self.every_n_epochs:
             return
         step = trainer.global_step
-        for name, sigma in posterior_scales(pl_module).items():
-            writer.add_histogram(f"sigma/{name}", sigma.float().cpu(), step)
-        for name, snr in signal_to_noise(pl_module).items():
-            writer.add_histogram(f"snr/{name}", snr.float().cpu(), step)
+        for kind, tensors in (
+            ("sigma", posterior_scales(pl_module)),
+            ("snr", signal_to_noise(pl_module)),
+        ):
+            for name, tensor in tensors.items():
+                values = histogram_values(tensor)
+                if values is not None:
+                    writer.add_histogram(f"{kind}/{name}", values, step)
 
 
 class RegressionFigure(Callback):
@@ -88,13 +106,14 @@ class RegressionFigure(Callback):
 
     def figure(self, trainer: Trainer, pl_module: LightningModule) -> Figure:
         datamodule = trainer.datamodule
-        grid = datamodule.plot_grid(self.num_points).to(pl_module.device)
+        dtype = next(pl_module.parameters()).dtype  # trainer.precision=64-true / bf16-true
+        grid = datamodule.plot_grid(self.num_points).to(pl_module.device, dtype)
         with torch.no_grad():
             outputs = pl_module(grid, self.num_samples)
             mean, epistemic, aleatoric = pl_module.likelihood.predictive_moments(outputs)
-        x = grid[:, 0].cpu()
-        mean = mean[:, 0].cpu()
-        std = (epistemic + aleatoric)[:, 0].sqrt().cpu()
+        x = grid[:, 0].float().cpu()  # matplotlib reads float32/64 only
+        mean = mean[:, 0].float().cpu()
+        std = (epistemic + aleatoric)[:, 0].sqrt().float().cpu()
         figure, axes = plt.subplots(figsize=(6, 4))
         axes.scatter(datamodule.train_x[:, 0], datamodule.train_y[:, 0], s=6, c="k", label="train")
         axes.plot(x, mean, c="C0", label="predictive mean")

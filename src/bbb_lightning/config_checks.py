@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .bayes.kl import KL_REDUCTIONS
 from .bayes.layers import ESTIMATORS
@@ -36,6 +36,7 @@ __all__ = [
     "check_config",
     "check_fresh_output_dir",
     "check_input_fits",
+    "check_no_missing_values",
     "exit_on_user_error",
     "format_metrics",
     "user_errors",
@@ -104,6 +105,7 @@ def _is_positive(v: Any) -> bool:
 
 def check_config(cfg: DictConfig) -> None:
     """Validate the top-level knobs of a training config before anything is built."""
+    check_no_missing_values(cfg)
     _require(cfg, "seed", _is_int(0), "an integer >= 0")
     _require(cfg, "num_samples", _is_int(1), "an integer >= 1")
     _require(cfg, "eval_samples", _is_int(1), "an integer >= 1")
@@ -131,6 +133,15 @@ def check_config(cfg: DictConfig) -> None:
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:
         check_checkpoint(Path(ckpt_path))
+
+
+def check_no_missing_values(cfg: DictConfig) -> None:
+    """A one-line UserError for the first mandatory value (``???``) left unset, e.g.
+    ``dataset.target`` of ``dataset=csv``."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        key = missing[0]
+        raise UserError(f"{key} is required and has no default: set {key}=... on the command line")
 
 
 def check_checkpoint(path: Path) -> None:

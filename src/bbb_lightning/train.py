@@ -194,7 +194,7 @@ def _fit_and_test(
     (test_results,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
     metrics |= {name: float(value) for name, value in test_results.items()}
     metrics |= {"fit_seconds": fit_seconds, "epochs": float(trainer.current_epoch)}
-    if best:
+    if best and checkpoint.best_model_score is not None:  # None: a checkpoint monitoring nothing
         metrics[f"best/{cfg.optimized_metric}"] = float(checkpoint.best_model_score)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # The next job of a multirun starts new processes: it needs a new process group.
