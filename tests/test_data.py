@@ -327,6 +327,14 @@ def test_csv_errors(tmp_path: Path, table: Path) -> None:
     bad = _write_csv(tmp_path / "bad.csv", [["a", "y"], [1, 0], ["oops", 1], [3, 0]])
     with pytest.raises(ValueError, match=r"line 3, column 'a'.*'oops'"):
         CSVDataModule(bad, target="y")
+    huge = _write_csv(tmp_path / "huge.csv", [["a", "y"], [1, 0], ["1e39", 1], [3, 0]])
+    with pytest.raises(ValueError, match=r"line 3, column 'a': '1e39' does not fit float32"):
+        CSVDataModule(huge, target="y")
+    only_target = _write_csv(tmp_path / "only.csv", [["y"], [0], [1], [0]])
+    with pytest.raises(ValueError, match=r"no feature column .* besides the target 'y'"):
+        CSVDataModule(only_target, target="y")
+    with pytest.raises(ValueError, match="no feature column"):
+        CSVDataModule(bad, target="y", features=[])
     lines = table.read_text().splitlines()
     lines[2] = lines[2].rsplit(",", 1)[0] + ",n/a"
     table.write_text("\n".join(lines))

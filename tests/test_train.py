@@ -9,6 +9,7 @@ import torch
 
 from bbb_lightning.bayes import posterior_mean
 from bbb_lightning.config_checks import UserError
+from bbb_lightning.guard import NonFiniteError
 from bbb_lightning.module import BayesByBackprop
 from bbb_lightning.train import train
 from bbb_testing import QUICK, compose_config, events, run_cli
@@ -251,7 +252,7 @@ def test_histogram_values_fit_tensorboard_buckets():
     from bbb_lightning.callbacks import histogram_values
 
     values = histogram_values(torch.tensor([1.0, float("inf"), float("nan"), -1e30, 1e25]))
-    assert torch.equal(values, torch.tensor([1.0, -1e20, 1e20]))
+    assert torch.equal(values, torch.tensor([1.0, -9e19, 9e19]))
     assert histogram_values(torch.tensor([float("nan")])) is None
 
 
@@ -259,3 +260,12 @@ def test_a_mandatory_value_left_unset_is_named_in_one_line(tmp_path):
     cfg = compose_config(tmp_path, "dataset=csv", "dataset.path=data.csv")
     with pytest.raises(UserError, match=r"^dataset\.target is required and has no default"):
         train(cfg)
+
+
+def test_a_run_that_ends_with_non_finite_metrics_fails_after_writing_them(tmp_path):
+    """on_nonfinite=skip drops every step after a diverging one: the run must not end with
+    exit status 0 and NaN metrics."""
+    cfg = compose_config(tmp_path, *QUICK, "optimizer.lr=1e30", "on_nonfinite=skip")
+    with pytest.raises(NonFiniteError, match=r"^non-finite [\w/]+=(nan|inf) at the end"):
+        train(cfg)
+    assert "test/nll" in json.loads((tmp_path / "metrics.json").read_text())

@@ -25,13 +25,13 @@ from .objectives import GaussianLikelihood
 
 __all__ = ["PosteriorHistograms", "RegressionFigure", "histogram_values", "tensorboard_writer"]
 
-# TensorBoard's default histogram buckets end at +-1e20; values beyond fall outside every bucket.
-_BUCKET_LIMIT = 1e20
+# TensorBoard's default histogram buckets end at +-9.92e19; values beyond fall outside them all.
+_BUCKET_LIMIT = 9e19
 
 
 def histogram_values(values: Tensor) -> Tensor | None:
     """``values`` ready for ``SummaryWriter.add_histogram``: float32 on the CPU, the
-    non-finite ones dropped and the rest clipped to TensorBoard's buckets (+-1e20), which a
+    non-finite ones dropped and the rest clipped into TensorBoard's buckets (+-9e19), which a
     diverging run's signal-to-noise ratios exceed ("the histogram is empty"); None if none is
     left."""
     values = values.detach().float().cpu().flatten()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -36,6 +37,7 @@ from .config_checks import (
     format_metrics,
     user_errors,
 )
+from .guard import LIKELY_CAUSES, NonFiniteError
 from .module import BayesByBackprop
 
 log = logging.getLogger(__name__)
@@ -175,7 +177,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with _relaunch_as_this_job():
         metrics = _fit_and_test(cfg, trainer, model, datamodule)
     _report(cfg, trainer, metrics)
+    _check_finite(metrics, model.skipped_steps)
     return metrics
+
+
+def _check_finite(metrics: dict[str, float], skipped_steps: int) -> None:
+    """A run whose final metrics are NaN or infinite fails (after ``metrics.json`` is written):
+    with ``on_nonfinite=skip`` every step may have been skipped and nothing learned."""
+    bad = sorted(name for name, value in metrics.items() if not math.isfinite(value))
+    if bad:
+        raise NonFiniteError(
+            f"non-finite {bad[0]}={metrics[bad[0]]} at the end of the run ({skipped_steps} "
+            f"training steps were skipped as non-finite); {LIKELY_CAUSES}; every metric is in "
+            "metrics.json"
+        )
 
 
 def _fit_and_test(

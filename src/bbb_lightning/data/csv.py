@@ -147,15 +147,21 @@ def _select_features(
     available = ", ".join(header)
     if target not in header:
         raise ValueError(f"target column {target!r} not in {path}; available: {available}")
-    if features is None:
-        return [name for name in header if name != target]
-    features = list(features)
+    features = [name for name in header if name != target] if features is None else list(features)
+    if not features:
+        raise ValueError(
+            f"no feature column in {path}: the table needs one besides the target {target!r} "
+            "(dataset.features)"
+        )
     for name in features:
         if name == target:
             raise ValueError(f"feature column {name!r} is also the target column")
         if name not in header:
             raise ValueError(f"feature column {name!r} not in {path}; available: {available}")
     return features
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _numeric_columns(
@@ -175,6 +181,11 @@ def _numeric_columns(
                 raise ValueError(
                     f"{path} line {line}, column {name!r}: expected a finite number, "
                     f"got {row[position]!r}"
+                )
+            if abs(value) > _FLOAT32_MAX:
+                raise ValueError(
+                    f"{path} line {line}, column {name!r}: {row[position]!r} does not fit "
+                    f"float32 (|x| <= {_FLOAT32_MAX:.4g}); rescale the column"
                 )
             parsed.append(value)
         values.append(parsed)
