@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_module
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
 
 QUICK = [
     "trainer.max_epochs=2",
@@ -42,3 +44,27 @@ def run_cli(
         text=True,
         timeout=600,
     )
+
+
+class WidthNet(nn.Module):
+    """A user's network, ``model.net._target_=bbb_testing.WidthNet``: one hidden layer of
+    ``width`` units, and none of the default MLP's ``hidden`` / ``activation`` arguments.
+    ``outputs``: its number of outputs (default: the likelihood's); ``as_tuple``: it returns
+    (outputs, x) instead of one tensor."""
+
+    def __init__(
+        self,
+        input_shape: list[int],
+        num_outputs: int,
+        width: int = 8,
+        outputs: int | None = None,
+        as_tuple: bool = False,
+    ) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(input_shape[0], width)
+        self.out = nn.Linear(width, outputs or num_outputs)
+        self.as_tuple = as_tuple
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        out = self.out(torch.relu(self.hidden(x)))
+        return (out, x) if self.as_tuple else out

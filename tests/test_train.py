@@ -269,3 +269,33 @@ def test_a_run_that_ends_with_non_finite_metrics_fails_after_writing_them(tmp_pa
     with pytest.raises(NonFiniteError, match=r"^non-finite [\w/]+=(nan|inf) at the end"):
         train(cfg)
     assert "test/nll" in json.loads((tmp_path / "metrics.json").read_text())
+
+
+USER_NET = ["model.net._target_=bbb_testing.WidthNet", "~model.net.hidden", "~model.net.activation"]
+
+
+def test_a_users_network_trains_once_the_default_arguments_are_dropped(tmp_path):
+    metrics = train(compose_config(tmp_path, *QUICK, *USER_NET, "+model.net.width=16"))
+    assert "test/nll" in metrics
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["model.net._target_=bbb_testing.WidthNet"],
+            r"^model\.net\._target_=bbb_testing\.WidthNet takes no argument 'hidden' \(it "
+            r"takes as_tuple, input_shape, num_outputs, outputs, width\); drop it with "
+            r"'~model\.net\.hidden'$",
+        ),
+        (
+            [*USER_NET, "+model.net.outputs=5"],
+            r"^model\.net returns shape \(2, 5\) for a batch of 2; the likelihood needs one "
+            r"tensor of shape \(2, 1\) \(num_outputs=1\)$",
+        ),
+        ([*USER_NET, "+model.net.as_tuple=true"], r"^model\.net returns a tuple for a batch of 2"),
+    ],
+)
+def test_a_users_network_that_does_not_fit_is_named_in_one_line(tmp_path, overrides, message):
+    with pytest.raises(UserError, match=message):
+        train(compose_config(tmp_path, *QUICK, *overrides))

@@ -8,6 +8,7 @@ the same one-line form.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,7 +54,12 @@ class UserError(Exception):
             cause = error.__cause__ or error
             key = getattr(error, "full_key", None)
             where = f" (config key {key!r})" if key else ""
-            return f"{cause}{where}".splitlines()[0]
+            # Hydra's own messages span lines ("Error loading 'x':" then the reason): join them
+            text = " ".join(line.strip() for line in str(cause).splitlines() if line.strip())
+            unexpected = re.search(r"unexpected keyword argument '(\w+)'", text)
+            if unexpected and key:
+                where += f"; drop it with '~{key}.{unexpected.group(1)}'"
+            return f"{text}{where}"
         return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
@@ -160,17 +166,27 @@ def check_checkpoint(path: Path) -> None:
 
 
 def check_input_fits(model: torch.nn.Module, batch: Any) -> None:
-    """One forward pass on two examples of ``batch``; a shape error becomes a UserError."""
+    """One forward pass on two examples of ``batch``: a shape error, or an output that is not
+    one tensor of shape (B, the likelihood's ``num_outputs``), becomes a UserError."""
     x = batch[0][:2]
     try:
         with torch.no_grad():
-            model(x, 1)
+            outputs = model(x, 1)
     except RuntimeError as error:
         reason = str(error).splitlines()[0]
         raise UserError(
             f"an input of shape {tuple(x.shape[1:])} does not fit the network ({reason}); check "
             "model.net (e.g. its input_shape) against the dataset"
         ) from None
+    num_outputs = getattr(getattr(model, "likelihood", None), "num_outputs", None)
+    expected = (len(x), num_outputs)
+    shape = tuple(outputs.shape[1:]) if isinstance(outputs, torch.Tensor) else None
+    if num_outputs is not None and shape != expected:
+        got = f"shape {shape}" if shape is not None else f"a {type(outputs).__name__}"
+        raise UserError(
+            f"model.net returns {got} for a batch of {len(x)}; the likelihood needs one tensor "
+            f"of shape {expected} (num_outputs={num_outputs})"
+        )
 
 
 class RefuseEarlierRunDirectory(Callback):

@@ -72,7 +72,8 @@ def _full_precision(outputs: Tensor) -> Tensor:
     """``outputs`` in float32 if they are float16 or bfloat16 (a forward under mixed precision,
     ``trainer.precision=bf16-mixed``), else unchanged: the likelihood, the loss and the metrics
     are computed in float32, where bfloat16 would round the NLL to 3 significant digits."""
-    return outputs.float() if outputs.dtype in (torch.float16, torch.bfloat16) else outputs
+    reduced = isinstance(outputs, Tensor) and outputs.dtype in (torch.float16, torch.bfloat16)
+    return outputs.float() if reduced else outputs
 
 
 def _check_samples(name: str, value: int) -> int:

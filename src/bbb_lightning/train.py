@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, read_write
@@ -30,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from .allocator import retain_freed_memory
 from .bayes import native
 from .config_checks import (
+    UserError,
     check_config,
     check_fresh_output_dir,
     check_input_fits,
@@ -63,7 +65,27 @@ def _fill_sizes(cfg: DictConfig, datamodule: pl.LightningDataModule) -> tuple[di
     for key, value in sizes.items():
         if key in net and net[key] is None:
             net[key] = value
+    _check_net_arguments(net)
     return likelihood, net
+
+
+def _check_net_arguments(net: dict[str, Any]) -> None:
+    """Every ``model.net`` key is an argument of its ``_target_``: a user's network inherits the
+    default MLP's ``hidden`` and ``activation``, which it may not take."""
+    try:
+        target = get_class(net["_target_"])
+        parameters = inspect.signature(target).parameters.values()
+    except Exception:  # not importable, or no signature: instantiate reports it
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    accepted = {p.name for p in parameters}
+    for key in net:
+        if not key.startswith("_") and key not in accepted:
+            raise UserError(
+                f"model.net._target_={net['_target_']} takes no argument {key!r} (it takes "
+                f"{', '.join(sorted(accepted)) or 'none'}); drop it with '~model.net.{key}'"
+            )
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
