@@ -223,3 +223,19 @@ def test_cli_errors_are_one_line(tmp_path):
     assert result.returncode != 0
     assert "ckpt_path='/nonexistent/run': no such run directory" in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("sample_counts=5", r"^sample_counts=5 is not allowed: a list of integers >= 1"),
+        ("pruning_fractions=abc", r"^pruning_fractions='abc' is not allowed: a list of numbers"),
+        ("calibration_bins=0", r"^calibration_bins=0 is not allowed: an integer >= 1"),
+        ("export.pruned_fraction=2", r"^export\.pruned_fraction=2 is not allowed: in \[0, 1\]"),
+        ("attack.epsilons=[nan]", r"^attack\.epsilons=\[nan\] is not allowed"),
+    ],
+)
+def test_bad_settings_are_one_line_before_any_work(tmp_path, override, message):
+    cfg = compose_config(tmp_path, "ckpt_path=/any/run", override, config_name="evaluate")
+    with pytest.raises(UserError, match=message):
+        evaluate(cfg)

@@ -299,3 +299,22 @@ def test_a_users_network_trains_once_the_default_arguments_are_dropped(tmp_path)
 def test_a_users_network_that_does_not_fit_is_named_in_one_line(tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):
         train(compose_config(tmp_path, *QUICK, *overrides))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optimizer.lr=inf", r"^optimizer\.lr=inf is not allowed: a finite number$"),
+        ("prior.loc=nan", r"^prior\.loc=nan is not allowed: a finite number$"),
+        ("posterior.rho_init=[-5,inf]", r"^posterior\.rho_init\[1\]=inf is not allowed"),
+        (
+            "optimized_metric=val/foo",
+            r"^optimized_metric='val/foo' is not allowed: one of \['val/nll', 'val/rmse'\]$",
+        ),
+        ("optimizer=sgd optimizer.momentum=-1", r"^optimizer: Invalid momentum value: -1$"),
+    ],
+)
+def test_settings_that_used_to_fail_late_are_one_line_at_start(tmp_path, override, message):
+    with pytest.raises(UserError, match=message):
+        train(compose_config(tmp_path, *QUICK, *override.split()))
+    assert not (tmp_path / "checkpoints").exists()

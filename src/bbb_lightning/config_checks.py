@@ -8,9 +8,10 @@ the same one-line form.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,9 +36,11 @@ __all__ = [
     "UserError",
     "check_checkpoint",
     "check_config",
+    "check_finite_numbers",
     "check_fresh_output_dir",
     "check_input_fits",
     "check_no_missing_values",
+    "check_optimized_metric",
     "exit_on_user_error",
     "format_metrics",
     "user_errors",
@@ -112,6 +115,7 @@ def _is_positive(v: Any) -> bool:
 def check_config(cfg: DictConfig) -> None:
     """Validate the top-level knobs of a training config before anything is built."""
     check_no_missing_values(cfg)
+    check_finite_numbers(cfg)
     _require(cfg, "seed", _is_int(0), "an integer >= 0")
     _require(cfg, "num_samples", _is_int(1), "an integer >= 1")
     _require(cfg, "eval_samples", _is_int(1), "an integer >= 1")
@@ -148,6 +152,34 @@ def check_no_missing_values(cfg: DictConfig) -> None:
     if missing:
         key = missing[0]
         raise UserError(f"{key} is required and has no default: set {key}=... on the command line")
+
+
+def check_finite_numbers(cfg: DictConfig) -> None:
+    """A one-line UserError for the first NaN or infinite number in the config (``lr=inf``,
+    ``prior.loc=nan``): no setting of ours takes one, and each would only surface as a
+    non-finite loss blamed on the learning rate."""
+
+    def visit(prefix: str, node: Any) -> None:
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            if isinstance(node, dict):
+                name = f"{prefix}.{key}" if prefix else str(key)
+            else:
+                name = f"{prefix}[{key}]"
+            if isinstance(value, dict | list):
+                visit(name, value)
+            elif isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{name}={value} is not allowed: a finite number")
+
+    visit("", OmegaConf.to_container(cfg, resolve=False))
+
+
+def check_optimized_metric(name: str, metrics: Iterable[str]) -> None:
+    """``optimized_metric`` (what the best checkpoint minimises) is ``val/nll`` or one of the
+    validation metrics of the model's likelihood."""
+    allowed = ["val/nll", *(f"val/{metric}" for metric in metrics)]
+    if name not in allowed:
+        raise UserError(f"optimized_metric={name!r} is not allowed: one of {allowed}")
 
 
 def check_checkpoint(path: Path) -> None:

@@ -30,14 +30,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.tensorboard import SummaryWriter
@@ -403,21 +403,46 @@ def _check(cfg: DictConfig) -> None:
     def is_int(value: Any, minimum: int) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
+    def is_number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool) and value == value
+
+    def is_list_of(value: Any, ok: Callable[[Any], bool]) -> bool:
+        return isinstance(value, ListConfig) and len(value) > 0 and all(ok(v) for v in value)
+
     if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path is None:
         raise UserError("ckpt_path is required: a training run directory or a .ckpt file")
     require(is_int(cfg.eval_samples, 1), "eval_samples", "an integer >= 1")
     require(is_int(cfg.batch_size, 1), "batch_size", "an integer >= 1")
     require(cfg.limit_test is None or is_int(cfg.limit_test, 1), "limit_test", "null or >= 1")
-    require(all(is_int(s, 1) for s in cfg.sample_counts), "sample_counts", "integers >= 1")
+    require(is_int(cfg.calibration_bins, 1), "calibration_bins", "an integer >= 1")
     require(
-        all(0 <= p <= 1 for p in cfg.pruning_fractions), "pruning_fractions", "numbers in [0, 1]"
+        is_list_of(cfg.sample_counts, lambda v: is_int(v, 1)),
+        "sample_counts",
+        "a list of integers >= 1, e.g. [1,10,100]",
     )
-    require(all(0 < v < 1 for v in cfg.interval_levels), "interval_levels", "numbers in (0, 1)")
+    require(
+        is_list_of(cfg.pruning_fractions, lambda v: is_number(v) and 0 <= v <= 1),
+        "pruning_fractions",
+        "a list of numbers in [0, 1]",
+    )
+    require(
+        is_list_of(cfg.interval_levels, lambda v: is_number(v) and 0 < v < 1),
+        "interval_levels",
+        "a list of numbers in (0, 1)",
+    )
     require(cfg.ood.kind in ood.OOD_KINDS, "ood.kind", f"one of {list(ood.OOD_KINDS)}")
-    require(all(m in ATTACKS for m in cfg.attack.methods), "attack.methods", f"in {ATTACKS}")
-    require(all(e >= 0 for e in cfg.attack.epsilons), "attack.epsilons", "numbers >= 0")
+    require(
+        is_list_of(cfg.attack.methods, lambda m: m in ATTACKS), "attack.methods", f"in {ATTACKS}"
+    )
+    require(
+        is_list_of(cfg.attack.epsilons, lambda e: is_number(e) and e >= 0),
+        "attack.epsilons",
+        "a list of numbers >= 0",
+    )
     for key in ("limit", "num_samples", "num_draws", "gradient_draws", "pgd_steps"):
         require(is_int(cfg.attack[key], 1), f"attack.{key}", "an integer >= 1")
+    fraction = cfg.export.pruned_fraction
+    require(is_number(fraction) and 0 <= fraction <= 1, "export.pruned_fraction", "in [0, 1]")
     require(cfg.device in ("cpu", "cuda", "auto"), "device", "cpu, cuda or auto")
 
 

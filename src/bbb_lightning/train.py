@@ -35,6 +35,7 @@ from .config_checks import (
     check_config,
     check_fresh_output_dir,
     check_input_fits,
+    check_optimized_metric,
     exit_on_user_error,
     format_metrics,
     user_errors,
@@ -86,6 +87,15 @@ def _check_net_arguments(net: dict[str, Any]) -> None:
                 f"model.net._target_={net['_target_']} takes no argument {key!r} (it takes "
                 f"{', '.join(sorted(accepted)) or 'none'}); drop it with '~model.net.{key}'"
             )
+
+
+def _check_optimizer(model: BayesByBackprop) -> None:
+    """Build the optimizer once before training, so that a bad argument (``optimizer.lr=-1``,
+    ``optimizer.momentum=-1``) is one line naming the optimizer, not a traceback from fit."""
+    try:
+        model.configure_optimizers()
+    except (ValueError, TypeError) as error:
+        raise UserError(f"optimizer: {UserError.describe(error)}") from None
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -192,6 +202,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         datamodule.setup("fit")
         model = build_model(cfg, datamodule)
         check_input_fits(model, next(iter(datamodule.train_dataloader())))
+        check_optimized_metric(cfg.optimized_metric, model.metrics["val_"].keys())
+        _check_optimizer(model)
         callbacks = _instantiate_all(cfg.get("callbacks"))
         loggers = _instantiate_all(cfg.get("logger"))
         trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
