@@ -153,3 +153,22 @@ def test_cli_writes_into_its_run_dir(tmp_path, toy_run):
     assert result.returncode == 0, result.stderr[-3000:]
     (output,) = (tmp_path / "outputs" / "predict").glob("*/*/predictions.pt")
     assert torch.load(output)["mean"].shape == (9, 1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["batch_size=0"], r"^batch_size=0 is not allowed: an integer >= 1$"),
+        (["device=foo"], r"^device='foo' is not allowed: cpu, cuda or auto$"),
+        (["output=/proc/nope/p.pt"], r"^output='/proc/nope/p\.pt': cannot create its directory"),
+        (["input=EMPTY"], r"^input='.*empty\.npy' holds no examples$"),
+    ],
+)
+def test_bad_settings_are_one_line_before_sampling(tmp_path, toy_run, overrides, message):
+    empty = tmp_path / "empty.npy"
+    np.save(empty, np.zeros((0, 1), dtype=np.float32))
+    inputs = tmp_path / "x.npy"
+    np.save(inputs, np.zeros((3, 1), dtype=np.float32))
+    overrides = [o.replace("EMPTY", str(empty)) for o in overrides]
+    with pytest.raises(UserError, match=message):
+        run_predict(tmp_path, f"ckpt_path={toy_run}", f"input={inputs}", *overrides)

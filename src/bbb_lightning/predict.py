@@ -237,13 +237,25 @@ def _to_target_units(results: dict[str, Tensor], mean: Tensor, std: Tensor) -> N
         results["sample_std"] = results["sample_std"] * std
 
 
+def _check_writable(output: Path) -> None:
+    """The output's directory exists or can be made, before any sampling."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(
+            f"output={str(output)!r}: cannot create its directory ({error.strerror})"
+        ) from None
+
+
 def predict(cfg: DictConfig) -> dict[str, Tensor]:
     """Predict for ``cfg.input`` with the run ``cfg.ckpt_path``; write and return the results."""
     for key in ("ckpt_path", "input"):
         if OmegaConf.is_missing(cfg, key) or cfg.get(key) is None:
             raise UserError(f"{key} is required (python -m bbb_lightning.predict --help)")
-    if not (isinstance(cfg.eval_samples, int) and cfg.eval_samples >= 1):
-        raise UserError(f"eval_samples={cfg.eval_samples!r} is not allowed: an integer >= 1")
+    for key in ("eval_samples", "batch_size"):
+        value = cfg.get(key)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise UserError(f"{key}={value!r} is not allowed: an integer >= 1")
     output = (
         Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir) / "predictions.pt"
     )
@@ -252,11 +264,14 @@ def predict(cfg: DictConfig) -> dict[str, Tensor]:
             f"output={str(output)!r}: unknown suffix {output.suffix!r}; "
             f"use one of {OUTPUT_SUFFIXES}"
         )
+    _check_writable(output)
     torch.manual_seed(cfg.seed)
     checkpoint, run_dir = resolve_checkpoint(cfg.ckpt_path)
     model = load_model(checkpoint).to(resolve_device(cfg.get("device", "cpu"))).eval()
     model.likelihood.cpu()  # no part of the forward: it scores the outputs, gathered on the CPU
     x = read_input(cfg.input)
+    if len(x) == 0:
+        raise UserError(f"input={str(cfg.input)!r} holds no examples")
     input_shape = (model.hparams.get("net") or {}).get("input_shape")
     if input_shape is not None:
         x = fit_input_shape(x, input_shape, source=f"input={str(cfg.input)!r}")

@@ -100,6 +100,8 @@ def load_run(cfg: DictConfig) -> tuple[BayesByBackprop, Any, DictConfig, Path]:
 
 def resolve_device(name: str) -> torch.device:
     """``cpu``, ``cuda`` or ``auto`` (cuda when available) as a device; no CUDA is a UserError."""
+    if name not in ("cpu", "cuda", "auto"):
+        raise UserError(f"device={name!r} is not allowed: cpu, cuda or auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
