@@ -330,6 +330,10 @@ def test_csv_errors(tmp_path: Path, table: Path) -> None:
     huge = _write_csv(tmp_path / "huge.csv", [["a", "y"], [1, 0], ["1e39", 1], [3, 0]])
     with pytest.raises(ValueError, match=r"line 3, column 'a': '1e39' does not fit float32"):
         CSVDataModule(huge, target="y")
+    for label, message in (("", "missing class label ''"), ("0.35", "'0.35' is not a class label")):
+        labelled = _write_csv(tmp_path / "l.csv", [["a", "y"], [1, 0], [2, label], [3, 1]])
+        with pytest.raises(ValueError, match=rf"line 3, column 'y': {message}"):
+            CSVDataModule(labelled, target="y")
     only_target = _write_csv(tmp_path / "only.csv", [["y"], [0], [1], [0]])
     with pytest.raises(ValueError, match=r"no feature column .* besides the target 'y'"):
         CSVDataModule(only_target, target="y")

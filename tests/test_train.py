@@ -318,3 +318,21 @@ def test_settings_that_used_to_fail_late_are_one_line_at_start(tmp_path, overrid
     with pytest.raises(UserError, match=message):
         train(compose_config(tmp_path, *QUICK, *override.split()))
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("task", "likelihood", "message"),
+    [
+        ("regression", "categorical", "needs a classification dataset .*: add likelihood=gaussian"),
+        ("classification", "gaussian", "needs a regression dataset .*: add likelihood=categorical"),
+    ],
+)
+def test_a_likelihood_that_does_not_fit_the_task_is_named(tmp_path, task, likelihood, message):
+    table = tmp_path / "t.csv"
+    table.write_text("a,y\n" + "".join(f"{i},{i % 2}\n" for i in range(40)))
+    cfg = compose_config(
+        tmp_path / "run", *QUICK, "dataset=csv", f"dataset.path={table}", "dataset.target=y",
+        f"dataset.task={task}", f"likelihood={likelihood}", "model=mlp_small",
+    )  # fmt: skip
+    with pytest.raises(UserError, match=message):
+        train(cfg)

@@ -57,9 +57,17 @@ def _container(node: Any) -> Any:
 def _fill_sizes(cfg: DictConfig, datamodule: pl.LightningDataModule) -> tuple[dict, dict]:
     """Likelihood and net configs with sizes left null filled from the dataset."""
     likelihood = _container(cfg.likelihood)
-    for key in ("num_classes", "target_dim"):
+    for key, task, other in (
+        ("num_classes", "classification", "gaussian"),
+        ("target_dim", "regression", "categorical"),
+    ):
         if key in likelihood and likelihood[key] is None:
-            likelihood[key] = getattr(datamodule, key)
+            likelihood[key] = getattr(datamodule, key, None)
+            if likelihood[key] is None:
+                raise UserError(
+                    f"likelihood {likelihood['_target_'].rsplit('.', 1)[-1]} needs a {task} "
+                    f"dataset and {type(datamodule).__name__} gives none: add likelihood={other}"
+                )
     num_outputs = instantiate(likelihood).num_outputs
     net = _container(cfg.model.net)
     sizes = {"input_shape": list(datamodule.input_shape), "num_outputs": num_outputs}

@@ -91,7 +91,9 @@ class CSVDataModule(BBBDataModule):
         self.target_std: Tensor | None = None
         if task == "classification":
             target_position = header.index(target)
-            self.classes, y = _encode_labels([row[target_position] for _, row in rows])
+            labels = [(line, row[target_position]) for line, row in rows]
+            _check_labels(self.path, target, labels)
+            self.classes, y = _encode_labels([label for _, label in labels])
             self.num_classes = len(self.classes)
         else:
             y = _numeric_columns(self.path, header, rows, [target])
@@ -190,6 +192,26 @@ def _numeric_columns(
             parsed.append(value)
         values.append(parsed)
     return torch.tensor(values, dtype=torch.float32)
+
+
+def _check_labels(path: Path, target: str, labels: list[tuple[int, str]]) -> None:
+    """Class labels are present and not fractional numbers (a regression target read as
+    classes would make every distinct value a class)."""
+    for line, label in labels:
+        value = label.strip()
+        if value == "" or value.lower() == "nan":
+            raise ValueError(
+                f"{path} line {line}, column {target!r}: missing class label {label!r}"
+            )
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        if not number.is_integer():
+            raise ValueError(
+                f"{path} line {line}, column {target!r}: {label!r} is not a class label; for a "
+                "numeric target use dataset.task=regression likelihood=gaussian"
+            )
 
 
 def _encode_labels(values: list[str]) -> tuple[list[str] | list[int], Tensor]:
