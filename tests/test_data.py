@@ -344,3 +344,15 @@ def test_csv_errors(tmp_path: Path, table: Path) -> None:
     table.write_text("\n".join(lines))
     with pytest.raises(ValueError, match=r"line 3, column 'value'.*'n/a'"):
         CSVDataModule(table, target="value", task="regression", features=["a", "b"])
+
+
+def test_mnist_labels_outside_0_to_9_are_named(tmp_path: Path) -> None:
+    for split, count in (("train", 4), ("t10k", 2)):
+        (tmp_path / f"{split}-images-idx3-ubyte").write_bytes(
+            _idx_bytes((count, 28, 28), bytes(count * 28 * 28))
+        )
+        labels = bytes([1, 12, 3, 4][:count])
+        (tmp_path / f"{split}-labels-idx1-ubyte").write_bytes(_idx_bytes((count,), labels))
+    datamodule = MNISTDataModule(tmp_path, download=False, val_size=1)
+    with pytest.raises(ValueError, match=r"corrupt MNIST labels in .*train-labels.*: label 12"):
+        datamodule.setup("fit")

@@ -336,3 +336,11 @@ def test_a_likelihood_that_does_not_fit_the_task_is_named(tmp_path, task, likeli
     )  # fmt: skip
     with pytest.raises(UserError, match=message):
         train(cfg)
+
+
+def test_resuming_with_another_network_is_named_before_training(tmp_path):
+    train(compose_config(tmp_path / "first", *QUICK, "logger=none"))
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    cfg = compose_config(tmp_path / "second", *QUICK, "model.net.hidden=[8]", f"ckpt_path={last}")
+    with pytest.raises(UserError, match=r"its network does not match this config \(net\.layers"):
+        train(cfg)

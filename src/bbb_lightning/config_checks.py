@@ -41,6 +41,7 @@ __all__ = [
     "check_input_fits",
     "check_no_missing_values",
     "check_optimized_metric",
+    "check_resumable",
     "exit_on_user_error",
     "format_metrics",
     "user_errors",
@@ -236,6 +237,26 @@ class RefuseEarlierRunDirectory(Callback):
         except UserError as error:  # on stderr only: that run's train.log is not ours to touch
             print(f"[{__name__}][ERROR] - {error}", file=sys.stderr)
             sys.exit(1)
+
+
+def check_resumable(model: torch.nn.Module, ckpt_path: str | None) -> None:
+    """The checkpoint to resume from holds this config's network: the same tensors, of the
+    same shapes (a changed architecture failed inside Lightning with a size-mismatch
+    traceback)."""
+    if ckpt_path is None:
+        return
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
+    here = model.state_dict()
+    for name in sorted(set(saved) | set(here)):
+        ours, theirs = here.get(name), saved.get(name)
+        shape = None if ours is None else tuple(ours.shape)
+        saved_shape = None if theirs is None else tuple(theirs.shape)
+        if shape != saved_shape:
+            raise UserError(
+                f"ckpt_path={ckpt_path!r} is not allowed: its network does not match this "
+                f"config ({name}: {saved_shape or 'absent'} in the checkpoint, "
+                f"{shape or 'absent'} here); resume with the run's own settings"
+            )
 
 
 def check_fresh_output_dir(output_dir: Path, ckpt_path: str | None) -> None:

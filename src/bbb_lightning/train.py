@@ -36,6 +36,7 @@ from .config_checks import (
     check_fresh_output_dir,
     check_input_fits,
     check_optimized_metric,
+    check_resumable,
     exit_on_user_error,
     format_metrics,
     user_errors,
@@ -211,6 +212,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         model = build_model(cfg, datamodule)
         check_input_fits(model, next(iter(datamodule.train_dataloader())))
         check_optimized_metric(cfg.optimized_metric, model.metrics["val_"].keys())
+        check_resumable(model, cfg.get("ckpt_path"))
         _check_optimizer(model)
         callbacks = _instantiate_all(cfg.get("callbacks"))
         loggers = _instantiate_all(cfg.get("logger"))

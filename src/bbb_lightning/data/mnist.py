@@ -155,7 +155,11 @@ class MNISTDataModule(BBBDataModule):
                 f"{tuple(images.shape)}, label shape {tuple(labels.shape)}; "
                 "expected (N, 28, 28) and (N,)"
             )
-        return images, labels.long()
+        labels = labels.long()
+        if len(labels) and not bool(((labels >= 0) & (labels <= 9)).all()):
+            bad = int(labels[(labels < 0) | (labels > 9)][0])
+            raise ValueError(f"corrupt MNIST labels in {labels_path}: label {bad} outside 0..9")
+        return images, labels
 
     def _normalize(self, images: Tensor) -> Tensor:
         """``uint8 (N, 28, 28)`` pixels to normalized ``float32 (N, 1, 28, 28)``."""
