@@ -139,6 +139,14 @@ def test_summary_command_sorts_jobs_by_the_metric(tmp_path, capsys):
     assert "failed" in table[2] and "UserError: broken" in table[2]
     assert (tmp_path / "summary.csv").read_text().splitlines()[1].startswith("1,ok,seed=1")
 
+    with pytest.raises(SystemExit):
+        summary_main([str(tmp_path), "--sort", "val/foo"])
+    error = capsys.readouterr().err
+    assert "--sort 'val/foo' is not a column; the columns are: job, status" in error
+    with pytest.raises(SystemExit):
+        summary_main([str(tmp_path / "0")])  # one run, not a sweep
+    assert "holds no job directories" in capsys.readouterr().err
+
 
 def test_trainer_configs_compose(tmp_path):
     for trainer, accelerator in (("gpu", "gpu"), ("ddp", "gpu"), ("ddp_cpu", "cpu")):

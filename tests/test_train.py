@@ -312,6 +312,7 @@ def test_a_users_network_that_does_not_fit_is_named_in_one_line(tmp_path, overri
             r"^optimized_metric='val/foo' is not allowed: one of \['val/nll', 'val/rmse'\]$",
         ),
         ("optimizer=sgd optimizer.momentum=-1", r"^optimizer: Invalid momentum value: -1$"),
+        ("trainer.limit_train_batches=0", r"^trainer\.limit_train_batches=0 is not allowed"),
     ],
 )
 def test_settings_that_used_to_fail_late_are_one_line_at_start(tmp_path, override, message):

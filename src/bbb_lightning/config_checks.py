@@ -133,6 +133,12 @@ def check_config(cfg: DictConfig) -> None:
         lambda v: v is None or v == -1 or _is_int(1)(v),
         "an integer >= 1 (or -1: no limit)",
     )
+    _require(
+        cfg,
+        "trainer.limit_train_batches",
+        lambda v: v is None or (isinstance(v, int | float) and not isinstance(v, bool) and v > 0),
+        "null (all batches), an integer >= 1 or a fraction in (0, 1]: 0 would train nothing",
+    )
     accelerator = cfg.get("trainer", {}).get("accelerator")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError(

@@ -112,6 +112,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"sweep_dir {str(args.sweep_dir)!r} is not a directory")
+    rows = collect(args.sweep_dir)
+    if not rows:
+        parser.error(
+            f"sweep_dir {str(args.sweep_dir)!r} holds no job directories (a multirun's "
+            "multirun/<date>/<time>/, whose subdirectories 0, 1, ... are its jobs)"
+        )
+    columns = _columns(rows)
+    if args.sort not in columns and any(row["status"] == "ok" for row in rows):
+        parser.error(f"--sort {args.sort!r} is not a column; the columns are: {', '.join(columns)}")
     print(write_summary(args.sweep_dir, args.sort, args.descending), end="")
 
 
