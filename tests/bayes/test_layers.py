@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from functools import partial
 
 import pytest
@@ -406,3 +407,40 @@ def test_a_seed_gives_the_same_forward_with_and_without_gradients(
         next_draws.append(torch.rand(1))
     torch.testing.assert_close(outputs[0], outputs[1].detach())
     assert torch.equal(*next_draws)
+
+
+class Siamese(nn.Module):
+    """One Linear layer applied to two inputs in one forward pass: its weights are shared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.branch = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.branch(x) - self.branch(x)
+
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_a_layer_applied_twice_in_one_forward_pass_applies_one_weight_draw(
+    num_samples: int,
+) -> None:
+    torch.manual_seed(0)
+    net = bayesianize(Siamese(), estimator="reparameterization")
+    x = torch.randn(4, 3)
+    assert torch.equal(sample_forward(net, x, num_samples), torch.zeros(num_samples, 4, 2))
+    branch = net.branch  # ... while separate forward passes still draw afresh
+    assert not torch.equal(branch(x), branch(x))
+
+
+@pytest.mark.parametrize("estimator", ["local", "flipout"])
+def test_per_application_noise_is_warned_when_a_layer_is_applied_twice(estimator: str) -> None:
+    net = bayesianize(Siamese(), estimator=estimator)
+    with pytest.warns(
+        UserWarning, match=f"applied twice in one forward pass: under estimator='{estimator}'"
+    ):
+        net(torch.randn(4, 3))
+    once = bayesianize(nn.Sequential(nn.Linear(3, 2)), estimator=estimator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        once(torch.randn(4, 3))
+        once(torch.randn(4, 3))  # two forward passes, one application each: no warning

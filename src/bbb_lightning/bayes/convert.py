@@ -9,7 +9,13 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .layers import BAYESIAN_LAYERS, BayesianLayer, check_estimator
+from .layers import (
+    BAYESIAN_LAYERS,
+    BayesianLayer,
+    check_estimator,
+    close_forward_pass,
+    open_forward_pass,
+)
 from .posteriors import MeanFieldNormal, VariationalPosterior, named_posteriors
 from .priors import GaussianPrior, Prior
 
@@ -133,6 +139,8 @@ def bayesianize(
                 parametrized = True
     if parametrized:
         _install_parametrization_cache(net)
+    net.register_forward_pre_hook(open_forward_pass)
+    net.register_forward_hook(close_forward_pass, always_call=True)
     return net
 
 
@@ -156,9 +164,15 @@ def _install_parametrization_cache(net: nn.Module) -> None:
     net.register_forward_hook(_exit_cache, always_call=True)
 
 
-def remove_parametrization_cache(net: nn.Module) -> None:
-    """Undo :func:`_install_parametrization_cache` (used when the network becomes plain again)."""
-    for hooks, hook in ((net._forward_pre_hooks, _enter_cache), (net._forward_hooks, _exit_cache)):
+def remove_forward_pass_hooks(net: nn.Module) -> None:
+    """Remove the root hooks :func:`bayesianize` installed (the parametrization cache and the
+    forward pass of the layers), when the network becomes plain again."""
+    for hooks, hook in (
+        (net._forward_pre_hooks, _enter_cache),
+        (net._forward_hooks, _exit_cache),
+        (net._forward_pre_hooks, open_forward_pass),
+        (net._forward_hooks, close_forward_pass),
+    ):
         for key in [key for key, value in hooks.items() if value is hook]:
             del hooks[key]
             net._forward_hooks_always_called.pop(key, None)

@@ -33,6 +33,7 @@ gradient, in :mod:`bbb_lightning.bayes.local_reparameterization`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -77,6 +78,24 @@ class _Fold:
 
 _UNFOLDED = _Fold(1, None, 0)
 _FOLD: ContextVar[_Fold | None] = ContextVar("bbb_fold", default=None)
+
+# The forward pass of a bayesianized network (its root's hooks open and close it): the layers
+# that ran in it, and under weight reparameterization their draws, so that a layer applied twice
+# in one pass (a Siamese branch, a cell unrolled over time) applies the same weights twice.
+_FORWARD_PASS: ContextVar[dict[tuple[int, int], Any] | None] = ContextVar(
+    "bbb_forward_pass", default=None
+)
+_open_passes: list[Any] = []
+
+
+def open_forward_pass(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook of a bayesianized root: a new forward pass begins."""
+    _open_passes.append(_FORWARD_PASS.set({}))
+
+
+def close_forward_pass(module: nn.Module, args: Any, output: Any) -> None:
+    """Forward hook (always called) of a bayesianized root: the forward pass ends."""
+    _FORWARD_PASS.reset(_open_passes.pop())
 
 
 def _current_fold() -> _Fold:
@@ -230,15 +249,45 @@ class BayesianLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.weight_posterior.frozen:
             return self._affine(x, self.weight_posterior.mean, self._bias_mean())
-        if self.estimator == "local":
-            return self._local_reparameterization(x)
-        if self.estimator == "flipout":
+        if self.estimator != "reparameterization":
+            self._note_application()
+            if self.estimator == "local":
+                return self._local_reparameterization(x)
             return self._flipout(x)
         num_samples = self._num_samples(x)
+        forward_pass = _FORWARD_PASS.get()
+        key = (id(self), num_samples)
+        drawn = None if forward_pass is None else forward_pass.get(key)
+        if drawn is not None:  # applied again in this forward pass: the same weights
+            weight, bias = drawn
+            if num_samples == 1:
+                return self._affine(x, weight, bias)
+            return self._affine_per_sample(x, weight, bias)
         if num_samples == 1:
             bias = self.bias if self.bias_posterior is None else self.bias_posterior()
-            return self._affine(x, self.weight_posterior(), bias)
-        return self._reparameterization_per_sample(x, num_samples)
+            weight = self.weight_posterior()
+            if forward_pass is not None:
+                forward_pass[key] = (weight, bias)
+            return self._affine(x, weight, bias)
+        return self._per_sample_affine(x, num_samples, perturbation=False, remember=key)
+
+    def _note_application(self) -> None:
+        """Local reparameterization and flipout draw noise per application: a layer applied
+        twice in one forward pass does not share its weights between the two (warned once)."""
+        forward_pass = _FORWARD_PASS.get()
+        if forward_pass is None:
+            return
+        key = (id(self), 0)
+        if key in forward_pass and not getattr(self, "_warned_reapplied", False):
+            self._warned_reapplied = True
+            warnings.warn(
+                f"a {type(self).__name__} was applied twice in one forward pass: under "
+                f"estimator={self.estimator!r} each application draws its own noise, as if "
+                "its weights were not shared; use estimator='reparameterization' to share "
+                "one weight draw",
+                stacklevel=3,
+            )
+        forward_pass[key] = True
 
     @staticmethod
     def _num_samples(x: Tensor) -> int:
@@ -249,14 +298,19 @@ class BayesianLayer(nn.Module):
             )
         return num_samples
 
-    def _reparameterization_per_sample(self, x: Tensor, num_samples: int) -> Tensor:
-        return self._per_sample_affine(x, num_samples, perturbation=False)
-
-    def _per_sample_affine(self, x: Tensor, num_samples: int, perturbation: bool) -> Tensor:
+    def _per_sample_affine(
+        self,
+        x: Tensor,
+        num_samples: int,
+        perturbation: bool,
+        remember: tuple[int, int] | None = None,
+    ) -> Tensor:
         """Rows of sample s through (W_s, b_s): one weight draw per sample (for flipout, one
         perturbation W_s - mu), one batched affine map. The draws are remembered for the Monte
-        Carlo KL. Without gradients they are made in chunks of at most ``_MAX_DRAWN_WEIGHTS``
-        weights, each used while it is in cache, from one sigma, and not remembered."""
+        Carlo KL, and under ``remember`` for the rest of the forward pass. Without gradients
+        they are made in chunks of at most ``_MAX_DRAWN_WEIGHTS`` weights, each used while it
+        is in cache, from one sigma, and not remembered (a layer applied twice in one such pass
+        draws twice)."""
         weight_q, bias_q = self.weight_posterior, self.bias_posterior
         held: dict[int, ScaleValues] = {}  # sigma of a Gaussian posterior, for all the chunks
 
@@ -281,6 +335,9 @@ class BayesianLayer(nn.Module):
                         q.remember_perturbation(drawn)
                     else:
                         q.last_sample = drawn
+            forward_pass = _FORWARD_PASS.get()
+            if remember is not None and forward_pass is not None:
+                forward_pass[remember] = (weight, bias)
             return self._affine_per_sample(x, weight, bias)
         rows = x.shape[0] // num_samples
         held.update(

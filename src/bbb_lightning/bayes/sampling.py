@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_map
 
-from .convert import remove_parametrization_cache
+from .convert import remove_forward_pass_hooks
 from .layers import BayesianLayer, folded_samples
 from .posteriors import VariationalPosterior
 
@@ -138,7 +138,7 @@ def _materialize(net: nn.Module, use_mean: bool) -> nn.Module:
     for module in list(plain.modules()):
         if parametrize.is_parametrized(module):
             _remove_posterior_parametrizations(module, value)
-    remove_parametrization_cache(plain)
+    remove_forward_pass_hooks(plain)
     return plain
 
 
