@@ -13,6 +13,8 @@ from torch.nn.utils import parametrize
 from bbb_lightning.bayes import (
     BayesianLayer,
     BayesianLinear,
+    GaussianPrior,
+    MeanFieldNormal,
     VariationalPosterior,
     all_posteriors,
     bayesianize,
@@ -276,3 +278,34 @@ def test_include_and_exclude_patterns_that_would_change_the_model_silently_are_r
         bayesianize(net, include=include, exclude=exclude)
     with pytest.raises(ValueError, match="the network has none"):
         bayesianize(nn.ReLU())
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: GaussianPrior(loc=float("nan")), ValueError, "prior loc must be finite"),
+        (
+            lambda: MeanFieldNormal(torch.zeros(3), GaussianPrior(), rho_init=float("inf")),
+            ValueError,
+            "rho_init must be finite",
+        ),
+        (
+            lambda: MeanFieldNormal(torch.zeros(3), GaussianPrior(), min_scale=float("nan")),
+            ValueError,
+            "min_scale must be a finite number >= 0",
+        ),
+        (
+            lambda: bayesianize(nn.Linear(2, 1), prior="gaussian"),
+            TypeError,
+            "prior must be a Prior",
+        ),
+        (
+            lambda: sample_forward(bayesianize(nn.Linear(2, 1)), torch.zeros(2, 2), True),
+            ValueError,
+            "num_samples must be an integer >= 1, got True",
+        ),
+    ],
+)
+def test_bad_arguments_are_named_instead_of_becoming_nan(make, error, message) -> None:
+    with pytest.raises(error, match=message):
+        make()

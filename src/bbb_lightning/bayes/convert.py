@@ -107,6 +107,8 @@ def bayesianize(
         ['0.weight', '0.bias', '1.weight', '1.bias', '2.weight', '2.bias']
     """
     check_estimator(estimator)
+    if prior is not None and not isinstance(prior, Prior):
+        raise TypeError(f"prior must be a Prior (e.g. GaussianPrior()), got {prior!r}")
     if is_bayesian(net):
         raise ValueError("the network is already Bayesian; bayesianize it only once")
     _check_untied(net)

@@ -197,8 +197,8 @@ class MeanFieldNormal(VariationalPosterior):
         min_scale: float = 0.0,
     ) -> None:
         super().__init__(prior)
-        if min_scale < 0:
-            raise ValueError(f"posterior min_scale must be >= 0, got {min_scale!r}")
+        if not (min_scale >= 0 and math.isfinite(min_scale)):
+            raise ValueError(f"posterior min_scale must be a finite number >= 0, got {min_scale!r}")
         self.mu = nn.Parameter(initial_value.detach().clone())
         self.rho = nn.Parameter(torch.empty_like(self.mu))
         self.min_scale = float(min_scale)
@@ -210,6 +210,9 @@ class MeanFieldNormal(VariationalPosterior):
     def reset_rho(self) -> None:
         """Re-initialise rho from ``rho_init`` (constant or uniform range)."""
         with torch.no_grad():
+            values = [self.rho_init] if isinstance(self.rho_init, int | float) else self.rho_init
+            if not all(math.isfinite(v) for v in values):
+                raise ValueError(f"posterior rho_init must be finite, got {self.rho_init!r}")
             if isinstance(self.rho_init, int | float):
                 self.rho.fill_(float(self.rho_init))
             elif len(self.rho_init) == 2 and self.rho_init[0] <= self.rho_init[1]:

@@ -81,6 +81,8 @@ class GaussianPrior(Prior):
             _check_positive("scale", scale)
         elif not bool((scale > 0).all()):
             raise ValueError("prior scale must be > 0 everywhere")
+        if not bool(torch.isfinite(torch.as_tensor(loc)).all()):
+            raise ValueError(f"prior loc must be finite, got {loc!r}")
         self.register_buffer("loc", _as_buffer(loc))
         self.register_buffer("scale", _as_buffer(scale))
 

@@ -52,7 +52,9 @@ def sample_forward(net: nn.Module, x: Tensor, num_samples: int) -> Tensor:
         >>> sample_forward(net, torch.randn(5, 3), num_samples=4).shape
         torch.Size([4, 5, 2])
     """
-    if not (isinstance(num_samples, int) and num_samples >= 1):
+    if not (
+        isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples >= 1
+    ):
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     if num_samples == 1:
         return tree_map(lambda out: out.unsqueeze(0), net(x))
