@@ -407,7 +407,7 @@ def _check(cfg: DictConfig) -> None:
         return isinstance(value, int | float) and not isinstance(value, bool) and value == value
 
     def is_list_of(value: Any, ok: Callable[[Any], bool]) -> bool:
-        return isinstance(value, ListConfig) and len(value) > 0 and all(ok(v) for v in value)
+        return isinstance(value, ListConfig) and all(ok(v) for v in value)  # [] skips a part
 
     if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path is None:
         raise UserError("ckpt_path is required: a training run directory or a .ckpt file")
