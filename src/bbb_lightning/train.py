@@ -99,8 +99,8 @@ def _check_net_arguments(net: dict[str, Any]) -> None:
 
 
 def _check_optimizer(model: BayesByBackprop) -> None:
-    """Build the optimizer once before training, so that a bad argument (``optimizer.lr=-1``,
-    ``optimizer.momentum=-1``) is one line naming the optimizer, not a traceback from fit."""
+    """Build the optimizer once before training, so that an argument it rejects
+    (``optimizer=sgd optimizer.momentum=-1``) is one line, not a traceback from fit."""
     try:
         model.configure_optimizers()
     except (ValueError, TypeError) as error:
