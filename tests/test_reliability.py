@@ -213,6 +213,18 @@ def test_the_entry_point_refuses_before_hydra_writes_over_an_earlier_run(tmp_pat
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in after} == before
 
 
+def test_resuming_into_its_own_directory_keeps_the_runs_network_and_data(tmp_path):
+    """Hydra would rewrite the run's saved config, from which evaluate rebuilds the network."""
+    run = ["hydra.run.dir=run", "trainer.max_epochs=1", *QUIET]
+    assert run_cli(*run, cwd=tmp_path).returncode == 0
+    saved = (tmp_path / "run" / ".hydra" / "config.yaml").read_bytes()
+    resume = ["ckpt_path=run/checkpoints/last.ckpt", "trainer.max_epochs=2"]
+    changed = run_cli(*run, *resume, "model.net.hidden=[8]", cwd=tmp_path)
+    assert changed.returncode == 1 and "with other model settings than its own" in changed.stderr
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").read_bytes() == saved
+    assert run_cli(*run, *resume, cwd=tmp_path).returncode == 0  # more epochs: a resume
+
+
 @pytest.mark.slow
 def test_a_failing_multirun_job_does_not_stop_the_others(tmp_path):
     result = run_cli(

@@ -42,6 +42,7 @@ __all__ = [
     "check_no_missing_values",
     "check_optimized_metric",
     "check_resumable",
+    "check_same_model_and_data",
     "exit_on_user_error",
     "format_metrics",
     "user_errors",
@@ -239,10 +240,33 @@ class RefuseEarlierRunDirectory(Callback):
         # the only kind that can hold an earlier run, resolves to itself.
         run_dir = Path(str(config.hydra.run.dir))
         try:
-            check_fresh_output_dir(run_dir, config.get("ckpt_path"))
+            ckpt_path = config.get("ckpt_path")
+            check_fresh_output_dir(run_dir, ckpt_path)
+            if ckpt_path is not None and run_dir.resolve() in Path(ckpt_path).resolve().parents:
+                check_same_model_and_data(run_dir, config)
         except UserError as error:  # on stderr only: that run's train.log is not ours to touch
             print(f"[{__name__}][ERROR] - {error}", file=sys.stderr)
             sys.exit(1)
+
+
+def check_same_model_and_data(run_dir: Path, cfg: DictConfig) -> None:
+    """A run resumed into its own directory keeps its network and data (``model``,
+    ``dataset``, ``prior``, ``posterior``, ``likelihood``): Hydra rewrites the run's saved
+    config, from which evaluate and predict rebuild the network. Other settings (epochs, the
+    optimizer) may change."""
+    saved_file = run_dir / ".hydra" / "config.yaml"
+    if not saved_file.is_file():
+        return
+    saved = OmegaConf.load(saved_file)
+    for group in ("model", "dataset", "prior", "posterior", "likelihood"):
+        before = OmegaConf.to_container(saved[group]) if group in saved else None
+        now = OmegaConf.to_container(cfg[group]) if group in cfg else None
+        if before != now:
+            raise UserError(
+                f"resuming the run in {str(run_dir)!r} with other {group} settings than its own "
+                f"(saved in {saved_file}) would overwrite them; resume with its settings, or "
+                "into another hydra.run.dir"
+            )
 
 
 def check_resumable(model: torch.nn.Module, ckpt_path: str | None) -> None:
