@@ -171,6 +171,8 @@ BAD_INPUTS = [  # docs/errors.md, row by row
     ("prior=scale_mixture prior.pi=1.5", "prior pi (mixture weight) must be in (0, 1), got 1.5"),
     ("posterior.rho_init=[1,0]", "posterior rho_init must be a number or [low, high]"),
     ("dataset.batch_size=abc", "dataset batch_size must be an integer >= 1, got 'abc'"),
+    ("model.net.activation=foo", "bbb_lightning.nets.MLP: unknown activation 'foo'; allowed: relu"),
+    ("dataset.noise_std=-1", "ToyRegressionDataModule: noise_std must be >= 0, got -1"),
     ("dataset=mnist dataset.data_dir=/nonexistent dataset.download=false", "/nonexistent"),
     ("dataset=csv dataset.path=missing.csv dataset.target=y", "missing.csv"),
     ("dataset=csv dataset.path={table} dataset.target=nope", "target column 'nope' not in"),

@@ -61,6 +61,9 @@ class UserError(Exception):
             where = f" (config key {key!r})" if key else ""
             # Hydra's own messages span lines ("Error loading 'x':" then the reason): join them
             text = " ".join(line.strip() for line in str(cause).splitlines() if line.strip())
+            called = re.match(r"Error in call to target '([^']+)'", str(error))
+            if called and cause is not error:  # which component: its class, e.g. nets.MLP
+                text = f"{called.group(1)}: {text}"
             unexpected = re.search(r"unexpected keyword argument '(\w+)'", text)
             if unexpected and key:
                 where += f"; drop it with '~{key}.{unexpected.group(1)}'"
