@@ -140,6 +140,15 @@ def test_sample_forward_stacks_every_output_of_a_parametrized_network() -> None:
     assert not torch.equal(out[0], out[1]) and not torch.equal(h[1], h[2])
 
 
+@pytest.mark.parametrize("estimator", ["reparameterization", "local", "flipout"])
+def test_an_empty_batch_gives_empty_outputs(estimator: str) -> None:
+    net = bayesianize(
+        nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), estimator=estimator
+    )
+    for samples in (1, 3):
+        assert sample_forward(net, torch.zeros(0, 3), samples).shape == (samples, 0, 2)
+
+
 def pyro_classifier() -> nn.Module:
     """A Pyro user's 784-512-512-512-10 leaky-ReLU classifier."""
     torch.manual_seed(0)

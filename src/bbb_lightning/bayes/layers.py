@@ -129,8 +129,8 @@ def _distinct_rows(x: Tensor) -> int | None:
     """
     fold = _current_fold()
     copies = fold.copies
-    if copies is None or fold.num_samples == 1 or copies.is_inference():
-        return None
+    if copies is None or fold.num_samples == 1 or copies.is_inference() or not len(x):
+        return None  # (an empty batch has no row to compute once)
     same = (
         x.data_ptr() == copies.data_ptr()
         and not x.is_inference()
