@@ -77,13 +77,31 @@ def posterior_kl(posterior: VariationalPosterior, monte_carlo: bool = False) -> 
         posterior: q, with its prior p attached.
         monte_carlo: sample E_q[log p(w)] even where a closed-form KL exists.
     """
-    closed_form = None if monte_carlo else _closed_form_kl(posterior)
-    weights = None if closed_form is not None else posterior.last_sample
-    posterior.last_sample = None
-    if closed_form is not None:
-        return closed_form
+    try:
+        return _kl(posterior, monte_carlo)
+    finally:
+        posterior.last_sample = None
+
+
+def _kl(posterior: VariationalPosterior, monte_carlo: bool) -> Tensor:
+    """The closed form where one exists (the forward's, the posterior's fused one, or torch's
+    registry, in that order), else the Monte Carlo estimate at the last forward's draw."""
+    if not monte_carlo:
+        from_forward = posterior.kl_from_forward()
+        if from_forward is not None:
+            return from_forward
     p = posterior.prior.distribution()
+    if not monte_carlo:
+        fused = posterior.fused_kl(p)
+        if fused is not None:
+            return fused
     q = posterior.distribution()
+    if not monte_carlo:
+        try:
+            return distribution_kl(q, p).sum()
+        except NotImplementedError:
+            pass
+    weights = posterior.last_sample
     if weights is None or _lacks_the_graph(weights, posterior):
         weights = posterior.rsample()
     num_draws = weights.numel() // posterior.mean.numel()
@@ -92,22 +110,6 @@ def posterior_kl(posterior: VariationalPosterior, monte_carlo: bool = False) -> 
         return cross_entropy - q.entropy().sum()
     except NotImplementedError:
         return cross_entropy + q.log_prob(weights).sum() / num_draws
-
-
-def _closed_form_kl(posterior: VariationalPosterior) -> Tensor | None:
-    """The summed closed-form KL: the forward's, the posterior's fused one, or torch's registry
-    (in that order); None where none exists."""
-    from_forward = posterior.kl_from_forward()
-    if from_forward is not None:
-        return from_forward
-    p = posterior.prior.distribution()
-    fused = posterior.fused_kl(p)
-    if fused is not None:
-        return fused
-    try:
-        return distribution_kl(posterior.distribution(), p).sum()
-    except NotImplementedError:
-        return None
 
 
 def _lacks_the_graph(weights: Tensor, posterior: VariationalPosterior) -> bool:
