@@ -245,7 +245,7 @@ class RefuseEarlierRunDirectory(Callback):
         try:
             ckpt_path = config.get("ckpt_path")
             check_fresh_output_dir(run_dir, ckpt_path)
-            if ckpt_path is not None and run_dir.resolve() in Path(ckpt_path).resolve().parents:
+            if _resumes_in(run_dir, ckpt_path):
                 check_same_model_and_data(run_dir, config)
         except UserError as error:  # on stderr only: that run's train.log is not ours to touch
             print(f"[{__name__}][ERROR] - {error}", file=sys.stderr)
@@ -292,13 +292,15 @@ def check_resumable(model: torch.nn.Module, ckpt_path: str | None) -> None:
             )
 
 
+def _resumes_in(run_dir: Path, ckpt_path: str | None) -> bool:
+    """Whether ``ckpt_path`` is a checkpoint of the run in ``run_dir`` (a resume in place)."""
+    return ckpt_path is not None and run_dir.resolve() in Path(ckpt_path).resolve().parents
+
+
 def check_fresh_output_dir(output_dir: Path, ckpt_path: str | None) -> None:
     """Refuse to write a new run over an earlier one (resuming into its own directory is fine)."""
     earlier = (output_dir / "metrics.json").exists() or any(output_dir.glob("checkpoints/*.ckpt"))
-    resuming_here = (
-        ckpt_path is not None and output_dir.resolve() in Path(ckpt_path).resolve().parents
-    )
-    if earlier and not resuming_here:
+    if earlier and not _resumes_in(output_dir, ckpt_path):
         raise UserError(
             f"output directory {str(output_dir)!r} already holds a run; choose another "
             "hydra.run.dir, or resume that run with ckpt_path=<its checkpoints/last.ckpt>"
