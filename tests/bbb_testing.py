@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 from hydra import compose, initialize_config_module
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 QUICK = [
     "trainer.max_epochs=2",
@@ -68,3 +70,36 @@ class WidthNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         out = self.out(torch.relu(self.hidden(x)))
         return (out, x) if self.as_tuple else out
+
+
+class SqrtAtZero(nn.Module):
+    """Finite output, infinite gradient at any scale: d sqrt(u) / du at u = 0."""
+
+    def forward(self, out: torch.Tensor) -> torch.Tensor:
+        return out + torch.sqrt(out - out.detach())
+
+
+def fit_briefly(
+    model: pl.LightningModule,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    root: Path,
+    callbacks: list[pl.Callback] | None = None,
+    plugins: list | None = None,
+    epochs: int = 1,
+) -> pl.Trainer:
+    """``epochs`` epochs of (x, y) in batches of 4 on the CPU: no logger, checkpoint, progress
+    bar or summary."""
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        plugins=plugins,
+        callbacks=callbacks,
+        max_epochs=epochs,
+        logger=False,
+        default_root_dir=root,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=4))
+    return trainer

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import math
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from bbb_lightning.bayes import GaussianPrior
 from bbb_lightning.guard import NonFiniteError
 from bbb_lightning.module import BayesByBackprop
 from bbb_lightning.objectives import GaussianLikelihood
 from bbb_lightning.train import train
-from bbb_testing import QUICK, compose_config
+from bbb_testing import QUICK, SqrtAtZero, compose_config, fit_briefly
 
 
 @pytest.mark.parametrize("estimator", ["local", "reparameterization", "flipout"])
@@ -48,7 +46,7 @@ def test_under_bf16_autocast_the_network_runs_in_bfloat16_and_the_likelihood_in_
 
     model.likelihood.log_prob = recording_log_prob
     x, y = torch.randn(16, 2), torch.randn(16, 1)
-    _fit(model, x, y, tmp_path, MixedPrecision("bf16-mixed", "cpu"))
+    fit_briefly(model, x, y, tmp_path, plugins=[MixedPrecision("bf16-mixed", "cpu")])
     assert network == [torch.bfloat16] * 4
     assert likelihood == [torch.float32] * 4
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -63,18 +61,13 @@ def test_float16_overflow_is_left_to_the_gradient_scaler(tmp_path):
     before = [p.detach().clone() for p in model.parameters()]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
     x, y = torch.randn(128, 2), torch.randn(128, 1)
-    _fit(model, x, y, tmp_path, MixedPrecision("16-mixed", "cpu", scaler=scaler), epochs=2)
+    fit_briefly(
+        model, x, y, tmp_path, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], epochs=2
+    )
     assert scaler.get_scale() < 2.0**24  # steps were skipped
     after = list(model.parameters())
     assert all(bool(torch.isfinite(p).all()) for p in after)
     assert not all(torch.equal(b, a) for b, a in zip(before, after, strict=True))
-
-
-class SqrtAtZero(nn.Module):
-    """Finite output, infinite gradient at any scale: d sqrt(u) / du at u = 0."""
-
-    def forward(self, out: torch.Tensor) -> torch.Tensor:
-        return out + torch.sqrt(out - out.detach())
 
 
 def test_a_gradient_infinite_at_any_scale_stops_once_the_scale_is_below_one(tmp_path):
@@ -84,7 +77,9 @@ def test_a_gradient_infinite_at_any_scale_stops_once_the_scale_is_below_one(tmp_
     scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
     x, y = torch.randn(32, 2), torch.randn(32, 1)
     with pytest.raises(NonFiniteError, match=r"non-finite gradient of net\.0\..* at step 3;"):
-        _fit(model, x, y, tmp_path, MixedPrecision("16-mixed", "cpu", scaler=scaler))
+        fit_briefly(
+            model, x, y, tmp_path, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]
+        )
 
 
 def _model(net: nn.Module, estimator: str) -> BayesByBackprop:
@@ -100,26 +95,3 @@ def _model(net: nn.Module, estimator: str) -> BayesByBackprop:
         },
         optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 0.01, "fused": True},
     )
-
-
-def _fit(
-    model: BayesByBackprop,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    root,
-    precision: MixedPrecision,
-    callbacks: list[pl.Callback] | None = None,
-    epochs: int = 1,
-) -> None:
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        plugins=[precision],
-        callbacks=callbacks,
-        max_epochs=epochs,
-        logger=False,
-        default_root_dir=root,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(model, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=4))

@@ -8,13 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from bbb_lightning.bayes import GaussianPrior, MeanFieldNormal
 from bbb_lightning.config_checks import UserError
@@ -22,7 +20,7 @@ from bbb_lightning.guard import NonFiniteError, first_nonfinite
 from bbb_lightning.module import BayesByBackprop
 from bbb_lightning.objectives import GaussianLikelihood
 from bbb_lightning.train import train
-from bbb_testing import compose_config, run_cli
+from bbb_testing import SqrtAtZero, compose_config, fit_briefly, run_cli
 
 QUIET = ["callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
 
@@ -45,13 +43,6 @@ def _without_timing(metrics: dict) -> dict:
 def test_first_nonfinite_names_the_first_tensor_with_a_nan_or_infinity(tensors, named):
     given = [(f"t{i}", torch.tensor(values)) for i, values in enumerate(tensors)]
     assert first_nonfinite([*given, ("absent", None)]) == named
-
-
-class SqrtAtZero(nn.Module):
-    """Finite output, infinite gradient: d sqrt(u) / du at u = 0."""
-
-    def forward(self, out: torch.Tensor) -> torch.Tensor:
-        return out + torch.sqrt(out - out.detach())
 
 
 def _model(net: nn.Module, on_nonfinite: str) -> BayesByBackprop:
@@ -79,26 +70,6 @@ class SnapshotWeights(pl.Callback):
         self.weights[batch_idx].append(self._mu(pl_module))
 
 
-def _fit(
-    model: BayesByBackprop,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    root: Path,
-    callbacks: list[pl.Callback] | None = None,
-) -> pl.Trainer:
-    trainer = pl.Trainer(
-        callbacks=callbacks,
-        max_epochs=1,
-        logger=False,
-        default_root_dir=root,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(model, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=4))
-    return trainer
-
-
 def _finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
@@ -109,7 +80,7 @@ def test_nan_target_is_skipped_and_counted(tmp_path):
     y[5] = float("nan")  # the second of four minibatches
     model = _model(nn.Sequential(nn.Linear(2, 1)), "skip")
     snapshots = SnapshotWeights()
-    _fit(model, x, y, tmp_path, callbacks=[snapshots])
+    fit_briefly(model, x, y, tmp_path, callbacks=[snapshots])
     assert model.skipped_steps == 1
     before, after = snapshots.weights[1]
     assert torch.equal(before, after)  # the bad step changed nothing
@@ -125,7 +96,7 @@ def test_nan_target_stops_with_the_step_the_term_and_a_checkpoint(tmp_path):
     with pytest.raises(
         NonFiniteError, match=r"^non-finite NLL \(nll=nan, kl=.*\) at step 1; "
     ) as error:
-        _fit(model, x, y, tmp_path)
+        fit_briefly(model, x, y, tmp_path)
     (saved,) = tmp_path.glob("nonfinite-step1-last-good.ckpt")
     assert str(saved) in str(error.value)
     state = torch.load(saved, weights_only=False)["state_dict"]
@@ -141,9 +112,9 @@ def test_infinite_gradient_with_a_finite_loss_is_caught(tmp_path, mode):
     if mode == "stop":
         expected = r"non-finite gradient of net\.0\.weight_posterior"
         with pytest.raises(NonFiniteError, match=expected):
-            _fit(model, x, y, tmp_path)
+            fit_briefly(model, x, y, tmp_path)
     else:
-        _fit(model, x, y, tmp_path)
+        fit_briefly(model, x, y, tmp_path)
         assert model.skipped_steps == 2
     assert _finite(model)
 
