@@ -23,10 +23,23 @@ from torch import Tensor
 from .bayes import posterior_scales, signal_to_noise
 from .objectives import GaussianLikelihood
 
-__all__ = ["PosteriorHistograms", "RegressionFigure", "histogram_values", "tensorboard_writer"]
+__all__ = [
+    "PosteriorHistograms",
+    "RegressionFigure",
+    "add_histogram",
+    "histogram_values",
+    "tensorboard_writer",
+]
 
 # TensorBoard's default histogram buckets end at +-9.92e19; values beyond fall outside them all.
 _BUCKET_LIMIT = 9e19
+
+
+def add_histogram(writer: Any, tag: str, values: Tensor, step: int) -> None:
+    """``writer.add_histogram`` of :func:`histogram_values`; nothing if none is left."""
+    kept = histogram_values(values)
+    if kept is not None:
+        writer.add_histogram(tag, kept, step)
 
 
 def histogram_values(values: Tensor) -> Tensor | None:
@@ -67,9 +80,7 @@ class PosteriorHistograms(Callback):
             ("snr", signal_to_noise(pl_module)),
         ):
             for name, tensor in tensors.items():
-                values = histogram_values(tensor)
-                if values is not None:
-                    writer.add_histogram(f"{kind}/{name}", values, step)
+                add_histogram(writer, f"{kind}/{name}", tensor, step)
 
 
 class RegressionFigure(Callback):

@@ -44,7 +44,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from . import figures, ood
 from .bayes import posterior_scales, signal_to_noise
-from .callbacks import histogram_values
+from .callbacks import add_histogram
 from .config_checks import UserError, exit_on_user_error, format_metrics, user_errors
 from .data.mnist import NORMALIZATIONS
 from .export import export_posterior
@@ -282,10 +282,8 @@ def _posterior(report: Report, model: BayesByBackprop) -> None:
     report.scalar("posterior/mean_sigma", torch.cat([s.flatten() for s in sigmas.values()]).mean())
     report.scalar("posterior/median_snr", torch.cat([s.flatten() for s in snrs.values()]).median())
     for name in sigmas:
-        for kind, tensor in (("sigma", sigmas[name]), ("snr", snrs[name])):
-            values = histogram_values(tensor)
-            if values is not None:
-                report.writer.add_histogram(f"{kind}/{name}", values, 0)
+        add_histogram(report.writer, f"sigma/{name}", sigmas[name], 0)
+        add_histogram(report.writer, f"snr/{name}", snrs[name], 0)
     if report.figures_enabled:
         sigmas = {name: value.cpu() for name, value in sigmas.items()}
         snrs = {name: value.cpu() for name, value in snrs.items()}
