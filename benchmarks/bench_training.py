@@ -19,7 +19,8 @@ by a plain PyTorch loop (no Lightning for anyone), on 2 CPU threads:
 Measured, in one process and one run:
 
 1. training step time and throughput (examples/s), evaluation throughput (one posterior draw,
-   ``torch.no_grad``), peak memory: every figure with its ratio to the deterministic network;
+   ``torch.inference_mode``, as Lightning's evaluation loops run), peak memory: every figure
+   with its ratio to the deterministic network;
 2. S = 1, 4, 16 training samples: ours vectorized (``sample_forward``) against a Python loop;
 3. 100-sample predictive evaluation: ours vectorized against a loop of 100 forwards; peers
    loop, as their documentation does;
@@ -128,7 +129,7 @@ class Contestant:
     """A model with its optimizer, one training step and its predictive.
 
     ``train_step(x, y, S)`` runs one optimizer step with S training samples; ``predict(x, S)``
-    returns S sets of logits, shape (S, B, 10), under ``torch.no_grad``.
+    returns S sets of logits, shape (S, B, 10), under ``torch.inference_mode``.
     """
 
     name: str
@@ -417,7 +418,7 @@ def evaluate_quality(
     predict: Callable[[Tensor, int], Tensor], x: Tensor, y: Tensor, samples: int, batch: int
 ) -> dict[str, float]:
     probs = []
-    with torch.no_grad():
+    with torch.inference_mode():
         for start in range(0, len(x), batch):
             logits = predict(x[start : start + batch], samples)
             probs.append(F.softmax(logits.double(), dim=-1).mean(0))
@@ -748,7 +749,7 @@ def main() -> None:
     ) -> Callable[[], None]:
         def run() -> None:
             model.eval()
-            with torch.no_grad():
+            with torch.inference_mode():
                 for _ in range(steps):
                     predict(eval_x, samples)
 
@@ -996,7 +997,7 @@ def profile_workloads(
     def predict(c: Contestant, fn: Callable[[Tensor, int], Tensor]) -> Callable[[], None]:
         def run() -> None:
             c.model.eval()
-            with torch.no_grad():
+            with torch.inference_mode():
                 fn(eval_x, eval_samples)
 
         return run

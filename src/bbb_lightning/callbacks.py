@@ -119,7 +119,7 @@ class RegressionFigure(Callback):
         datamodule = trainer.datamodule
         dtype = next(pl_module.parameters()).dtype  # trainer.precision=64-true / bf16-true
         grid = datamodule.plot_grid(self.num_points).to(pl_module.device, dtype)
-        with torch.no_grad():
+        with torch.inference_mode():
             outputs = pl_module(grid, self.num_samples)
             mean, epistemic, aleatoric = pl_module.likelihood.predictive_moments(outputs)
         x = grid[:, 0].float().cpu()  # matplotlib reads float32/64 only

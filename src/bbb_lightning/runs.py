@@ -109,7 +109,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_outputs(model: BayesByBackprop, x: Tensor, num_samples: int, batch_size: int) -> Tensor:
     """Network outputs for S posterior draws, (S, N, out), in chunks of ``batch_size`` inputs."""
     device = next(model.parameters()).device

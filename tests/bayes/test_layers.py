@@ -31,6 +31,7 @@ from bbb_lightning.bayes import (
     posterior_mean_network,
     sample_forward,
 )
+from bbb_lightning.bayes.layers import folded_samples
 
 F64 = torch.float64
 
@@ -172,6 +173,62 @@ def test_weight_reparameterization_draws_one_weight_per_sample() -> None:
     # Consecutive samples uncorrelated: |r| <= 5 / sqrt(n) per weight.
     lag = (flat[1:] * flat[:-1]).mean(0)
     assert (lag.abs() <= 5 / math.sqrt(n - 1)).all()
+
+
+# Inputs with at least 64 output positions per sample (rows x spatial positions).
+WIDE_INPUTS = {
+    "linear": (lambda: nn.Linear(6, 4), (64, 6)),
+    "conv2d": (lambda: nn.Conv2d(2, 3, 3, padding=1), (3, 2, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("estimator", ["local", "flipout"])
+@pytest.mark.parametrize("kind", list(WIDE_INPUTS))
+def test_inference_mode_draws_one_weight_per_sample(kind: str, estimator: str) -> None:
+    """In inference mode, on an input that differs between samples (S copies that the caller
+    made, so the layer cannot know them to be copies) with >= 64 output positions per sample,
+    local reparameterization and flipout apply one weight draw per sample: each example keeps
+    the closed-form marginal, and two equal examples of one sample get equal outputs, with S
+    samples as with one. Under plain no_grad they keep independent noise."""
+    torch.manual_seed(12)
+    make, shape = WIDE_INPUTS[kind]
+    plain = make()
+    net = bayesian(plain, estimator)
+    x = torch.randn(shape, dtype=F64)
+    x[1] = x[0]
+    folded = x.repeat(NUM_SAMPLES, *[1] * (x.dim() - 1))
+    with torch.inference_mode():
+        with folded_samples(NUM_SAMPLES):
+            samples = net(folded).unflatten(0, (NUM_SAMPLES, shape[0]))
+        single = net(x)
+    with torch.no_grad():
+        mean, var = closed_form(net, plain, x)
+        with folded_samples(NUM_SAMPLES):
+            independent = net(folded).unflatten(0, (NUM_SAMPLES, shape[0]))
+    assert_moments(samples, mean, var)
+    torch.testing.assert_close(samples[:, 0], samples[:, 1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(single[0], single[1], rtol=1e-12, atol=1e-12)
+    assert not torch.equal(independent[:, 0], independent[:, 1])
+
+
+@pytest.mark.parametrize("estimator", ["local", "flipout"])
+def test_inference_mode_predictive_matches_the_training_estimator(estimator: str) -> None:
+    """A two-layer network's S-sample predictive in inference mode (local moments in the first
+    layer, one weight draw per sample in the second) against the training-time estimator
+    under no_grad: the same distribution of every example's outputs (5 standard errors)."""
+    torch.manual_seed(13)
+    net = bayesianize(
+        nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)),
+        posterior=partial(MeanFieldNormal, rho_init=(-1.5, -0.5)),
+        estimator=estimator,
+    ).double()
+    x = torch.randn(64, 3, dtype=F64)
+    with torch.inference_mode():
+        fast = sample_forward(net, x, 3000)
+    with torch.no_grad():
+        reference = sample_forward(net, x, 3000)
+    two_sample_check(fast.clone(), reference)
+    assert (fast[:, 0, None] == fast[:, 1:]).sum() == 0  # examples are not copies of each other
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
@@ -388,17 +445,19 @@ def test_flipout_remembers_the_weights_it_used(num_samples: int) -> None:
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("num_samples", [1, 3])
+@pytest.mark.parametrize("rows", [6, 70])
 def test_a_seed_gives_the_same_forward_with_and_without_gradients(
-    estimator: str, num_samples: int
+    estimator: str, num_samples: int, rows: int
 ) -> None:
     """What reentrant ``torch.utils.checkpoint`` relies on: a forward recomputed with gradients
     after one without draws the same noise, and leaves the generator where the first left it.
-    float32, so that the native kernels (where built) take the recorded path."""
+    float32, so that the native kernels (where built) take the recorded path. 70 rows: enough
+    for inference mode's weight draws, which plain no_grad must not take."""
     torch.manual_seed(0)
     net = bayesianize(
         nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)), estimator=estimator
     )
-    x = torch.randn(6, 5)
+    x = torch.randn(rows, 5)
     outputs, next_draws = [], []
     for grad in (False, True):
         torch.manual_seed(3)

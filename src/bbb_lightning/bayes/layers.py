@@ -23,7 +23,9 @@ one perturbation dW per sample (a shared dW would leave the S copies of an examp
 only by random signs), and runs one batched matmul (``torch.baddbmm``) or grouped convolution.
 A layer that receives the S copies themselves (the first layer) computes what depends on its
 input alone once per example: the mean and variance under ``"local"``, the mean under
-``"flipout"`` (:func:`folded_samples`).
+``"flipout"`` (:func:`folded_samples`). In inference mode, ``"local"`` and ``"flipout"`` layers
+draw from the same per-example distribution by the cheapest exact way instead
+(:meth:`BayesianLayer._predictive_sample`).
 
 The per-weight work of the Gaussian posterior (sigma = softplus(rho), the draw, sigma^2, and
 their gradients) runs in :mod:`bbb_lightning.bayes.gaussian_ops`: sigma once per forward, one
@@ -67,6 +69,13 @@ ESTIMATORS = ("reparameterization", "local", "flipout")
 # most this many weights at a time (4 MiB in float32): memory does not grow with S, and each
 # chunk is multiplied while it is still in cache (measured 1.3x faster than 64 MiB chunks).
 _MAX_DRAWN_WEIGHTS = 1 << 20
+
+# In inference mode, local reparameterization and flipout draw one weight per sample once a
+# sample has this many output positions (rows x spatial positions): one product and in x out
+# normals then cost less than local reparameterization's two products. Measured on 2 CPU threads
+# for S = 100: 400 x 400 weights break even at 64 rows per sample (1.3x faster at 128, 0.6x
+# at 32); 400 x 10 weights at 16; convolutions were 1.8x faster from 4 images of 14 x 14.
+_MIN_POSITIONS_FOR_WEIGHT_DRAWS = 64
 
 
 @dataclass(frozen=True)
@@ -251,6 +260,8 @@ class BayesianLayer(nn.Module):
             return self._affine(x, self.weight_posterior.mean, self._bias_mean())
         if self.estimator != "reparameterization":
             self._note_application()
+            if torch.is_inference_mode_enabled():
+                return self._predictive_sample(x)
             if self.estimator == "local":
                 return self._local_reparameterization(x)
             return self._flipout(x)
@@ -353,6 +364,34 @@ class BayesianLayer(nn.Module):
             if q is not None:
                 q.last_sample = None
         return torch.cat(outputs)
+
+    def _predictive_sample(self, x: Tensor) -> Tensor:
+        """Local reparameterization and flipout in inference mode: each example's
+        pre-activations drawn from their exact marginal, by the cheaper of two ways.
+
+        Both estimators give example n the pre-activations of its own valid weight draw; once
+        no gradient can follow (``torch.inference_mode``, which Lightning's validation, test
+        and predict loops use), their gradient variance no longer matters, only that
+        distribution. On the S copies of one batch (the first layer) the mean and variance
+        x mu + mu_b, x^2 sigma^2 + sigma_b^2 are computed once per example and S noisy rows
+        drawn from them (local reparameterization). On an input that differs between samples,
+        with at least ``_MIN_POSITIONS_FOR_WEIGHT_DRAWS`` output positions (rows x spatial
+        positions) per sample, one weight draw W_s = mu + sigma eps_s per sample is applied to
+        all of that sample's rows: one product instead of two. Every example's output keeps its
+        distribution; two examples of one sample are then no longer independent.
+
+        Plain ``torch.no_grad`` keeps the training-time estimator: a reentrant
+        ``torch.utils.checkpoint`` runs its forward under it and recomputes it with
+        gradients, and both must draw the same noise.
+        """
+        num_samples = self._num_samples(x)
+        positions = x.numel() // max(1, num_samples * x.shape[self.CHANNEL_DIM])
+        if _distinct_rows(x) is not None or positions < _MIN_POSITIONS_FOR_WEIGHT_DRAWS:
+            return self._local_reparameterization(x)
+        if num_samples > 1:
+            return self._per_sample_affine(x, num_samples, perturbation=False)
+        bias = self.bias if self.bias_posterior is None else self.bias_posterior()
+        return self._affine(x, self.weight_posterior(), bias)
 
     def _local_reparameterization(self, x: Tensor) -> Tensor:
         weight_q, bias_q = self.weight_posterior, self.bias_posterior
