@@ -25,7 +25,7 @@ class RecordLosses(pl.Callback):
         self.records.append((batch_idx, x, y, float(outputs["loss"])))
 
 
-def _fit_frozen(kl: KLTerm, num_examples: int = 10, batch_size: int = 4):
+def _fit_frozen(kl: KLTerm, num_examples: int = 10, batch_size: int = 4, **trainer_options):
     torch.manual_seed(0)
     x = torch.randn(num_examples, 2)
     y = torch.randn(num_examples, 1)
@@ -46,6 +46,7 @@ def _fit_frozen(kl: KLTerm, num_examples: int = 10, batch_size: int = 4):
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[recorder],
+        **trainer_options,
     )
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
     trainer.fit(model, train_dataloaders=loader)
@@ -57,7 +58,7 @@ def _hand_loss(model, x, y, kl_weight: float, reduction: str = "sum") -> float:
     layer = model.net[0]
     w_q, b_q = layer.weight_posterior, layer.bias_posterior
     mean = x.double() @ w_q.mu.double().T + b_q.mu.double()
-    nll = -Normal(mean, 0.5 + 1e-4).log_prob(y.double()).sum()
+    nll = -Normal(mean, 0.5).log_prob(y.double()).sum()  # noise=fixed: sigma = noise_std
     kl = sum(
         kl_divergence(
             Normal(q.mu.double(), torch.log1p(torch.exp(q.rho.double()))), Normal(0.0, 1.0)
@@ -89,6 +90,22 @@ def test_loss_matches_hand_computation(kl, weights):
         # warm-up: step t = batch_idx, factor min(1, t / 4), is folded into ``weights``
         expected = _hand_loss(model, x, y, weight, kl.reduction)
         assert loss == pytest.approx(expected, rel=1e-5), batch_idx
+
+
+@pytest.mark.parametrize(
+    ("kl", "weights"),
+    [
+        (KLTerm(weighting="uniform"), [1 / 3, 1 / 3]),
+        (KLTerm(weighting="minibatch"), [4 / 7, 2 / 7]),
+    ],
+    ids=["uniform", "minibatch"],
+)
+def test_limit_train_batches_shortens_the_epoch_not_m(kl, weights):
+    """Two of the three minibatches per epoch: M stays 3, the KL weighted against all N."""
+    model, records = _fit_frozen(kl, limit_train_batches=2)
+    assert [r[0] for r in records] == [0, 1]
+    for (batch_idx, x, y, loss), weight in zip(records, weights, strict=True):
+        assert loss == pytest.approx(_hand_loss(model, x, y, weight), rel=1e-5), batch_idx
 
 
 def test_the_default_optimizer_is_a_fused_adam_with_adams_updates():

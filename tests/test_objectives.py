@@ -80,7 +80,7 @@ def test_gaussian_log_prob_against_torch_distributions(noise):
         mean, raw = outputs.chunk(2, -1)
         std = torch.nn.functional.softplus(raw) + likelihood.min_std
     else:
-        mean, std = outputs, torch.full_like(outputs, 0.3 + likelihood.min_std)
+        mean, std = outputs, torch.full_like(outputs, 0.3)  # sigma = noise_std
     expected = Normal(mean, std).log_prob(y).sum(-1)
     assert torch.allclose(likelihood.log_prob(outputs, y), expected)
     mixture_nll = -torch.logsumexp(expected, 0) + math.log(4)

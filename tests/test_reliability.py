@@ -161,6 +161,26 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     assert _without_timing(resumed) == pytest.approx(_without_timing(reference), rel=1e-6)
 
 
+def test_resume_from_a_mid_epoch_checkpoint_matches_an_uninterrupted_run(tmp_path):
+    """last.ckpt from the validation after 4 of an epoch's 8 minibatches (max_steps stops the
+    run there): the resumed run trains on minibatches 5 to 8 of that epoch, where Lightning
+    alone would restart the epoch's order and train on minibatches 1 to 4 again."""
+    overrides = [
+        "trainer.max_epochs=2",
+        "dataset.batch_size=64",
+        "kl.weighting=minibatch",
+        "kl.warmup_steps=5",
+        "+trainer.val_check_interval=0.5",
+        *QUIET,
+    ]
+    reference = train(compose_config(tmp_path / "reference", *overrides))
+    train(compose_config(tmp_path / "cut", *overrides, "+trainer.max_steps=4"))
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 4
+    resumed = train(compose_config(tmp_path / "resumed", *overrides, f"ckpt_path={last}"))
+    assert _without_timing(resumed) == pytest.approx(_without_timing(reference), rel=1e-6)
+
+
 # -- nothing lost ---------------------------------------------------------------------------------
 def test_a_new_run_never_overwrites_an_earlier_one(tmp_path):
     train(compose_config(tmp_path, "trainer.max_epochs=1", *QUIET))

@@ -18,10 +18,17 @@ PROBE = Path(__file__).parent / "scripts" / "ddp_probe.py"
 QUIET = ["callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
 
 
-def _probe(out_dir: Path, batch_size: int, trainer: str) -> list[dict]:
+def _probe(out_dir: Path, batch_size: int, trainer: str, *overrides: str) -> list[dict]:
     out_dir.mkdir()
     result = subprocess.run(
-        [sys.executable, str(PROBE), str(out_dir), str(batch_size), f"trainer={trainer}"],
+        [
+            sys.executable,
+            str(PROBE),
+            str(out_dir),
+            str(batch_size),
+            f"trainer={trainer}",
+            *overrides,
+        ],
         cwd=out_dir,
         capture_output=True,
         text=True,
@@ -38,24 +45,56 @@ def test_two_processes_give_the_one_process_loss_gradients_and_kl_schedule(tmp_p
     ddp_records = _probe(tmp_path / "ddp", batch_size=4, trainer="ddp_cpu")
     single, rank0, rank1 = (record["steps"] for record in (single_record, *ddp_records))
     assert len(single) == len(rank0) == len(rank1) == 3
-    for one, *pair in zip(single, rank0, rank1, strict=True):
+    losses = zip(*(record["losses"] for record in (single_record, *ddp_records)), strict=True)
+    for (one, *pair), (one_loss, *pair_losses) in zip(
+        zip(single, rank0, rank1, strict=True), losses, strict=True
+    ):
         assert one["step"] == pair[0]["step"] == pair[1]["step"]
         # M, the minibatch index and the warm-up step are global: the same weight everywhere
         assert one["kl_weight"] == pair[0]["kl_weight"] == pair[1]["kl_weight"]
         # each rank's loss is its half of the global batch; their mean is the global loss
-        assert (pair[0]["loss"] + pair[1]["loss"]) / 2 == pytest.approx(one["loss"], rel=1e-6)
+        assert sum(pair_losses) / 2 == pytest.approx(one_loss, rel=1e-6)
         for name, grad in one["grads"].items():
             # after DDP's averaging both ranks hold the same gradient, equal to one process's:
             # rho only feels the KL, so a KL counted once per rank would double its gradient
             assert torch.equal(pair[0]["grads"][name], pair[1]["grads"][name])
             torch.testing.assert_close(pair[0]["grads"][name], grad, rtol=1e-5, atol=1e-6)
     # the logged epoch mean covers every example of every process: the one-process mean
-    epoch_mean = sum(step["loss"] for step in single) / len(single)
+    epoch_mean = sum(single_record["losses"]) / len(single_record["losses"])
     for record in (single_record, *ddp_records):
         assert record["loss_epoch"] == pytest.approx(epoch_mean, rel=1e-5)
     single_metrics = json.loads((tmp_path / "single" / "run" / "metrics.json").read_text())
     ddp_metrics = json.loads((tmp_path / "ddp" / "run" / "metrics.json").read_text())
     assert ddp_metrics["val/nll"] == pytest.approx(single_metrics["val/nll"], rel=1e-4)
+    assert ddp_metrics["test/nll"] == pytest.approx(single_metrics["test/nll"], rel=1e-4)
+    # each test example is evaluated once, by one of the processes: the ranks split the test set
+    test_set = single_record["test_inputs"]
+    shards = [record["test_inputs"] for record in ddp_records]
+    assert all(0 < len(shard) < len(test_set) for shard in shards)
+    ddp_inputs = torch.cat(shards)
+    assert torch.equal(ddp_inputs.flatten().sort().values, test_set.flatten().sort().values)
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_gives_the_large_batch_loss_gradients_and_kl_schedule(tmp_path):
+    """a minibatches of B accumulated into one optimizer step = one step with batch a B: the
+    same KL weight (Blundell's, i and M counted in optimizer steps) and the same gradients."""
+    weighting = ("kl.weighting=minibatch", "kl.warmup_steps=2")
+    (large,) = _probe(tmp_path / "large", 8, "cpu", *weighting)
+    (accumulated,) = _probe(
+        tmp_path / "accumulated",
+        4,
+        "cpu",
+        *weighting,
+        "+trainer.accumulate_grad_batches=2",
+        "trainer.limit_train_batches=6",
+    )
+    assert len(large["steps"]) == len(accumulated["steps"]) == 3
+    for one, two in zip(large["steps"], accumulated["steps"], strict=True):
+        assert one["step"] == two["step"]
+        assert one["kl_weight"] == pytest.approx(two["kl_weight"], rel=1e-12)
+        for name, grad in one["grads"].items():
+            torch.testing.assert_close(two["grads"][name], grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

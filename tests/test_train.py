@@ -183,6 +183,28 @@ BAD_INPUTS = [  # docs/errors.md, row by row
     ("on_nonfinite=ignore", "on_nonfinite='ignore' is not allowed: one of ['stop', 'skip']"),
     ("retain_freed_memory=maybe", "retain_freed_memory='maybe' is not allowed: true or false"),
     ("optimizer.fused=maybe", "optimizer.fused='maybe' is not allowed: true or false"),
+    ("kl.monte_carlo=maybe", "kl.monte_carlo='maybe' is not allowed: true or false"),
+    (
+        "+trainer.accumulate_grad_batches=0",
+        "trainer.accumulate_grad_batches=0 is not allowed: an integer >= 1",
+    ),
+    (
+        "trainer.check_val_every_n_epoch=0",
+        "trainer.check_val_every_n_epoch=0 is not allowed: an integer >= 1",
+    ),
+    ("+trainer.val_check_interval=1.5", "trainer.val_check_interval=1.5 is not allowed: null"),
+    (
+        "+trainer.val_check_interval=100",
+        "trainer.val_check_interval=100 is not allowed: an epoch has 4 training batches",
+    ),
+    (
+        "trainer.limit_train_batches=0.01",
+        "trainer.limit_train_batches=0.01 is not allowed: it keeps less than one of the 4",
+    ),
+    (
+        "callbacks.posterior_histograms.every_n_epochs=0",
+        "bbb_lightning.callbacks.PosteriorHistograms: every_n_epochs must be an integer >= 1",
+    ),
 ]
 
 

@@ -60,6 +60,12 @@ def tensorboard_writer(trainer: Trainer) -> Any | None:
     return None
 
 
+def _positive_int(name: str, value: object) -> int:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
 class PosteriorHistograms(Callback):
     """Each ``every_n_epochs`` epochs: histograms of sigma and of |mu| / sigma per tensor.
 
@@ -67,7 +73,7 @@ class PosteriorHistograms(Callback):
     """
 
     def __init__(self, every_n_epochs: int = 1) -> None:
-        self.every_n_epochs = every_n_epochs
+        self.every_n_epochs = _positive_int("every_n_epochs", every_n_epochs)
 
     @rank_zero_only
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -92,9 +98,9 @@ class RegressionFigure(Callback):
     """
 
     def __init__(self, every_n_epochs: int = 25, num_points: int = 200, num_samples: int = 100):
-        self.every_n_epochs = every_n_epochs
-        self.num_points = num_points
-        self.num_samples = num_samples
+        self.every_n_epochs = _positive_int("every_n_epochs", every_n_epochs)
+        self.num_points = _positive_int("num_points", num_points)
+        self.num_samples = _positive_int("num_samples", num_samples)
 
     @staticmethod
     def applies(trainer: Trainer, pl_module: LightningModule) -> bool:

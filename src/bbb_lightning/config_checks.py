@@ -128,6 +128,7 @@ def check_config(cfg: DictConfig) -> None:
     _require(cfg, "kl.reduction", lambda v: v in KL_REDUCTIONS, f"one of {list(KL_REDUCTIONS)}")
     _require(cfg, "kl.scale", lambda v: _is_positive(v) or v == 0, "a number >= 0")
     _require(cfg, "kl.warmup_steps", _is_int(0), "an integer >= 0")
+    _require(cfg, "kl.monte_carlo", lambda v: isinstance(v, bool), "true or false")
     _require(cfg, "posterior.estimator", lambda v: v in ESTIMATORS, f"one of {list(ESTIMATORS)}")
     _require(cfg, "optimizer.lr", _is_positive, "a number > 0")
     _require(cfg, "optimizer.fused", lambda v: v is None or isinstance(v, bool), "true or false")
@@ -142,6 +143,15 @@ def check_config(cfg: DictConfig) -> None:
         "trainer.limit_train_batches",
         lambda v: v is None or (isinstance(v, int | float) and not isinstance(v, bool) and v > 0),
         "null (all batches), an integer >= 1 or a fraction in (0, 1]: 0 would train nothing",
+    )
+    for key in ("accumulate_grad_batches", "check_val_every_n_epoch"):
+        _require(cfg, f"trainer.{key}", lambda v: v is None or _is_int(1)(v), "an integer >= 1")
+    _require(
+        cfg,
+        "trainer.val_check_interval",
+        lambda v: v is None or _is_int(1)(v) or (isinstance(v, float) and 0 < v <= 1),
+        "null (once per epoch), an integer >= 1 (every that many batches) or a fraction in "
+        "(0, 1] of an epoch",
     )
     accelerator = cfg.get("trainer", {}).get("accelerator")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -206,6 +216,34 @@ def check_checkpoint(path: Path) -> None:
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError(f"ckpt_path={str(path)!r} is not allowed: no state_dict in the file")
+
+
+def check_epoch_length(trainer: Any, datamodule: Any) -> None:
+    """Batch limits that leave an epoch without a training batch, and a validation interval
+    longer than the epoch, as one-line errors before training (Lightning raises them from
+    inside ``fit``)."""
+    num_train, batch_size = (getattr(datamodule, key, None) for key in ("num_train", "batch_size"))
+    if not (isinstance(num_train, int) and isinstance(batch_size, int)):
+        return  # a datamodule of the user's own: Lightning checks at fit
+    batches = math.ceil(math.ceil(num_train / trainer.world_size) / batch_size)
+    limit = trainer.limit_train_batches
+    limited = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    if limited == 0:
+        raise UserError(
+            f"trainer.limit_train_batches={limit!r} is not allowed: it keeps less than one of the "
+            f"{batches} training batches of an epoch; use at least {1 / batches:.3g} or an integer"
+        )
+    interval = trainer.val_check_interval
+    if (
+        isinstance(interval, int)
+        and interval > limited
+        and trainer.check_val_every_n_epoch is not None
+        and trainer.limit_val_batches
+    ):
+        raise UserError(
+            f"trainer.val_check_interval={interval} is not allowed: an epoch has {limited} "
+            f"training batches; use at most {limited} or a fraction in (0, 1] of an epoch"
+        )
 
 
 def check_input_fits(model: torch.nn.Module, batch: Any) -> None:

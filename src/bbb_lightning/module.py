@@ -7,8 +7,11 @@ The loss of minibatch i (see :mod:`bbb_lightning.objectives` for the weighting) 
 
 Under data parallelism with R processes each rank sees B examples and gradients are averaged,
 so the KL is divided by the global batch R * B: it enters each optimizer step's gradient
-once, not once per rank. M (minibatches per epoch) is the number of optimizer steps per epoch,
-the same on every rank.
+once, not once per rank. M is the number of optimizer steps in a full pass over the training
+set and i counts optimizer steps, the same on every rank. With gradient accumulation over a
+minibatches per step, each minibatch carries kl_weight_i / a of the KL (Lightning divides each
+minibatch loss by a), so a step of a R B examples carries kl_weight_i KL once, as one step with
+batch a R B would. ``trainer.limit_train_batches`` shortens an epoch but leaves M alone.
 
 Logged per example: ``loss``; ``nll`` = NLL_i / B; ``kl`` = KL / N (the KL each training
 example carries over an epoch); ``kl_weight``; ``elbo`` = -(nll + kl), the per-example ELBO;
@@ -189,18 +192,36 @@ class BayesByBackprop(LightningModule):
             return int(datamodule.num_train)
         return len(self.trainer.train_dataloader.dataset)
 
+    def _optimizer_step_of(self, batch_idx: int) -> tuple[int, int]:
+        """(i, M): the 0-based index in the epoch of the optimizer step this minibatch belongs
+        to, and M, the number of optimizer steps in a full pass over the training loader.
+
+        Both count optimizer steps (``accumulate_grad_batches`` minibatches make one), the same
+        on every rank. ``trainer.limit_train_batches`` shortens an epoch, not M: the KL stays
+        weighted against the whole training set.
+        """
+        try:
+            num_batches = len(self.trainer.train_dataloader)
+        except TypeError:
+            raise ValueError(
+                "the ELBO needs a sized training dataloader (M minibatches per epoch)"
+            ) from None
+        accumulate = self.trainer.accumulate_grad_batches
+        return batch_idx // accumulate, math.ceil(num_batches / accumulate)
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x, y = batch
         batch_size = x.shape[0]
         outputs = _full_precision(sample_forward(self.net, x, self.num_samples))
         nll = -self.likelihood.log_prob(outputs, y).mean(0).sum()
         kl = kl_divergence(self.net, self.kl_term.reduction, self.kl_term.monte_carlo)
-        num_batches = self.trainer.num_training_batches
-        if not math.isfinite(num_batches):
-            raise ValueError("the ELBO needs a sized training dataloader (M minibatches per epoch)")
-        kl_weight = self.kl_term.weight(batch_idx, int(num_batches), self.global_step)
+        accumulate = self.trainer.accumulate_grad_batches
+        step_index, num_steps = self._optimizer_step_of(batch_idx)
+        kl_weight = self.kl_term.weight(step_index, num_steps, self.global_step)
         global_batch = batch_size * self.trainer.world_size
-        loss = nll / batch_size + kl_weight * kl / global_batch
+        # Lightning divides each of the `accumulate` micro-batch losses by `accumulate`: the
+        # optimizer step then carries kl_weight * KL once, over its accumulate * R * B examples.
+        loss = nll / batch_size + (kl_weight / accumulate) * kl / global_batch
         bad_term = first_nonfinite([("NLL", nll), ("KL", kl), ("loss", loss)])
         if self._any_rank(bad_term is not None):
             return self._nonfinite(

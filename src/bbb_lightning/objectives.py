@@ -1,8 +1,8 @@
 """Likelihoods, the predictive distribution, and the minibatch negative ELBO with KL weighting.
 
-Notation: minibatch i of M per epoch (i = 1..M), B examples in it, N in the training set,
-S Monte Carlo samples w_s ~ q(w). The per-minibatch objective (Blundell et al. 2015, eq. 8-9)
-is
+Notation: minibatch i of M per epoch (i = 1..M; with gradient accumulation, optimizer step i
+of M), B examples in it, N in the training set, S Monte Carlo samples w_s ~ q(w). The
+per-minibatch objective (Blundell et al. 2015, eq. 8-9) is
 
     F_i = NLL_i + kl_weight_i * KL(q || p),
     NLL_i = -(1/S) sum_s sum_b log p(y_b | x_b, w_s),
@@ -114,13 +114,18 @@ class GaussianLikelihood(Likelihood):
             raise ValueError(
                 f"likelihood noise must be one of {', '.join(NOISE_MODELS)}; got {noise!r}"
             )
-        if not noise_std > 0:
-            raise ValueError(f"likelihood noise_std must be > 0, got {noise_std!r}")
+        if not (isinstance(min_std, int | float) and math.isfinite(min_std) and min_std >= 0):
+            raise ValueError(f"likelihood min_std must be a finite number >= 0, got {min_std!r}")
+        if not noise_std > min_std:
+            raise ValueError(
+                f"likelihood noise_std must be > min_std={min_std!r}, got {noise_std!r}"
+            )
         self.noise = noise
         self.min_std = float(min_std)
         self.target_dim = target_dim
         self.num_outputs = 2 * target_dim if noise == "heteroscedastic" else target_dim
-        raw = torch.full((target_dim,), math.log(math.expm1(noise_std)))  # softplus^-1(std)
+        # softplus^-1(noise_std - min_std): sigma = softplus(raw) + min_std is noise_std
+        raw = torch.full((target_dim,), math.log(math.expm1(noise_std - self.min_std)))
         if noise == "homoscedastic":
             self.raw_std = nn.Parameter(raw)
         else:

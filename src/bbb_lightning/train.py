@@ -33,6 +33,7 @@ from .bayes import native
 from .config_checks import (
     UserError,
     check_config,
+    check_epoch_length,
     check_fresh_output_dir,
     check_input_fits,
     check_optimized_metric,
@@ -217,6 +218,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks = _instantiate_all(cfg.get("callbacks"))
         loggers = _instantiate_all(cfg.get("logger"))
         trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        check_epoch_length(trainer, datamodule)
 
     with _relaunch_as_this_job():
         metrics = _fit_and_test(cfg, trainer, model, datamodule)

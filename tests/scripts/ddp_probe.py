@@ -1,5 +1,5 @@
-"""Record each training step's loss, KL weight and (averaged) gradients, per process, and the
-epoch's logged mean loss.
+"""Record each training step's loss, KL weight and (averaged) gradients, per process, the
+epoch's logged mean loss, and the test inputs each process evaluated.
 
 Run by tests/test_scale.py as ``python ddp_probe.py <out_dir> <batch_size> <override> ...``:
 it composes the real config, fixes the posterior noise (predicts with the posterior mean), and
@@ -23,12 +23,15 @@ class Probe(pl.Callback):
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
         self.steps: list[dict] = []
+        self.losses: list[float] = []
+        self.test_inputs: list[torch.Tensor] = []
+        self.loss_epoch = float("nan")
 
     def on_fit_start(self, trainer, pl_module):
         freeze(pl_module.net)  # the posterior mean: no noise, only the batches differ
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.steps[-1]["loss"] = float(outputs["loss"])
+        self.losses.append(float(outputs["loss"]))  # per minibatch (several per accumulated step)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         logged = trainer.callback_metrics
@@ -41,8 +44,18 @@ class Probe(pl.Callback):
         )
 
     def on_train_end(self, trainer, pl_module):
-        epoch_loss = float(trainer.callback_metrics["train/loss_epoch"])
-        record = {"steps": self.steps, "loss_epoch": epoch_loss}
+        self.loss_epoch = float(trainer.callback_metrics["train/loss_epoch"])
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.test_inputs.append(batch[0].clone())
+
+    def on_test_end(self, trainer, pl_module):
+        record = {
+            "steps": self.steps,
+            "losses": self.losses,
+            "loss_epoch": self.loss_epoch,
+            "test_inputs": torch.cat(self.test_inputs),
+        }
         torch.save(record, self.out_dir / f"rank{trainer.global_rank}.pt")
 
 

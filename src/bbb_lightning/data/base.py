@@ -7,10 +7,12 @@ the number of training examples ``N`` (which scales the KL term of the ELBO).
 
 from __future__ import annotations
 
+from typing import Any
+
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from bbb_lightning.data.sampler import EpochPermutationSampler
+from bbb_lightning.data.sampler import EpochPermutationSampler, ResumableEpochLoader
 
 __all__ = ["TASKS", "BBBDataModule"]
 
@@ -86,32 +88,51 @@ class BBBDataModule(LightningDataModule):
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,
         )
-        return self._loader(self.train_set, "train", sampler=sampler)
+        if trainer is None:
+            return self._loader(self.train_set, "train", sampler=sampler)
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        return ResumableEpochLoader(
+            self.train_set,
+            sampler,
+            batches_done=lambda: progress.current.processed,
+            **self._loader_options(),
+        )
 
     def val_dataloader(self) -> DataLoader:
-        """Validation batches in a fixed order."""
-        return self._loader(self.val_set, "val")
+        """Validation batches in a fixed order (under data parallelism, rank r of R takes every
+        R-th example from the r-th: each example is evaluated once, by one process)."""
+        return self._loader(self.val_set, "val", sampler=self._shard(self.val_set))
 
     def test_dataloader(self) -> DataLoader:
-        """Test batches in a fixed order."""
-        return self._loader(self.test_set, "test")
+        """Test batches in a fixed order (sharded across processes as the validation set)."""
+        return self._loader(self.test_set, "test", sampler=self._shard(self.test_set))
+
+    def _shard(self, dataset: TensorDataset | None) -> range | None:
+        trainer = self.trainer
+        if dataset is None or trainer is None or trainer.world_size == 1:
+            return None
+        return range(trainer.global_rank, len(dataset), trainer.world_size)
 
     def predict_dataloader(self) -> DataLoader:
         """Prediction runs over the test set."""
         return self.test_dataloader()
 
     def _loader(
-        self, dataset: TensorDataset | None, split: str, sampler: Sampler[int] | None = None
+        self,
+        dataset: TensorDataset | None,
+        split: str,
+        sampler: Sampler[int] | range | None = None,
     ) -> DataLoader:
         if dataset is None:
             raise RuntimeError(
                 f"{type(self).__name__} has no {split} set yet: call setup() before the loaders"
             )
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=False,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-        )
+        return DataLoader(dataset, sampler=sampler, **self._loader_options())
+
+    def _loader_options(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "drop_last": False,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+        }

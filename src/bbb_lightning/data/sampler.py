@@ -9,12 +9,13 @@ the R per-rank batches of step t is the single-process batch of step t with batc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["EpochPermutationSampler"]
+__all__ = ["EpochPermutationSampler", "ResumableEpochLoader"]
 
 
 class EpochPermutationSampler(Sampler[int]):
@@ -39,9 +40,12 @@ class EpochPermutationSampler(Sampler[int]):
         self.epoch = epoch
         self.rank = rank
         self.world_size = world_size
+        self.skip = 0  # indices of this shard already trained on (a run resumed mid-epoch)
 
     def __len__(self) -> int:
-        return -(-self.num_examples // self.world_size)  # ceil(N / R)
+        """ceil(N / R): the whole epoch's shard, also when resuming skips part of it (the loop
+        counts a resumed epoch's batches from where the checkpoint left off)."""
+        return -(-self.num_examples // self.world_size)
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -49,4 +53,41 @@ class EpochPermutationSampler(Sampler[int]):
         padding = len(self) * self.world_size - self.num_examples
         if padding:
             order = torch.cat([order, order[:padding]])
-        return iter(order[self.rank :: self.world_size].tolist())
+        return iter(order[self.rank :: self.world_size][self.skip :].tolist())
+
+
+class ResumableEpochLoader(DataLoader):
+    """The training loader of one epoch, which a checkpoint taken mid-epoch can resume.
+
+    Lightning stores :meth:`state_dict` in its checkpoints and, resuming, hands it back to
+    :meth:`load_state_dict` before it iterates; it does not fast-forward a map-style loader
+    itself. The loader then skips the minibatches of that epoch already trained on, so a run
+    resumed mid-epoch sees the batches of an uninterrupted one.
+
+    Args:
+        dataset: The training set.
+        sampler: This epoch's order.
+        batches_done: Minibatches of the current epoch trained so far (read when a checkpoint
+            is saved).
+        **kwargs: Passed on to :class:`~torch.utils.data.DataLoader`.
+    """
+
+    sampler: EpochPermutationSampler
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        sampler: EpochPermutationSampler,
+        batches_done: Callable[[], int],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches_done": int(self.batches_done())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("epoch") == self.sampler.epoch:
+            assert self.batch_size is not None
+            self.sampler.skip = int(state["batches_done"]) * self.batch_size
