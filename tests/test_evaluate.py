@@ -142,6 +142,19 @@ def test_toy_regression_evaluation(tmp_path, toy_run):
     assert manifest["task"] == "regression" and len(manifest["noise_std"]) == 1
 
 
+def test_empty_sample_counts_and_no_pruned_export(tmp_path, toy_run):
+    """sample_counts=[] skips the metric-vs-samples curve; export.pruned_fraction=null exports
+    no pruned network (both as documented)."""
+    overrides = [*FAST, "sample_counts=[]", "export.pruned_fraction=null", "pruning_fractions=[]"]
+    cfg = compose_config(tmp_path, f"ckpt_path={toy_run}", *overrides, config_name="evaluate")
+    metrics = evaluate(cfg)
+    assert "test/rmse" in metrics and not any(key.startswith("samples/") for key in metrics)
+    figures = {path.stem for path in (tmp_path / "figures").glob("*.png")}
+    assert "predictive" in figures and "metric_vs_samples" not in figures
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"posterior_mean", "posterior_draw"}
+
+
 # -- out-of-distribution sets -----------------------------------------------------------------
 def write_idx_images(path: Path, images: torch.Tensor) -> None:
     """An IDX file of unsigned bytes: magic 0x00000803, the sizes, then the pixels."""
@@ -153,7 +166,7 @@ def write_idx_images(path: Path, images: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("ood", ["rotated", "flipped", "fashion_mnist"])
 def test_ood_sets(tmp_path, mnist_run, ood):
-    overrides = [f"ood={ood}"]
+    overrides = [f"ood={ood}", "ood.num_examples=40"]
     if ood == "fashion_mnist":
         fake = tmp_path / "FashionMNIST" / "raw"
         fake.mkdir(parents=True)
@@ -233,9 +246,22 @@ def test_cli_errors_are_one_line(tmp_path):
         ("calibration_bins=0", r"^calibration_bins=0 is not allowed: an integer >= 1"),
         ("export.pruned_fraction=2", r"^export\.pruned_fraction=2 is not allowed: in \[0, 1\]"),
         ("attack.epsilons=[nan]", r"^attack\.epsilons=\[nan\] is not allowed"),
+        ("figures=no", r"^figures='no' is not allowed: true or false$"),
+        ("attack.enabled=maybe", r"^attack\.enabled='maybe' is not allowed: true or false$"),
+        ("export.enabled=1", r"^export\.enabled=1 is not allowed: true or false$"),
+        (
+            "attack.pgd_step_size=-1",
+            r"^attack\.pgd_step_size=-1 is not allowed: a finite number > 0$",
+        ),
+        ("attack.pgd_step_size=abc", r"^attack\.pgd_step_size='abc' is not allowed: a finite"),
+        ("ood.num_examples=-5", r"^ood\.num_examples=-5 is not allowed: an integer >= 1, or null"),
+        ("ood.num_examples=abc", r"^ood\.num_examples='abc' is not allowed: an integer >= 1"),
+        ("ood.num_examples=0", r"^ood\.num_examples=0 is not allowed: an integer >= 1"),
+        ("ood=rotated ood.angle=abc", r"^ood\.angle='abc' is not allowed: a finite number"),
     ],
 )
 def test_bad_settings_are_one_line_before_any_work(tmp_path, override, message):
-    cfg = compose_config(tmp_path, "ckpt_path=/any/run", override, config_name="evaluate")
+    overrides = override.split()
+    cfg = compose_config(tmp_path, "ckpt_path=/any/run", *overrides, config_name="evaluate")
     with pytest.raises(UserError, match=message):
         evaluate(cfg)

@@ -153,7 +153,7 @@ def _classification(
         for name, value in values.items():
             report.curve(f"samples/{name}", count, f"samples/{name}/S={count}", value)
             curves[name].append(value)
-    if report.figures_enabled:
+    if report.figures_enabled and _sample_counts(cfg):  # sample_counts=[] skips the curve
         report.figure("metric_vs_samples", figures.metric_vs_samples(_sample_counts(cfg), curves))
     total = predictive_entropy(probs)
     return {"entropy": total, "mutual information": (total - aleatoric).clamp_min(0)}
@@ -189,7 +189,8 @@ def _regression(
             curves[name].append(value)
     if not report.figures_enabled:
         return
-    report.figure("metric_vs_samples", figures.metric_vs_samples(_sample_counts(cfg), curves))
+    if _sample_counts(cfg):  # sample_counts=[] skips the curve
+        report.figure("metric_vs_samples", figures.metric_vs_samples(_sample_counts(cfg), curves))
     report.figure("predictive", _regression_figure(model, x, y, datamodule, cfg))
 
 
@@ -221,7 +222,8 @@ def _regression_figure(
 
 def _ood_inputs(cfg: DictConfig, x: Tensor, datamodule: Any, input_shape: Sequence[int]) -> Tensor:
     kind = cfg.ood.kind
-    limit = cfg.ood.get("num_examples") or len(x)
+    limit = cfg.ood.get("num_examples")
+    limit = len(x) if limit is None else limit
     with user_errors():
         if kind == "noise":
             return ood.gaussian_noise(x, limit, seed=cfg.seed)
@@ -439,9 +441,31 @@ def _check(cfg: DictConfig) -> None:
     )
     for key in ("limit", "num_samples", "num_draws", "gradient_draws", "pgd_steps"):
         require(is_int(cfg.attack[key], 1), f"attack.{key}", "an integer >= 1")
-    fraction = cfg.export.pruned_fraction
-    require(is_number(fraction) and 0 <= fraction <= 1, "export.pruned_fraction", "in [0, 1]")
+    step_size = cfg.attack.pgd_step_size
+    require(
+        is_number(step_size) and math.isfinite(step_size) and step_size > 0,
+        "attack.pgd_step_size",
+        "a finite number > 0",
+    )
+    for key in ("figures", "attack.enabled", "attack.relative_to_range", "export.enabled"):
+        require(isinstance(OmegaConf.select(cfg, key), bool), key, "true or false")
+    fraction = cfg.export.get("pruned_fraction")
+    require(
+        fraction is None or (is_number(fraction) and 0 <= fraction <= 1),
+        "export.pruned_fraction",
+        "in [0, 1], or null (no pruned network)",
+    )
     require(cfg.device in ("cpu", "cuda", "auto"), "device", "cpu, cuda or auto")
+    if "num_examples" in cfg.ood:
+        num_examples = cfg.ood.num_examples
+        require(
+            num_examples is None or is_int(num_examples, 1),
+            "ood.num_examples",
+            "an integer >= 1, or null (as many as the test examples)",
+        )
+    if cfg.ood.kind == "rotated":
+        angle = cfg.ood.get("angle")
+        require(is_number(angle) and math.isfinite(angle), "ood.angle", "a finite number (degrees)")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -458,7 +482,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     log.info("Evaluating %s on %d test examples with S=%d", checkpoint, len(x), cfg.eval_samples)
 
     report = Report(output_dir, figures_enabled=cfg.figures)
-    num_samples = max(cfg.eval_samples, *_sample_counts(cfg))
+    num_samples = max([cfg.eval_samples, *_sample_counts(cfg)])
     outputs = sample_outputs(model, x, num_samples, cfg.batch_size)
     report.scalar("test/num_examples", len(x))
     report.scalar("test/eval_samples", cfg.eval_samples)
