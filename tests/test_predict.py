@@ -19,10 +19,55 @@ from bbb_lightning.data import MNISTDataModule
 from bbb_lightning.data.idx import read_idx
 from bbb_lightning.predict import fit_input_shape, predict, read_input
 from bbb_testing import compose_config
+from conftest import _trained_run
 
 
 def run_predict(output_dir: Path, *overrides: str) -> dict[str, torch.Tensor]:
     return predict(compose_config(output_dir, *overrides, config_name="predict"))
+
+
+def write_csv(path: Path, header: list[str], rows) -> Path:
+    with path.open("w", newline="") as handle:
+        csv.writer(handle).writerows([header, *rows])
+    return path
+
+
+@pytest.fixture(scope="module")
+def csv_table(tmp_path_factory) -> Path:
+    """120 rows of features a, b, c on very different scales, a numeric target y and a class."""
+    generator = np.random.default_rng(0)
+    a, b, c = (
+        generator.normal(5, 1, 120),
+        generator.normal(-20, 5, 120),
+        generator.normal(300, 50, 120),
+    )
+    y = 2 * a - 0.5 * b + 0.01 * c
+    kind = np.where(a > 5, "big", "small")
+    rows = [[f"{v:.5f}" for v in row[:4]] + [row[4]] for row in zip(a, b, c, y, kind, strict=True)]
+    return write_csv(
+        tmp_path_factory.mktemp("table") / "table.csv", ["a", "b", "c", "y", "kind"], rows
+    )
+
+
+def train_on_csv(tmp_path_factory, name: str, table: Path, *overrides: str) -> Path:
+    return _trained_run(
+        tmp_path_factory,
+        name,
+        "dataset=csv",
+        f"dataset.path={table}",
+        "trainer.max_epochs=2",
+        "model=mlp_small",
+        *overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def csv_regression_run(tmp_path_factory, csv_table) -> Path:
+    """A run on features [a, b, c] (kind: an extra column) and the target y."""
+    overrides = ["dataset.target=y", "dataset.task=regression", "likelihood=gaussian"]
+    return train_on_csv(
+        tmp_path_factory, "csv_regression", csv_table, *overrides, "dataset.features=[a,b,c]"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -162,13 +207,75 @@ def test_cli_writes_into_its_run_dir(tmp_path, toy_run):
         (["device=foo"], r"^device='foo' is not allowed: cpu, cuda or auto$"),
         (["output=/proc/nope/p.pt"], r"^output='/proc/nope/p\.pt': cannot create its directory"),
         (["input=EMPTY"], r"^input='.*empty\.npy' holds no examples$"),
+        (["raw=no"], r"^raw='no' is not allowed: true or false$"),
+        (["save_samples=1"], r"^save_samples=1 is not allowed: true or false$"),
+        (
+            ["input=SCALAR"],
+            r"^input='.*scalar\.npy': shape \(\) \(one number\) does not fit the model: "
+            r"expected \(N, 1\)$",
+        ),
     ],
 )
 def test_bad_settings_are_one_line_before_sampling(tmp_path, toy_run, overrides, message):
     empty = tmp_path / "empty.npy"
     np.save(empty, np.zeros((0, 1), dtype=np.float32))
+    scalar = tmp_path / "scalar.npy"
+    np.save(scalar, np.float32(0.5))
     inputs = tmp_path / "x.npy"
     np.save(inputs, np.zeros((3, 1), dtype=np.float32))
-    overrides = [o.replace("EMPTY", str(empty)) for o in overrides]
+    overrides = [o.replace("EMPTY", str(empty)).replace("SCALAR", str(scalar)) for o in overrides]
     with pytest.raises(UserError, match=message):
         run_predict(tmp_path, f"ckpt_path={toy_run}", f"input={inputs}", *overrides)
+
+
+def test_csv_columns_are_matched_by_name(tmp_path, csv_regression_run, csv_table):
+    with csv_table.open() as handle:
+        _, *rows = list(csv.reader(handle))[:11]
+    table = np.array([[float(v) for v in row[:4]] for row in rows])  # a, b, c, y
+    common = [f"ckpt_path={csv_regression_run}", "eval_samples=4", "raw=true"]
+
+    # No header: the columns in the run's order, as documented.
+    plain = tmp_path / "plain.csv"
+    plain.write_text("\n".join(",".join(f"{v:.5f}" for v in row[:3]) for row in table) + "\n")
+    expected = run_predict(tmp_path, *common, f"input={plain}")["mean"]
+
+    # A header in another order, with the target and another column: matched by name.
+    shuffled = write_csv(
+        tmp_path / "shuffled.csv",
+        ["kind", "c", "y", "a", "b"],
+        [[row[4], row[2], row[3], row[0], row[1]] for row in rows],
+    )
+    assert torch.allclose(run_predict(tmp_path, *common, f"input={shuffled}")["mean"], expected)
+    assert torch.allclose(
+        read_input(shuffled, ["a", "b", "c"], "y"), torch.tensor(table[:, :3]).float()
+    )
+
+    missing = write_csv(tmp_path / "missing.csv", ["c", "a", "y"], [[1, 2, 3]])
+    message = r"^input='.*missing\.csv': no column 'b'; the run expects the feature columns a, b, c"
+    with pytest.raises(UserError, match=message):
+        run_predict(tmp_path, *common, f"input={missing}")
+
+
+def test_csv_classification_outputs_the_class_labels(tmp_path, tmp_path_factory, csv_table):
+    # dataset.features=null: every column but the target, a, b, c and y, read from the table.
+    run = train_on_csv(tmp_path_factory, "csv_classification", csv_table, "dataset.target=kind")
+    inputs = write_csv(
+        tmp_path / "x.csv",
+        ["y", "kind", "c", "b", "a"],
+        [[0, "big", 300, -20, 3], [9, "", 300, -20, 7]],
+    )
+    classes = ["big", "small"]  # sorted: the order of the datamodule's class indices
+    for suffix in (".csv", ".npz", ".pt"):
+        output = tmp_path / f"p{suffix}"
+        results = run_predict(tmp_path, f"ckpt_path={run}", f"input={inputs}", f"output={output}")
+        labels = [classes[int(i)] for i in results["prediction"]]
+        assert results["label"] == labels
+        if suffix == ".csv":
+            with output.open() as handle:
+                header, *rows = list(csv.reader(handle))
+            assert header[2:4] == ["prediction", "label"]
+            assert [row[3] for row in rows] == labels
+        elif suffix == ".npz":
+            assert np.load(output)["label"].tolist() == labels
+        else:
+            assert torch.load(output)["label"] == labels

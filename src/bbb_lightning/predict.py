@@ -2,12 +2,14 @@
 
 ``predict(cfg)`` is a plain function of the composed config (``conf/predict.yaml``). It reads
 the inputs (``.npy``, ``.npz`` (its first array), ``.pt`` (a tensor) or ``.csv`` (numbers, one
-example per row, an optional header row)), checks them against the model's input shape (a
-flat row of the right size is reshaped), draws S = ``eval_samples`` posterior samples and
-writes, per example:
+example per row, an optional header row; for a run trained on a CSV, a header's columns are
+matched by name to the run's ``dataset.features``)), checks them against the model's input
+shape (a flat row of the right size is reshaped), draws S = ``eval_samples`` posterior
+samples and writes, per example:
 
 - classification: ``probs`` (N, C) the predictive p̄ = (1/S) sum_s softmax(f_s),
-  ``prediction`` its argmax, ``entropy`` H[p̄] (total), ``expected_entropy`` (aleatoric),
+  ``prediction`` its argmax (and, for a run trained on a CSV, ``label``: the class label
+  behind it), ``entropy`` H[p̄] (total), ``expected_entropy`` (aleatoric),
   ``mutual_information`` (epistemic); with ``save_samples``, ``sample_probs`` (S, N, C);
 - regression: ``mean``, ``epistemic_var``, ``aleatoric_var``, ``total_var`` (N, D); with
   ``save_samples``, ``sample_mean`` and ``sample_std`` (S, N, D).
@@ -48,15 +50,41 @@ from .runs import load_model, resolve_checkpoint, resolve_device, sample_outputs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["INPUT_SUFFIXES", "OUTPUT_SUFFIXES", "fit_input_shape", "main", "predict", "read_input"]
+__all__ = [
+    "INPUT_SUFFIXES",
+    "OUTPUT_SUFFIXES",
+    "csv_header",
+    "fit_input_shape",
+    "main",
+    "predict",
+    "read_input",
+]
 
 INPUT_SUFFIXES = (".npy", ".npz", ".pt", ".csv")
 OUTPUT_SUFFIXES = (".pt", ".npz", ".csv", ".npy")
 
 
 # -- input ------------------------------------------------------------------------------------
-def read_input(path: str | Path) -> Tensor:
-    """The array stored in ``path`` as float32; the format follows the suffix."""
+def read_input(
+    path: str | Path, features: Sequence[str] | None = None, target: str | None = None
+) -> Tensor:
+    """The array stored in ``path`` as float32; the format follows the suffix.
+
+    A CSV's optional header row (a first row that is not all numbers) names its columns. Given
+    ``features`` (the run's feature columns), such a file's columns are matched by name: the
+    ``features`` are taken in their order, the ``target`` column is dropped silently, any other
+    column with a log line; a missing feature column is a UserError. A CSV without a header
+    (or without ``features``) is taken as it is, its columns in the order of the features.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     table = Path(folder) / "x.csv"
+        ...     _ = table.write_text("b,y,a\\n2,0,1\\n4,0,3\\n")
+        ...     read_input(table, features=["a", "b"], target="y")
+        tensor([[1., 2.],
+                [3., 4.]])
+    """
     path = Path(path)
     if path.suffix not in INPUT_SUFFIXES:
         raise UserError(
@@ -73,7 +101,7 @@ def read_input(path: str | Path) -> Tensor:
         elif path.suffix == ".pt":
             values = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            values = _read_csv(path)
+            values = _read_csv(path, features, target)
         x = torch.as_tensor(np.asarray(values) if not isinstance(values, Tensor) else values)
         x = x.to(torch.float32)
     except UserError:
@@ -88,17 +116,73 @@ def read_input(path: str | Path) -> Tensor:
     return x
 
 
-def _read_csv(path: Path) -> list[list[float]]:
+def _is_number(field: str) -> bool:
+    try:
+        float(field)
+    except ValueError:
+        return False
+    return True
+
+
+def _csv_rows(path: Path) -> tuple[list[str] | None, list[list[str]]]:
+    """The header (``None`` when the first row is all numbers) and the non-blank rows."""
     with path.open(newline="") as handle:
         rows = [row for row in csv.reader(handle) if any(field.strip() for field in row)]
-    if rows:
-        try:
-            [float(field) for field in rows[0]]
-        except ValueError:
-            rows = rows[1:]  # a header
+    header = None
+    if rows and not all(_is_number(field) for field in rows[0]):
+        header, rows = [name.strip() for name in rows[0]], rows[1:]
     if not rows:
         raise UserError(f"input={str(path)!r}: no data rows")
-    return [[float(field) for field in row] for row in rows]
+    return header, rows
+
+
+def csv_header(path: str | Path) -> list[str] | None:
+    """The column names of the CSV file ``path``, or ``None`` when it has no header row."""
+    path = Path(path)
+    if path.suffix != ".csv" or not path.is_file():
+        return None
+    try:
+        return _csv_rows(path)[0]
+    except (UserError, ValueError, OSError, csv.Error):  # read_input says what is wrong
+        return None
+
+
+def _read_csv(
+    path: Path, features: Sequence[str] | None = None, target: str | None = None
+) -> list[list[float]]:
+    header, rows = _csv_rows(path)
+    if header is None or features is None:
+        return [[float(field) for field in row] for row in rows]
+    source = f"input={str(path)!r}"
+    duplicates = sorted({name for name in header if header.count(name) > 1})
+    if duplicates:
+        raise UserError(f"{source}: duplicate column names {', '.join(duplicates)}")
+    missing = [name for name in features if name not in header]
+    if missing:
+        raise UserError(
+            f"{source}: no column {', '.join(repr(name) for name in missing)}; the run "
+            f"expects the feature columns {', '.join(features)} (in any order, by name)"
+        )
+    extra = [name for name in header if name not in features and name != target]
+    if extra:
+        log.warning("%s: columns not among the run's features, ignored: %s", source, extra)
+    positions = [header.index(name) for name in features]
+    values = []
+    for number, row in enumerate(rows, start=1):
+        if len(row) != len(header):
+            raise UserError(
+                f"{source}: data row {number} has {len(row)} fields, the header {len(header)}"
+            )
+        parsed = []
+        for name, position in zip(features, positions, strict=True):
+            if not _is_number(row[position]):
+                raise UserError(
+                    f"{source}: data row {number}, column {name!r}: {row[position]!r} is "
+                    "not a number"
+                )
+            parsed.append(float(row[position]))
+        values.append(parsed)
+    return values
 
 
 def fit_input_shape(x: Tensor, input_shape: Sequence[int], source: str = "input") -> Tensor:
@@ -129,61 +213,131 @@ def fit_input_shape(x: Tensor, input_shape: Sequence[int], source: str = "input"
     )
 
 
-# -- units ------------------------------------------------------------------------------------
-def _raw_transforms(train_cfg: DictConfig) -> tuple[Any, Any]:
-    """Maps from raw input units to the model's, and from standardised targets back."""
-    dataset = train_cfg.dataset
-    normalization = dataset.get("normalization")
-    if normalization in NORMALIZATIONS:
-        offset, scale = NORMALIZATIONS[normalization]
-        return (lambda x: (x - offset) / scale), None
-    if "ToyRegression" in str(dataset.get("_target_")):
-        return None, None
-    with user_errors():
-        datamodule = instantiate(dataset)
-    to_model = None
-    if getattr(datamodule, "feature_mean", None) is not None:
-        mean, std = datamodule.feature_mean, datamodule.feature_std
-        to_model = lambda x: (x - mean.reshape(x.shape[1:])) / std.reshape(x.shape[1:])  # noqa: E731
-    target_mean, target_std = getattr(datamodule, "target_mean", None), None
-    if target_mean is not None:
-        target_std = datamodule.target_std
-    return to_model, (target_mean, target_std) if target_mean is not None else None
+# -- the run's data -----------------------------------------------------------------------------
+class _RunData:
+    """What predict needs of the training run's dataset, read only when needed."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.config_file = run_dir / ".hydra" / "config.yaml"
+        self.config = OmegaConf.load(self.config_file) if self.config_file.is_file() else None
+        self._datamodule: Any = None
+
+    @property
+    def dataset(self) -> DictConfig | None:
+        return None if self.config is None else self.config.get("dataset")
+
+    @property
+    def is_csv(self) -> bool:
+        return self.dataset is not None and "CSVDataModule" in str(self.dataset.get("_target_"))
+
+    def datamodule(self) -> Any:
+        """The run's datamodule, built once (for a CSV run this reads its training CSV)."""
+        if self._datamodule is None:
+            with user_errors():
+                self._datamodule = instantiate(self.dataset)
+        return self._datamodule
+
+    def features(self, source: str) -> list[str]:
+        """The run's CSV feature columns: ``dataset.features``, else its training CSV's columns
+        except the target."""
+        features = self.dataset.get("features")
+        if features is not None:
+            return [str(name) for name in features]
+        try:
+            header = csv_header(self.dataset.path)
+        except (OSError, UserError):
+            header = None
+        if not header:
+            raise UserError(
+                f"{source} has a header row, but the run's feature columns are unknown: its "
+                f"dataset.features is null and its training CSV {self.dataset.path!r} cannot be "
+                "read; drop the header row to give the columns in the run's order"
+            )
+        return [name for name in header if name != self.dataset.target]
+
+    def raw_transforms(self) -> tuple[Any, Any]:
+        """Maps from raw input units to the model's, and from standardised targets back."""
+        if self.dataset is None:
+            raise UserError(f"raw=true needs the run's config {self.config_file}; it is missing")
+        normalization = self.dataset.get("normalization")
+        if normalization in NORMALIZATIONS:
+            offset, scale = NORMALIZATIONS[normalization]
+            return (lambda x: (x - offset) / scale), None
+        if "ToyRegression" in str(self.dataset.get("_target_")):
+            return None, None
+        datamodule = self.datamodule()
+        to_model = None
+        if getattr(datamodule, "feature_mean", None) is not None:
+            mean, std = datamodule.feature_mean, datamodule.feature_std
+            to_model = lambda x: (x - mean.reshape(x.shape[1:])) / std.reshape(x.shape[1:])  # noqa: E731
+        target_mean = getattr(datamodule, "target_mean", None)
+        if target_mean is None:
+            return to_model, None
+        return to_model, (target_mean, datamodule.target_std)
+
+    def classes(self) -> list | None:
+        """The labels behind the class indices of a CSV run, else ``None``."""
+        if not self.is_csv or self.dataset.get("task") != "classification":
+            return None
+        try:
+            return list(self.datamodule().classes)
+        except UserError as error:
+            log.warning("No class labels in the output: the run's dataset: %s", error)
+            return None
 
 
 # -- output -----------------------------------------------------------------------------------
-def _columns(results: dict[str, Tensor]) -> tuple[list[str], np.ndarray]:
-    names, columns = [], []
+def _columns(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Column names and columns of the table: numbers, or the labels (strings) as they are."""
+    names: list[str] = []
+    columns: list[list[Any]] = []
     for key, value in results.items():
         if key.startswith("sample_"):
+            continue
+        if not isinstance(value, Tensor):  # class labels that are strings
+            names.append(key)
+            columns.append([str(label) for label in value])
             continue
         value = value.double().reshape(value.shape[0], -1)
         width = value.shape[1]
         for j in range(width):
             names.append(f"{key}_{j}" if width > 1 or key == "probs" else key)
-            columns.append(value[:, j].numpy())
-    return names, np.stack(columns, axis=1)
+            columns.append(value[:, j].tolist())
+    return names, columns
 
 
-def write_output(results: dict[str, Tensor], path: Path) -> list[Path]:
+def write_output(results: dict[str, Any], path: Path) -> list[Path]:
     """Write ``results`` in the format of ``path``'s suffix; return the files written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {key: value.numpy() for key, value in results.items()}
+    arrays = {
+        key: value.numpy() if isinstance(value, Tensor) else np.asarray(value, dtype=str)
+        for key, value in results.items()
+    }
     if path.suffix == ".pt":
         torch.save(results, path)
         return [path]
     if path.suffix == ".npz":
         np.savez(path, **arrays)
         return [path]
-    names, table = _columns(results)
+    names, columns = _columns(results)
     if path.suffix == ".csv":
         with path.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(names)
-            writer.writerows([format(value, ".9g") for value in row] for row in table.tolist())
+            writer.writerows(
+                [value if isinstance(value, str) else format(value, ".9g") for value in row]
+                for row in zip(*columns, strict=True)
+            )
     else:
-        np.save(path, table)
-        log.info("Columns of %s: %s", path, ", ".join(names))
+        numeric = [
+            (name, column)
+            for name, column in zip(names, columns, strict=True)
+            if not (column and isinstance(column[0], str))
+        ]
+        if len(numeric) < len(names):  # a float array holds no strings
+            log.info("%s leaves out the class labels (strings); a .csv or .npz keeps them", path)
+        np.save(path, np.array([column for _, column in numeric], dtype=np.float64).T)
+        log.info("Columns of %s: %s", path, ", ".join(name for name, _ in numeric))
     written = [path]
     samples = {key: value for key, value in arrays.items() if key.startswith("sample_")}
     if samples:
@@ -247,7 +401,27 @@ def _check_writable(output: Path) -> None:
         ) from None
 
 
-def predict(cfg: DictConfig) -> dict[str, Tensor]:
+def _with_labels(results: dict[str, Any], classes: list) -> dict[str, Any]:
+    """``results`` with ``label``, the class label of each prediction, after ``prediction``."""
+    labels = [classes[int(index)] for index in results["prediction"]]
+    if all(isinstance(label, int) for label in labels):
+        labels = torch.tensor(labels, dtype=torch.int64)
+    merged: dict[str, Any] = {}
+    for key, value in results.items():
+        merged[key] = value
+        if key == "prediction":
+            merged["label"] = labels
+    return merged
+
+
+def _check_flag(cfg: DictConfig, key: str) -> bool:
+    value = cfg.get(key)
+    if not isinstance(value, bool):
+        raise UserError(f"{key}={value!r} is not allowed: true or false")
+    return value
+
+
+def predict(cfg: DictConfig) -> dict[str, Any]:
     """Predict for ``cfg.input`` with the run ``cfg.ckpt_path``; write and return the results."""
     for key in ("ckpt_path", "input"):
         if OmegaConf.is_missing(cfg, key) or cfg.get(key) is None:
@@ -256,6 +430,7 @@ def predict(cfg: DictConfig) -> dict[str, Tensor]:
         value = cfg.get(key)
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             raise UserError(f"{key}={value!r} is not allowed: an integer >= 1")
+    raw, save_samples = _check_flag(cfg, "raw"), _check_flag(cfg, "save_samples")
     output = (
         Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir) / "predictions.pt"
     )
@@ -269,23 +444,33 @@ def predict(cfg: DictConfig) -> dict[str, Tensor]:
     checkpoint, run_dir = resolve_checkpoint(cfg.ckpt_path)
     model = load_model(checkpoint).to(resolve_device(cfg.get("device", "cpu"))).eval()
     model.likelihood.cpu()  # no part of the forward: it scores the outputs, gathered on the CPU
-    x = read_input(cfg.input)
-    if len(x) == 0:
-        raise UserError(f"input={str(cfg.input)!r} holds no examples")
+    run = _RunData(run_dir)
+    source = f"input={str(cfg.input)!r}"
+    features = target = None
+    if run.is_csv and csv_header(cfg.input) is not None:  # match the columns by name
+        features, target = run.features(source), run.dataset.target
+    x = read_input(cfg.input, features, target)
     input_shape = (model.hparams.get("net") or {}).get("input_shape")
+    if x.ndim == 0:
+        expected = "(N, {})".format(", ".join(map(str, input_shape))) if input_shape else "(N, ...)"
+        raise UserError(
+            f"{source}: shape () (one number) does not fit the model: expected {expected}"
+        )
+    if len(x) == 0:
+        raise UserError(f"{source} holds no examples")
     if input_shape is not None:
-        x = fit_input_shape(x, input_shape, source=f"input={str(cfg.input)!r}")
+        x = fit_input_shape(x, input_shape, source=source)
     to_target = None
-    if cfg.raw:
-        config_file = run_dir / ".hydra" / "config.yaml"
-        if not config_file.is_file():
-            raise UserError(f"raw=true needs the run's config {config_file}; it is missing")
-        to_model, to_target = _raw_transforms(OmegaConf.load(config_file))
+    if raw:
+        to_model, to_target = run.raw_transforms()
         x = to_model(x) if to_model is not None else x
     outputs = sample_outputs(model, x, cfg.eval_samples, cfg.batch_size)
-    results = predictive_summaries(model, outputs, cfg.save_samples)
+    results: dict[str, Any] = predictive_summaries(model, outputs, save_samples)
     if to_target is not None and not model.is_classifier:
         _to_target_units(results, *to_target)
+    classes = run.classes() if model.is_classifier else None
+    if classes is not None:
+        results = _with_labels(results, classes)
     written = write_output(results, output)
     log.info(
         "Predicted %d examples with S=%d from %s: %s",
