@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from bbb_lightning.config_checks import UserError
 from bbb_lightning.data import MNISTDataModule, ToyRegressionDataModule
+from bbb_lightning.data.idx import read_idx
 from bbb_lightning.evaluate import evaluate
 from bbb_lightning.runs import resolve_checkpoint
 from bbb_testing import compose_config, run_cli
@@ -94,11 +95,18 @@ def test_mnist_evaluation_cli(tmp_path, mnist_run):
             assert metrics[f"attack/{method}/{setting}/eps=0.1"] < clean
     assert 0 < metrics["gradient/coherence"] <= 1
 
-    # Pruning 0 % is the posterior-mean network: recompute its accuracy from the exported file.
+    # Pruning 0 % is the posterior-mean network: recompute its accuracy from the exported file,
+    # fed the raw test pixels transformed as the manifest says.
+    manifest = json.loads((out / "export" / "manifest.json").read_text())
     data_dir = OmegaConf.load(mnist_run / ".hydra" / "config.yaml").dataset.data_dir
     datamodule = MNISTDataModule(data_dir, download=False)
     datamodule.setup("test")
-    x, y = datamodule.test_set.tensors[0][:300], datamodule.test_set.tensors[1][:300]
+    pixels = read_idx(next(Path(data_dir).glob("**/t10k-images-idx3-ubyte*")))[:300]
+    units = manifest["input"]
+    x = ((pixels.float() - units["offset"]) / units["scale"]).reshape(-1, *manifest["input_shape"])
+    assert torch.equal(x, datamodule.test_set.tensors[0][:300])
+    y = datamodule.test_set.tensors[1][:300]
+    assert manifest["classes"] == list(range(10))
     accuracy = (mean_network_score(out / "export", x).argmax(-1) == y).float().mean().item()
     assert metrics["pruning/accuracy/p=0"] == pytest.approx(accuracy)
 
@@ -108,7 +116,6 @@ def test_mnist_evaluation_cli(tmp_path, mnist_run):
     assert {f"figures/{name}" for name in CLASSIFICATION_FIGURES} <= set(tags["images"])
     assert {"test/accuracy", "ood/entropy_auroc", "samples/accuracy"} <= set(tags["scalars"])
     assert any(tag.startswith("snr/") for tag in tags["histograms"])
-    manifest = json.loads((out / "export" / "manifest.json").read_text())
     assert set(manifest["files"]) == {"posterior_mean", "posterior_draw", "pruned_95"}
     info = json.loads((out / "evaluation.json").read_text())
     assert info["checkpoint"].endswith(".ckpt") and "last" not in Path(info["checkpoint"]).name

@@ -3,16 +3,23 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
 
+import numpy as np
+import pytest
 import torch
 
 from bbb_lightning.bayes import bayesianize, posterior_mean_network
+from bbb_lightning.data import CSVDataModule
+from bbb_lightning.evaluate import evaluate
 from bbb_lightning.export import export_posterior
 from bbb_lightning.nets import MLP
 from bbb_lightning.pruning import prune_by_snr
+from bbb_testing import compose_config
+from conftest import _trained_run
 
 LOAD_WITH_TORCH_ONLY = """
 import json, sys, torch
@@ -64,3 +71,61 @@ def test_export_posterior_state_dicts_and_torchscript(tmp_path):
     for name, reference in references.items():
         assert torch.allclose(outputs[name], reference, atol=1e-6)
     assert torch.allclose(outputs["posterior_draw"], draw(x), atol=1e-6)
+
+
+def test_manifest_units_turn_raw_csv_rows_into_predictions(tmp_path, tmp_path_factory):
+    """With only the manifest and the TorchScript file, raw CSV rows give the posterior-mean
+    network's predictions in the target's units, as evaluate scored them."""
+    generator = np.random.default_rng(0)
+    a, b, c = (
+        generator.normal(5, 1, 100),
+        generator.normal(-20, 5, 100),
+        generator.normal(300, 50, 100),
+    )
+    y = 2 * a - 0.5 * b + 0.01 * c + 40
+    table = tmp_path / "table.csv"
+    with table.open("w", newline="") as handle:  # the columns in another order than features
+        csv.writer(handle).writerows([["c", "y", "b", "a"], *zip(c, y, b, a, strict=True)])
+    dataset = [
+        "dataset=csv",
+        f"dataset.path={table}",
+        "dataset.target=y",
+        "dataset.task=regression",
+    ]
+    run = _trained_run(
+        tmp_path_factory,
+        "csv_export",
+        *dataset,
+        "dataset.features=[a,b,c]",
+        "likelihood=gaussian",
+        "model=mlp_small",
+        "trainer.max_epochs=2",
+    )
+    overrides = ["eval_samples=2", "sample_counts=[]", "pruning_fractions=[0.0]", "figures=false"]
+    out = tmp_path / "evaluation"
+    metrics = evaluate(compose_config(out, f"ckpt_path={run}", *overrides, config_name="evaluate"))
+    manifest = json.loads((out / "export" / "manifest.json").read_text())
+    units, target = manifest["input"], manifest["target"]
+    assert units["features"] == ["a", "b", "c"] and target["name"] == "y"
+    assert "standardised" in target["transform"] and "standardised" in manifest["outputs"]
+
+    # By hand: the raw columns by name, standardised, the network, back to the target's units.
+    with table.open() as handle:
+        header, *rows = list(csv.reader(handle))
+    raw = torch.tensor(
+        [[float(row[header.index(name)]) for name in units["features"]] for row in rows]
+    )
+    x = (raw - torch.tensor(units["mean"])) / torch.tensor(units["std"])
+    network = torch.jit.load(
+        str(out / "export" / manifest["files"]["posterior_mean"]["torchscript"])
+    )
+    with torch.no_grad():
+        prediction = network(x)[:, 0] * target["std"][0] + target["mean"][0]
+    truth = torch.tensor([float(row[header.index("y")]) for row in rows])
+
+    # The test rows evaluate scored: the same inputs, and its RMSE (in standardised units).
+    datamodule = CSVDataModule(table, "y", task="regression", features=["a", "b", "c"])
+    _, _, test = datamodule._split(len(rows), 0.1, 0.1)
+    assert torch.allclose(x[test], datamodule.test_set.tensors[0], atol=1e-5)
+    rmse = ((prediction[test] - truth[test]) / target["std"][0]).square().mean().sqrt().item()
+    assert metrics["pruning/rmse/p=0"] == pytest.approx(rmse, rel=1e-4)

@@ -362,7 +362,58 @@ def _robustness(report: Report, model: BayesByBackprop, x: Tensor, y: Tensor, cf
         )
 
 
-def _export(model: BayesByBackprop, x: Tensor, output_dir: Path, cfg: DictConfig) -> dict:
+def _floats(values: Tensor) -> list[float]:
+    return values.detach().cpu().flatten().tolist()
+
+
+def _units(datamodule: Any, model: BayesByBackprop) -> dict[str, Any]:
+    """The manifest's ``input``, ``target`` and ``classes``: how raw data become the exported
+    network's inputs, and what its outputs mean, for the datamodules of this package."""
+    units: dict[str, Any] = {}
+    normalization = getattr(datamodule, "normalization", None)
+    if getattr(datamodule, "feature_mean", None) is not None:  # a CSV table
+        units["input"] = {
+            "features": list(datamodule.features),
+            "mean": _floats(datamodule.feature_mean),
+            "std": _floats(datamodule.feature_std),
+            "transform": "x = (raw - mean) / std, per column, the raw CSV columns taken in the "
+            "order of `features`; float32 of shape (N, len(features))",
+        }
+    elif normalization in NORMALIZATIONS:  # MNIST-like images
+        offset, scale = NORMALIZATIONS[normalization]
+        units["input"] = {
+            "normalization": normalization,
+            "offset": offset,
+            "scale": scale,
+            "transform": "x = (pixels - offset) / scale, pixels the raw values 0..255 as "
+            "float32, reshaped to (N, *input_shape)",
+        }
+    elif type(datamodule).__name__ == "ToyRegressionDataModule":
+        units["input"] = {"transform": "none: the raw inputs x as they are"}
+    else:
+        units["input"] = {
+            "transform": f"unknown: the inputs as {type(datamodule).__name__} gives them"
+        }
+    target_mean = getattr(datamodule, "target_mean", None)
+    if not model.is_classifier and target_mean is not None:
+        units["target"] = {
+            "name": getattr(datamodule, "target", None),
+            "mean": _floats(target_mean),
+            "std": _floats(datamodule.target_std),
+            "transform": "the outputs (and noise_std) are standardised: y = output * std + "
+            "mean, a standard deviation in the target's units = noise_std * std",
+        }
+    classes = getattr(datamodule, "classes", None)
+    if classes is None and model.is_classifier and normalization in NORMALIZATIONS:
+        classes = list(range(int(getattr(datamodule, "num_classes", 10))))  # the digits
+    if model.is_classifier and classes is not None:
+        units["classes"] = list(classes)
+    return units
+
+
+def _export(
+    model: BayesByBackprop, x: Tensor, datamodule: Any, output_dir: Path, cfg: DictConfig
+) -> dict:
     fraction = cfg.export.get("pruned_fraction")
     if fraction is not None and not signal_to_noise(model.net):
         fraction = None
@@ -379,6 +430,7 @@ def _export(model: BayesByBackprop, x: Tensor, output_dir: Path, cfg: DictConfig
         },
         "load": "torch.jit.load('<name>.torchscript.pt') needs only torch; or build `net` and "
         "net.load_state_dict(torch.load('<name>.pt'))",
+        **_units(datamodule, model),
     }
     likelihood = model.likelihood
     if isinstance(likelihood, GaussianLikelihood):
@@ -389,6 +441,8 @@ def _export(model: BayesByBackprop, x: Tensor, output_dir: Path, cfg: DictConfig
         else:
             manifest["outputs"] = "mean and raw scale; std = softplus(raw) + min_std"
             manifest["min_std"] = likelihood.min_std
+        if "target" in manifest:
+            manifest["outputs"] += " (standardised units: see target)"
     (output_dir / "export" / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return files
 
@@ -498,7 +552,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     _pruning(report, model, x, y, cfg)
     if model.is_classifier and cfg.attack.enabled:
         _robustness(report, model, x, y, cfg)
-    exported = _export(model, x, output_dir, cfg) if cfg.export.enabled else {}
+    exported = _export(model, x, datamodule, output_dir, cfg) if cfg.export.enabled else {}
     report.close()
 
     metrics = report.metrics
