@@ -18,6 +18,8 @@ from bbb_lightning.evaluate import evaluate
 from bbb_lightning.runs import resolve_checkpoint
 from bbb_testing import compose_config, run_cli
 
+CONF = Path(__file__).parents[1] / "src" / "bbb_lightning" / "conf"
+
 # Small but complete evaluations.
 FAST = [
     "eval_samples=4",
@@ -272,3 +274,20 @@ def test_bad_settings_are_one_line_before_any_work(tmp_path, override, message):
     cfg = compose_config(tmp_path, "ckpt_path=/any/run", *overrides, config_name="evaluate")
     with pytest.raises(UserError, match=message):
         evaluate(cfg)
+
+
+@pytest.mark.parametrize("entry", ["evaluate", "predict"])
+def test_help_lists_only_the_groups_the_entry_point_composes(tmp_path, entry):
+    """Hydra's default help lists every group on the search path, train's included."""
+    result = run_cli("--help", cwd=tmp_path, entry=entry)
+    assert result.returncode == 0
+    assert "prior:" not in result.stdout and "optimizer:" not in result.stdout
+    assert "ckpt_path: ???" in result.stdout
+    ood_options = sorted(p.stem for p in (CONF / "ood").glob("*.yaml"))
+    lines = result.stdout.splitlines()
+    ood_line = [line for line in lines if line.startswith("ood:") and "one of" in line]
+    if entry == "predict":
+        assert not ood_line
+    else:
+        (line,) = ood_line
+        assert sorted(line.split("one of ")[1].split(", ")) == ood_options
