@@ -460,3 +460,13 @@ def test_the_layer_kl_comes_from_the_forward_node_until_it_is_used(estimator: st
         net[0].weight_posterior.mu.add_(0.1)  # a new version of mu: not the forward's KL
     moved = kl_divergence(net)
     assert float(moved.detach()) > float(kl.detach())
+
+
+@needs_native
+def test_an_overflowing_kl_is_inf_from_the_forward_node_as_from_the_torch_ops() -> None:
+    """sum sigma^2 beyond float32 (rho ~ 2e19): inf either way, not NaN from the node's
+    compensated sum (inf - inf)."""
+    q = MeanFieldNormal(torch.zeros(1), GaussianPrior(), rho_init=2e19)
+    assert math.isinf(float(kl_divergence(q)))  # no forward: the torch ops
+    q()
+    assert math.isinf(float(kl_divergence(q)))  # the KL of the forward's native node

@@ -31,6 +31,7 @@
 #include <cmath>
 #include <mutex>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -428,13 +429,16 @@ std::tuple<torch::Tensor, torch::Tensor> local_noise_backward(const torch::Tenso
 }
 
 // A float sum per lane, Kahan-compensated: a float sum of many equal terms (e.g. log sigma
-// at sigma = min_scale) would otherwise round the same way at every addition.
+// at sigma = min_scale) would otherwise round the same way at every addition. A lane that
+// overflows to inf keeps no compensation, which would be inf and then turn the sum into
+// inf - inf = NaN.
 struct KahanSum {
   Vec sum{0.0f}, lost{0.0f};
   void add(const Vec& value) {
     const Vec term = value - lost;
     const Vec next = sum + term;
-    lost = (next - sum) - term;
+    const Vec finite = next.abs() < Vec(std::numeric_limits<float>::infinity());
+    lost = Vec::blendv(Vec(0.0f), (next - sum) - term, finite);
     sum = next;
   }
   double total() const {
