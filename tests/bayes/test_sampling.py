@@ -196,3 +196,27 @@ def test_input_gradients_averaged_over_posterior_draws() -> None:
     for gradient in tiny:
         torch.testing.assert_close(gradient, mean_gradient, rtol=1e-5, atol=1e-9)
     assert (average - mean_gradient).norm() > 1e-3 * mean_gradient.norm()
+
+
+class _Summed(nn.Module):
+    """A network whose output is not batch-first: one number for the whole batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x).sum()
+
+
+class _Transposed(_Summed):
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x).T  # (features, batch)
+
+
+@pytest.mark.parametrize("network", [_Summed, _Transposed])
+def test_an_output_that_is_not_batch_first_is_named(network: type[nn.Module]) -> None:
+    net = bayesianize(network())
+    with pytest.raises(ValueError, match=r"needs every output of the network batch-first, with 20"):
+        sample_forward(net, torch.randn(5, 3), 4)
+    assert sample_forward(net, torch.randn(5, 3), 1).shape[0] == 1  # one sample: nothing folded

@@ -77,7 +77,18 @@ def sample_forward(net: nn.Module, x: Tensor, num_samples: int) -> Tensor:
         folded = fold()
     with folded_samples(num_samples, copies=folded):
         out = net(folded)
-    return tree_map(lambda t: t.reshape(num_samples, batch, *t.shape[1:]), out)
+
+    def unfold(output: Tensor) -> Tensor:
+        if output.dim() == 0 or output.shape[0] != num_samples * batch:
+            raise ValueError(
+                f"sample_forward folds the {num_samples} samples into the batch dimension and "
+                f"needs every output of the network batch-first, with {num_samples * batch} rows "
+                f"for a batch of {batch}; got an output of shape {tuple(output.shape)} (for such "
+                "a network, stack S calls: torch.stack([net(x) for _ in range(S)]))"
+            )
+        return output.reshape(num_samples, batch, *output.shape[1:])
+
+    return tree_map(unfold, out)
 
 
 def _has_parametrized_posteriors(net: nn.Module) -> bool:
