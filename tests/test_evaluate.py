@@ -17,6 +17,7 @@ from bbb_lightning.data.idx import read_idx
 from bbb_lightning.evaluate import evaluate
 from bbb_lightning.runs import resolve_checkpoint
 from bbb_testing import compose_config, run_cli
+from conftest import _trained_run
 
 CONF = Path(__file__).parents[1] / "src" / "bbb_lightning" / "conf"
 
@@ -207,6 +208,25 @@ def test_missing_ood_dataset_names_the_path(tmp_path, mnist_run):
     overrides = ["limit_test=10", *FAST, "ood=fashion_mnist", f"ood.path={tmp_path / 'nowhere'}"]
     cfg = compose_config(tmp_path, f"ckpt_path={mnist_run}", *overrides, config_name="evaluate")
     with pytest.raises(UserError, match="nowhere"):
+        evaluate(cfg)
+
+
+def test_an_image_ood_set_on_a_run_without_images_names_the_choice(tmp_path, tmp_path_factory):
+    table = tmp_path / "table.csv"
+    table.write_text("a,b,label\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(40)))
+    run = _trained_run(
+        tmp_path_factory,
+        "csv_ood",
+        "dataset=csv",
+        f"dataset.path={table}",
+        "dataset.target=label",
+        "model=mlp_small",
+        "trainer.max_epochs=1",
+    )
+    overrides = ["limit_test=10", *FAST, "ood=fashion_mnist"]
+    cfg = compose_config(tmp_path, f"ckpt_path={run}", *overrides, config_name="evaluate")
+    message = r"^ood\.kind=idx \(ood=fashion_mnist .*CSVDataModule: use ood=noise or ood=none$"
+    with pytest.raises(UserError, match=message):
         evaluate(cfg)
 
 

@@ -233,7 +233,11 @@ def _ood_inputs(cfg: DictConfig, x: Tensor, datamodule: Any, input_shape: Sequen
             return ood.flipped(x[:limit], cfg.ood.axis)
         normalization = getattr(datamodule, "normalization", None)
         if normalization not in NORMALIZATIONS:
-            raise UserError("ood=idx needs an MNIST-like image dataset (with a normalization)")
+            raise UserError(
+                f"ood.kind=idx (ood=fashion_mnist or another IDX image set) needs an MNIST-like "
+                f"image dataset with a pixel normalization; this run's dataset is "
+                f"{type(datamodule).__name__}: use ood=noise or ood=none"
+            )
         offset, scale = NORMALIZATIONS[normalization]
         shape = tuple(input_shape)
 
