@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hydra
 import pytest
 import torch
 from hydra import compose, initialize_config_module
 
+from bbb_lightning.summary import _job_row, collect, metric_mode
 from bbb_lightning.summary import main as summary_main
 from bbb_testing import compose_config, run_cli
 
@@ -147,11 +149,27 @@ def test_optuna_search_runs_three_trials(tmp_path):
     trials = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in range(3)]
     best = (sweep / "optimization_results.yaml").read_text()
     best_value = float(best.split("best_value:")[1])
-    assert best_value == pytest.approx(min(t["val/nll"] for t in trials), rel=1e-6)
+    # the objective is each trial's best validation NLL (its tested checkpoint's), not the last
+    assert best_value == pytest.approx(min(t["best/val/nll"] for t in trials), rel=1e-6)
     for name in ("prior.pi", "prior.sigma1", "prior.sigma2", "optimizer.lr", "num_samples"):
         assert name in best
     summary = (sweep / "summary.md").read_text().splitlines()
     assert summary[4].count("| ok |") == 1  # the best trial heads the table
+
+
+def test_a_failing_optuna_trial_does_not_end_the_study(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "kl.scale=-1",  # every trial stops at its config check
+        f"hydra.sweep.dir={sweep}",
+        *QUIET,
+        cwd=tmp_path,
+    )
+    summary = (sweep / "summary.md").read_text().splitlines()[4:]
+    assert len(summary) == 2 and all("| failed |" in row for row in summary), result.stderr[-2000:]
+    assert "kl.scale=-1 is not allowed" in summary[0]
 
 
 def test_slurm_launcher_maps_nodes_and_gpus_to_the_trainer():
@@ -185,6 +203,39 @@ def test_summary_command_sorts_jobs_by_the_metric(tmp_path, capsys):
     with pytest.raises(SystemExit):
         summary_main([str(tmp_path / "0")])  # one run, not a sweep
     assert "holds no job directories" in capsys.readouterr().err
+
+
+def test_summary_ranks_by_the_best_validation_value_in_the_metrics_direction(tmp_path):
+    """best/<metric> (the tested checkpoint's) before the last epoch's value; accuracy largest
+    first; a job that wrote metrics.json and then failed (non-finite final metrics) is failed."""
+    jobs = {
+        "0": {"val/accuracy": 0.9, "best/val/accuracy": 0.91},
+        "1": {"val/accuracy": 0.5, "best/val/accuracy": 0.95},
+        "2": {"val/accuracy": 0.99, "best/val/accuracy": float("nan")},
+    }
+    for job, metrics in jobs.items():
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+        (tmp_path / job / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "2" / "error.txt").write_text("NonFiniteError: non-finite best/val/accuracy\n")
+    rows = [row["job"] for row in collect(tmp_path, "val/accuracy", descending=True)]
+    assert rows == ["1", "0", "2"]
+    assert _job_row(tmp_path / "2")["status"] == "failed"
+    assert metric_mode("val/accuracy") == "max" and metric_mode("val/ece") == "min"
+
+
+@pytest.mark.parametrize(("metric", "mode"), [("val/nll", "min"), ("val/accuracy", "max")])
+def test_the_best_checkpoint_and_the_search_follow_the_metrics_direction(tmp_path, metric, mode):
+    cfg = compose_config(tmp_path, "dataset=mnist", f"optimized_metric={metric}")
+    checkpoint = hydra.utils.instantiate(cfg.callbacks.model_checkpoint)
+    assert checkpoint.mode == mode and checkpoint.monitor == metric
+    with initialize_config_module("bbb_lightning.conf", version_base="1.3"):
+        search = compose(
+            "config",
+            overrides=["hparams_search=optuna", f"optimized_metric={metric}"],
+            return_hydra_config=True,
+        )
+    assert search.hydra.sweeper.direction == {"min": "minimize", "max": "maximize"}[mode]
 
 
 def test_trainer_configs_compose(tmp_path):

@@ -27,6 +27,7 @@ from .bayes.kl import KL_REDUCTIONS
 from .bayes.layers import ESTIMATORS
 from .guard import NONFINITE_MODES
 from .objectives import KL_WEIGHTINGS
+from .summary import metric_mode
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -69,6 +70,15 @@ class UserError(Exception):
                 where += f"; drop it with '~{key}.{unexpected.group(1)}'"
             return f"{text}{where}"
         return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+# ${metric_mode:val/accuracy} -> max (the checkpoint callback's mode), and Optuna's direction.
+OmegaConf.register_new_resolver("metric_mode", metric_mode, replace=True)
+OmegaConf.register_new_resolver(
+    "optuna_direction",
+    lambda name: "maximize" if metric_mode(name) == "max" else "minimize",
+    replace=True,
+)
 
 
 def exit_on_user_error(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
@@ -196,8 +206,8 @@ def check_finite_numbers(cfg: DictConfig) -> None:
 
 
 def check_optimized_metric(name: str, metrics: Iterable[str]) -> None:
-    """``optimized_metric`` (what the best checkpoint minimises) is ``val/nll`` or one of the
-    validation metrics of the model's likelihood."""
+    """``optimized_metric`` (what the best checkpoint optimises: minimises, or maximises for
+    accuracy) is ``val/nll`` or one of the validation metrics of the model's likelihood."""
     allowed = ["val/nll", *(f"val/{metric}" for metric in metrics)]
     if name not in allowed:
         raise UserError(f"optimized_metric={name!r} is not allowed: one of {allowed}")

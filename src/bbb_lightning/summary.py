@@ -22,9 +22,22 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-__all__ = ["SweepSummary", "collect", "main", "write_summary"]
+__all__ = ["HIGHER_IS_BETTER", "SweepSummary", "collect", "main", "metric_mode", "write_summary"]
 
 ERROR_FILE = "error.txt"
+# Metrics where a larger value is better; every other one (nll, ece, rmse, ...) is minimised.
+HIGHER_IS_BETTER = frozenset({"accuracy"})
+
+
+def metric_mode(name: str) -> str:
+    """``"max"`` for a metric where larger is better (``val/accuracy``), else ``"min"``: the
+    checkpoint callback's ``mode``, the sweeps' sort order and Optuna's direction.
+
+    Example:
+        >>> metric_mode("val/accuracy"), metric_mode("best/val/nll")
+        ('max', 'min')
+    """
+    return "max" if name.rsplit("/", 1)[-1] in HIGHER_IS_BETTER else "min"
 
 
 def _job_row(job_dir: Path) -> dict[str, Any] | None:
@@ -34,22 +47,26 @@ def _job_row(job_dir: Path) -> dict[str, Any] | None:
     overrides = yaml.safe_load(overrides_file.read_text()) or []
     row: dict[str, Any] = {"job": job_dir.name, "overrides": " ".join(overrides)}
     metrics_file, error_file = job_dir / "metrics.json", job_dir / ERROR_FILE
-    if metrics_file.is_file():
-        row |= {"status": "ok", **json.loads(metrics_file.read_text())}
-    elif error_file.is_file():
+    if metrics_file.is_file():  # also a job that failed at the end (non-finite final metrics)
+        row |= json.loads(metrics_file.read_text())
+    if error_file.is_file():
         row |= {"status": "failed", "error": error_file.read_text().strip()}
     else:
-        row["status"] = "running or killed"
+        row["status"] = "ok" if metrics_file.is_file() else "running or killed"
     return row
 
 
 def collect(sweep_dir: Path, sort_by: str = "val/nll", descending: bool = False) -> list[dict]:
-    """A row per job directory of ``sweep_dir``; finished jobs sorted by ``sort_by`` first."""
+    """A row per job directory of ``sweep_dir``; finished jobs sorted by ``sort_by`` first.
+
+    A job is ranked by ``best/<sort_by>`` where its metrics have it (the best validation value,
+    that of the checkpoint it tested), else by ``sort_by`` (the last epoch's); failed jobs last.
+    """
     rows = [row for job in sorted(sweep_dir.iterdir()) if (row := _job_row(job)) is not None]
 
     def key(row: dict) -> tuple[bool, float]:
-        value = row.get(sort_by)
-        missing = not isinstance(value, int | float) or math.isnan(value)
+        value = row.get(f"best/{sort_by}", row.get(sort_by))
+        missing = row["status"] != "ok" or not isinstance(value, int | float) or math.isnan(value)
         return missing, 0.0 if missing else (-value if descending else value)
 
     return sorted(rows, key=key)
@@ -74,7 +91,8 @@ def write_summary(sweep_dir: Path, sort_by: str = "val/nll", descending: bool = 
         writer.writeheader()
         writer.writerows(rows)
     lines = [
-        f"Sorted by `{sort_by}` ({'descending' if descending else 'ascending'}).",
+        f"Sorted by `best/{sort_by}` where a job has it, else `{sort_by}` "
+        f"({'descending' if descending else 'ascending'}); failed jobs last.",
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
@@ -98,7 +116,7 @@ class SweepSummary(Callback):
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
             (job_dir / ERROR_FILE).write_text(f"{type(error).__name__}: {message}\n")
         sort_by = config.get("optimized_metric", "val/nll")
-        write_summary(Path(hydra_config.sweep.dir), sort_by)
+        write_summary(Path(hydra_config.sweep.dir), sort_by, metric_mode(sort_by) == "max")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,7 +126,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("sweep_dir", type=Path, help="e.g. multirun/2026-11-24/12-00-00")
     parser.add_argument("--sort", default="val/nll", help="metric to sort by (default val/nll)")
-    parser.add_argument("--descending", action="store_true", help="largest first (accuracy)")
+    parser.add_argument(
+        "--descending",
+        action="store_true",
+        help="largest first (the default for accuracy, where larger is better)",
+    )
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"sweep_dir {str(args.sweep_dir)!r} is not a directory")
@@ -121,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     columns = _columns(rows)
     if args.sort not in columns and any(row["status"] == "ok" for row in rows):
         parser.error(f"--sort {args.sort!r} is not a column; the columns are: {', '.join(columns)}")
-    print(write_summary(args.sweep_dir, args.sort, args.descending), end="")
+    descending = args.descending or metric_mode(args.sort) == "max"
+    print(write_summary(args.sweep_dir, args.sort, descending), end="")
 
 
 if __name__ == "__main__":

@@ -265,8 +265,11 @@ def _fit_and_test(
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
-    return exit_on_user_error(train, cfg).get(cfg.optimized_metric)
+    """Hydra entry point; returns the best value of ``cfg.optimized_metric`` over the run's
+    validations (that of the checkpoint it tested; the last one without a checkpoint) for
+    sweepers."""
+    metrics = exit_on_user_error(train, cfg)
+    return metrics.get(f"best/{cfg.optimized_metric}", metrics.get(cfg.optimized_metric))
 
 
 if __name__ == "__main__":
