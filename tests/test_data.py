@@ -77,6 +77,10 @@ def test_toy_regression_rejects_bad_arguments() -> None:
         ToyRegressionDataModule(noise_std=-1.0)
     with pytest.raises(ValueError, match="batch_size"):
         ToyRegressionDataModule(batch_size=0)
+    with pytest.raises(ValueError, match=r"train_range must be \[low, high\].*got \[0, 1, 2\]"):
+        ToyRegressionDataModule(train_range=[0, 1, 2])
+    with pytest.raises(ValueError, match="num_train must be an integer >= 1, got 'abc'"):
+        ToyRegressionDataModule(num_train="abc")
 
 
 def test_train_order_is_a_function_of_seed_and_epoch_only() -> None:
@@ -187,6 +191,8 @@ def test_mnist_rejects_bad_arguments() -> None:
         MNISTDataModule(normalization="zscore")
     with pytest.raises(ValueError, match="val_size"):
         MNISTDataModule(val_size=0)
+    with pytest.raises(ValueError, match=r"val_size must be an integer .*got 5000\.0"):
+        MNISTDataModule(val_size=5000.0)
     with pytest.raises(ValueError, match="limit_train"):
         MNISTDataModule(limit_train=0)
 
@@ -289,6 +295,29 @@ def test_csv_integer_labels_sort_numerically(tmp_path: Path) -> None:
     assert dm.classes == [1, 2, 10]
 
 
+def test_csv_integer_labels_written_as_floats_are_one_class_each(tmp_path: Path) -> None:
+    labels = ["1.0", "2.0", "10.0", "1"]
+    rows: list[list[object]] = [["x", "y"]] + [[i, labels[i % 4]] for i in range(12)]
+    dm = CSVDataModule(_write_csv(tmp_path / "floats.csv", rows), target="y")
+    assert dm.classes == [1, 2, 10]
+
+
+def test_csv_one_feature_name_a_byte_order_mark_and_other_encodings(
+    tmp_path: Path, table: Path
+) -> None:
+    one = CSVDataModule(table, target="label", features="a")  # dataset.features=a
+    assert one.features == ["a"] and one.input_shape == (1,)
+    with pytest.raises(ValueError, match=r"dataset\.features names 'a' twice"):
+        CSVDataModule(table, target="label", features=["a", "a"])
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes(b"\xef\xbb\xbf" + table.read_bytes())  # Excel's "CSV UTF-8"
+    assert CSVDataModule(excel, target="label").features == ["a", "b", "const", "value"]
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("caf\u00e9,label\n1,a\n2,b\n3,a\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.csv is not UTF-8 text .*save it as UTF-8"):
+        CSVDataModule(latin, target="label")
+
+
 def test_csv_regression_and_train_only_standardization(table: Path) -> None:
     dm = CSVDataModule(table, target="value", task="regression", features=["a", "b", "const"])
     raw = CSVDataModule(
@@ -324,6 +353,8 @@ def test_csv_errors(tmp_path: Path, table: Path) -> None:
         CSVDataModule(table, target="price")
     with pytest.raises(ValueError, match="unknown task 'ranking'"):
         CSVDataModule(table, target="label", task="ranking")
+    with pytest.raises(ValueError, match="val_fraction must be a number in \\(0, 1\\), got 'abc'"):
+        CSVDataModule(table, target="label", val_fraction="abc")
     bad = _write_csv(tmp_path / "bad.csv", [["a", "y"], [1, 0], ["oops", 1], [3, 0]])
     with pytest.raises(ValueError, match=r"line 3, column 'a'.*'oops'"):
         CSVDataModule(bad, target="y")

@@ -126,7 +126,7 @@ def _is_number(field: str) -> bool:
 
 def _csv_rows(path: Path) -> tuple[list[str] | None, list[list[str]]]:
     """The header (``None`` when the first row is all numbers) and the non-blank rows."""
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # a byte-order mark is no name
         rows = [row for row in csv.reader(handle) if any(field.strip() for field in row)]
     header = None
     if rows and not all(_is_number(field) for field in rows[0]):

@@ -67,8 +67,9 @@ class CSVDataModule(BBBDataModule):
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
         for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0 < fraction < 1:
-                raise ValueError(f"{name} must be in (0, 1), got {fraction}")
+            number = isinstance(fraction, int | float) and not isinstance(fraction, bool)
+            if not (number and 0 < fraction < 1):
+                raise ValueError(f"dataset {name} must be a number in (0, 1), got {fraction!r}")
         if val_fraction + test_fraction >= 1:
             raise ValueError(
                 f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}"
@@ -121,7 +122,15 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """The stripped header and the non-blank rows, each with its line number."""
     if not path.is_file():
         raise FileNotFoundError(f"CSV file not found: {path}")
-    with path.open(newline="") as handle:
+    try:
+        return _read_rows(path)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error}); save it as UTF-8") from None
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         header = [name.strip() for name in next(reader, [])]
         if not header:
@@ -149,7 +158,12 @@ def _select_features(
     available = ", ".join(header)
     if target not in header:
         raise ValueError(f"target column {target!r} not in {path}; available: {available}")
+    if isinstance(features, str):  # dataset.features=age: one column, not the letters a, g, e
+        features = [features]
     features = [name for name in header if name != target] if features is None else list(features)
+    repeated = sorted({name for name in features if features.count(name) > 1})
+    if repeated:
+        raise ValueError(f"dataset.features names {', '.join(map(repr, repeated))} twice")
     if not features:
         raise ValueError(
             f"no feature column in {path}: the table needs one besides the target {target!r} "
@@ -217,8 +231,8 @@ def _check_labels(path: Path, target: str, labels: list[tuple[int, str]]) -> Non
 def _encode_labels(values: list[str]) -> tuple[list[str] | list[int], Tensor]:
     """Sorted unique labels and the ``int64`` index of each value among them."""
     labels = [value.strip() for value in values]
-    try:
-        numeric = [int(label) for label in labels]
+    try:  # integers, also written as floats: "2" and "2.0" are one class, 2 (sorted as numbers)
+        numeric = [int(float(label)) for label in labels]
     except ValueError:
         classes: list[str] | list[int] = sorted(set(labels))
         keys: list[str] | list[int] = labels

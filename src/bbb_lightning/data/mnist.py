@@ -85,8 +85,11 @@ class MNISTDataModule(BBBDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__(batch_size, num_workers, seed, pin_memory)
-        if not 1 <= val_size < _MNIST_TRAIN_SIZE:
-            raise ValueError(f"val_size must be in [1, {_MNIST_TRAIN_SIZE}), got {val_size}")
+        is_int = isinstance(val_size, int) and not isinstance(val_size, bool)
+        if not (is_int and 1 <= val_size < _MNIST_TRAIN_SIZE):
+            raise ValueError(
+                f"dataset val_size must be an integer in [1, {_MNIST_TRAIN_SIZE}), got {val_size!r}"
+            )
         if normalization not in NORMALIZATIONS:
             allowed = ", ".join(NORMALIZATIONS)
             raise ValueError(f"unknown normalization {normalization!r}; allowed: {allowed}")

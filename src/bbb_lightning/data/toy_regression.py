@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from bbb_lightning.data.base import BBBDataModule
+from bbb_lightning.data.base import BBBDataModule, _check_int
 
 __all__ = ["ToyRegressionDataModule", "blundell_curve"]
 
@@ -34,9 +34,14 @@ def blundell_curve(x: Tensor, eps: Tensor | float = 0.0) -> Tensor:
 
 
 def _check_range(name: str, value: Sequence[float]) -> tuple[float, float]:
-    low, high = (float(v) for v in value)
-    if not low < high:
-        raise ValueError(f"{name} must be (low, high) with low < high, got {tuple(value)}")
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):  # not two numbers
+        low = high = math.nan
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(
+            f"dataset {name} must be [low, high], two finite numbers with low < high, got {value!r}"
+        )
     return low, high
 
 
@@ -87,10 +92,9 @@ class ToyRegressionDataModule(BBBDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, seed, pin_memory)
         for name, count in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
-            if count < 1:
-                raise ValueError(f"{name} must be >= 1, got {count}")
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+            _check_int(name, count, minimum=1)
+        if not (isinstance(noise_std, int | float) and noise_std >= 0):
+            raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
         self.noise_std = float(noise_std)
         self.train_range = _check_range("train_range", train_range)
         self.eval_range = _check_range("eval_range", eval_range)
