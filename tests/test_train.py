@@ -41,6 +41,20 @@ def test_default_run_writes_metrics_checkpoints_and_tensorboard(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    ("overrides", "figure_steps"),
+    [
+        (["trainer.max_epochs=3", "callbacks.regression_figure.every_n_epochs=2"], [8, 12]),
+        # no epoch limit, stopped by max_steps: the final figure only (it was one per epoch)
+        (["trainer.max_epochs=-1", "+trainer.max_steps=12"], [12]),
+    ],
+)
+def test_the_regression_figure_every_n_epochs_and_at_the_end(tmp_path, overrides, figure_steps):
+    train(compose_config(tmp_path, *overrides, "callbacks.progress_bar=null"))
+    images = events(tmp_path).Images("figures/predictive")
+    assert [image.step for image in images] == figure_steps  # 4 steps per epoch
+
+
 def test_checkpoint_reloads_without_arguments(tmp_path):
     train(compose_config(tmp_path, *QUICK, "logger=csv"))
     model = BayesByBackprop.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")

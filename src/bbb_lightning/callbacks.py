@@ -90,7 +90,8 @@ class PosteriorHistograms(Callback):
 
 
 class RegressionFigure(Callback):
-    """Each ``every_n_epochs`` epochs (and after the last): data, predictive mean, +-2 sigma.
+    """Each ``every_n_epochs`` epochs and at the end of training: data, predictive mean,
+    +-2 sigma.
 
     Needs a datamodule with ``plot_grid()`` and ``train_x`` / ``train_y`` (the toy regression)
     and a :class:`~bbb_lightning.objectives.GaussianLikelihood`. The band is the total
@@ -101,6 +102,7 @@ class RegressionFigure(Callback):
         self.every_n_epochs = _positive_int("every_n_epochs", every_n_epochs)
         self.num_points = _positive_int("num_points", num_points)
         self.num_samples = _positive_int("num_samples", num_samples)
+        self._drawn_at_step: int | None = None
 
     @staticmethod
     def applies(trainer: Trainer, pl_module: LightningModule) -> bool:
@@ -111,15 +113,24 @@ class RegressionFigure(Callback):
 
     @rank_zero_only
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        last_epoch = trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
-        if (trainer.current_epoch + 1) % self.every_n_epochs and not last_epoch:
-            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._draw(trainer, pl_module)
+
+    @rank_zero_only
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The final network's figure, however training stopped (max_epochs, max_steps, early
+        stopping), unless the last epoch's is already drawn."""
+        if self._drawn_at_step != trainer.global_step:
+            self._draw(trainer, pl_module)
+
+    def _draw(self, trainer: Trainer, pl_module: LightningModule) -> None:
         writer = tensorboard_writer(trainer)
         if writer is None or not self.applies(trainer, pl_module):
             return
         figure = self.figure(trainer, pl_module)
         writer.add_figure("figures/predictive", figure, trainer.global_step)
         plt.close(figure)
+        self._drawn_at_step = trainer.global_step
 
     def figure(self, trainer: Trainer, pl_module: LightningModule) -> Figure:
         datamodule = trainer.datamodule
