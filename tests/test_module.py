@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from bbb_lightning.bayes import GaussianPrior, MeanFieldNormal, freeze
 from bbb_lightning.module import BayesByBackprop
 from bbb_lightning.objectives import GaussianLikelihood, KLTerm
+from bbb_lightning.seeding import derive_seed
 
 
 class RecordLosses(pl.Callback):
@@ -106,6 +107,37 @@ def test_limit_train_batches_shortens_the_epoch_not_m(kl, weights):
     assert [r[0] for r in records] == [0, 1]
     for (batch_idx, x, y, loss), weight in zip(records, weights, strict=True):
         assert loss == pytest.approx(_hand_loss(model, x, y, weight), rel=1e-5), batch_idx
+
+
+class RecordSeeds(pl.Callback):
+    def __init__(self) -> None:
+        self.seeds: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seeds.append(torch.initial_seed())  # the module's on_train_batch_start seeded it
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_each_minibatch_of_a_step_draws_its_own_noise(accumulate):
+    """Minibatches accumulated into one step were seeded alike (the same noise, row for row)."""
+    model = BayesByBackprop(
+        net=nn.Sequential(nn.Linear(2, 1)), likelihood=GaussianLikelihood(target_dim=1), seed=3
+    )
+    recorder = RecordSeeds()
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder],
+        accumulate_grad_batches=accumulate,
+    )
+    data = TensorDataset(torch.randn(16, 2), torch.randn(16, 1))
+    trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=4))
+    assert len(set(recorder.seeds)) == 4  # 4 minibatches: 4 or 2 steps, 4 streams of noise
+    if accumulate == 1:  # unchanged: (seed, step, rank)
+        assert recorder.seeds == [derive_seed(3, "train", step, 0) for step in range(4)]
 
 
 def test_the_default_optimizer_is_a_fused_adam_with_adams_updates():

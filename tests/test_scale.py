@@ -78,25 +78,37 @@ def test_two_processes_give_the_one_process_loss_gradients_and_kl_schedule(tmp_p
 
 
 @pytest.mark.slow
-def test_gradient_accumulation_gives_the_large_batch_loss_gradients_and_kl_schedule(tmp_path):
+@pytest.mark.parametrize(
+    ("large", "small", "accumulate", "limits"),
+    [
+        (8, 4, 2, ("trainer.limit_train_batches=3", "trainer.limit_train_batches=6")),
+        # 512 examples: 2 steps of 384 + 128, against 4 minibatches of 128 in steps of 3 and 1
+        (384, 128, 3, ("trainer.limit_train_batches=1.0",) * 2),
+    ],
+    ids=["a-divides", "last-step-of-one-minibatch"],
+)
+def test_gradient_accumulation_gives_the_large_batch_loss_gradients_and_kl_schedule(
+    tmp_path, large, small, accumulate, limits
+):
     """a minibatches of B accumulated into one optimizer step = one step with batch a B: the
-    same KL weight (Blundell's, i and M counted in optimizer steps) and the same gradients."""
+    same KL weight (Blundell's, i and M counted in optimizer steps) and the same gradients,
+    also for an epoch's last step of fewer than a minibatches."""
     weighting = ("kl.weighting=minibatch", "kl.warmup_steps=2")
-    (large,) = _probe(tmp_path / "large", 8, "cpu", *weighting)
+    (one,) = _probe(tmp_path / "large", large, "cpu", *weighting, limits[0])
     (accumulated,) = _probe(
         tmp_path / "accumulated",
-        4,
+        small,
         "cpu",
         *weighting,
-        "+trainer.accumulate_grad_batches=2",
-        "trainer.limit_train_batches=6",
+        f"+trainer.accumulate_grad_batches={accumulate}",
+        limits[1],
     )
-    assert len(large["steps"]) == len(accumulated["steps"]) == 3
-    for one, two in zip(large["steps"], accumulated["steps"], strict=True):
-        assert one["step"] == two["step"]
-        assert one["kl_weight"] == pytest.approx(two["kl_weight"], rel=1e-12)
-        for name, grad in one["grads"].items():
-            torch.testing.assert_close(two["grads"][name], grad, rtol=1e-5, atol=1e-6)
+    assert len(one["steps"]) == len(accumulated["steps"]) in (2, 3)
+    for reference, step in zip(one["steps"], accumulated["steps"], strict=True):
+        assert reference["step"] == step["step"]
+        assert reference["kl_weight"] == pytest.approx(step["kl_weight"], rel=1e-12)
+        for name, grad in reference["grads"].items():
+            torch.testing.assert_close(step["grads"][name], grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

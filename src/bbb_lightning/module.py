@@ -11,7 +11,8 @@ once, not once per rank. M is the number of optimizer steps in a full pass over 
 set and i counts optimizer steps, the same on every rank. With gradient accumulation over a
 minibatches per step, each minibatch carries kl_weight_i / a of the KL (Lightning divides each
 minibatch loss by a), so a step of a R B examples carries kl_weight_i KL once, as one step with
-batch a R B would. ``trainer.limit_train_batches`` shortens an epoch but leaves M alone.
+batch a R B would (an epoch's last step of g < a minibatches: each carries kl_weight_i / g, its
+loss scaled by a / g). ``trainer.limit_train_batches`` shortens an epoch but leaves M alone.
 
 Logged per example: ``loss``; ``nll`` = NLL_i / B; ``kl`` = KL / N (the KL each training
 example carries over an epoch); ``kl_weight``; ``elbo`` = -(nll + kl), the per-example ELBO;
@@ -104,8 +105,9 @@ class BayesByBackprop(LightningModule):
         eval_samples: samples of the predictive at validation, test and prediction.
         include, exclude: glob patterns of the parameters to make (or keep from being) Bayesian.
         seed: if given, the randomness of training step t (posterior noise, dropout) is seeded
-            from (seed, t, rank), and that of each validation/test pass from (seed, epoch):
-            a resumed run repeats an uninterrupted one exactly.
+            from (seed, t, rank) (and the minibatch's place in the step, when gradients are
+            accumulated), and that of each validation/test pass from (seed, epoch): a resumed
+            run repeats an uninterrupted one exactly.
         on_nonfinite: ``stop`` or ``skip`` a step whose loss or gradients are not finite
             (see :mod:`bbb_lightning.guard`).
     """
@@ -192,12 +194,14 @@ class BayesByBackprop(LightningModule):
             return int(datamodule.num_train)
         return len(self.trainer.train_dataloader.dataset)
 
-    def _optimizer_step_of(self, batch_idx: int) -> tuple[int, int]:
-        """(i, M): the 0-based index in the epoch of the optimizer step this minibatch belongs
-        to, and M, the number of optimizer steps in a full pass over the training loader.
+    def _optimizer_step_of(self, batch_idx: int) -> tuple[int, int, int]:
+        """(i, M, g): the 0-based index in the epoch of the optimizer step this minibatch
+        belongs to, M, the number of optimizer steps in a full pass over the training loader,
+        and g, the number of minibatches of that step.
 
-        Both count optimizer steps (``accumulate_grad_batches`` minibatches make one), the same
-        on every rank. ``trainer.limit_train_batches`` shortens an epoch, not M: the KL stays
+        i and M count optimizer steps (``accumulate_grad_batches`` = a minibatches make one),
+        the same on every rank. g is a, except in an epoch's last step when a does not divide
+        its minibatches. ``trainer.limit_train_batches`` shortens an epoch, not M: the KL stays
         weighted against the whole training set.
         """
         try:
@@ -207,7 +211,10 @@ class BayesByBackprop(LightningModule):
                 "the ELBO needs a sized training dataloader (M minibatches per epoch)"
             ) from None
         accumulate = self.trainer.accumulate_grad_batches
-        return batch_idx // accumulate, math.ceil(num_batches / accumulate)
+        step_index = batch_idx // accumulate
+        this_epoch = min(num_batches, self.trainer.num_training_batches)
+        group = min(accumulate, this_epoch - step_index * accumulate)
+        return step_index, math.ceil(num_batches / accumulate), group
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x, y = batch
@@ -216,12 +223,13 @@ class BayesByBackprop(LightningModule):
         nll = -self.likelihood.log_prob(outputs, y).mean(0).sum()
         kl = kl_divergence(self.net, self.kl_term.reduction, self.kl_term.monte_carlo)
         accumulate = self.trainer.accumulate_grad_batches
-        step_index, num_steps = self._optimizer_step_of(batch_idx)
+        step_index, num_steps, group = self._optimizer_step_of(batch_idx)
         kl_weight = self.kl_term.weight(step_index, num_steps, self.global_step)
         global_batch = batch_size * self.trainer.world_size
-        # Lightning divides each of the `accumulate` micro-batch losses by `accumulate`: the
-        # optimizer step then carries kl_weight * KL once, over its accumulate * R * B examples.
-        loss = nll / batch_size + (kl_weight / accumulate) * kl / global_batch
+        # Lightning divides each of a step's g minibatch losses by a (also when g < a): scaled
+        # by a / g, with KL / g in each, the step carries kl_weight * KL once over its g R B
+        # examples, as one step with that batch would.
+        loss = (accumulate / group) * (nll / batch_size + (kl_weight / group) * kl / global_batch)
         bad_term = first_nonfinite([("NLL", nll), ("KL", kl), ("loss", loss)])
         if self._any_rank(bad_term is not None):
             return self._nonfinite(
@@ -290,7 +298,10 @@ class BayesByBackprop(LightningModule):
             torch.manual_seed(derive_seed(self.seed, *keys, self.global_rank))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._reseed("train", self.global_step)
+        accumulate = self.trainer.accumulate_grad_batches
+        # the minibatches accumulated into one step draw independent noise
+        within_step = (batch_idx % accumulate,) if accumulate > 1 else ()
+        self._reseed("train", self.global_step, *within_step)
 
     def on_validation_epoch_start(self) -> None:
         self._reseed("val", self.current_epoch)
