@@ -9,6 +9,7 @@ KL and autograd, to a few float32 ulps.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import subprocess
@@ -470,3 +471,14 @@ def test_an_overflowing_kl_is_inf_from_the_forward_node_as_from_the_torch_ops() 
     assert math.isinf(float(kl_divergence(q)))  # no forward: the torch ops
     q()
     assert math.isinf(float(kl_divergence(q)))  # the KL of the forward's native node
+
+
+@needs_native
+def test_a_cached_build_loads_without_announcing_a_compilation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    native.kernels()  # compiled, or loaded from the cache, once
+    with caplog.at_level(logging.DEBUG, logger="bbb_lightning.bayes.native"):
+        native.build(torch.backends.cpu.get_cpu_capability())
+    assert [record.levelname for record in caplog.records] == ["DEBUG"]
+    assert "loading native kernels" in caplog.records[0].message

@@ -146,7 +146,11 @@ def build(isa: str) -> ModuleType:
     if isa in _ISA_FLAGS:
         flags += [*_ISA_FLAGS[isa], f"-DCPU_CAPABILITY_{isa}", f"-DCPU_CAPABILITY={isa}"]
     name, directory = _extension_name(isa), build_directory(isa)
-    log.info("loading native kernels %s (compiled once, about 30 s)", name)
+    built = directory / f"{name}.so"
+    if not built.is_file() or built.stat().st_mtime < SOURCE.stat().st_mtime:
+        log.info("compiling native kernels %s into %s (once, about 30 s)", name, directory)
+    else:
+        log.debug("loading native kernels %s from %s", name, directory)
     with _exclusive_build(directory):
         return cpp_extension.load(
             name, [str(SOURCE)], extra_cflags=flags, build_directory=str(directory)
