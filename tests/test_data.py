@@ -125,6 +125,7 @@ def test_read_idx_raw_and_gzip(tmp_path: Path, compress: bool) -> None:
         ("magic.idx", b"\x00\x00\x0d\x01" + struct.pack(">I", 1) + b"\x00\x00\x00\x00", "magic"),
         ("short.idx", b"\x00\x00", "shorter than the header"),
         ("header.idx", b"\x00\x00\x08\x03\x00\x00", "truncated header"),
+        ("ndim.idx", b"\x00\x00\x08\xc8" + bytes(800), "says 200 dimensions, expected 1 to 8"),
         ("notgzip.idx.gz", b"not gzip at all", "corrupt gzip"),
     ],
 )

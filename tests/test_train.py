@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from bbb_lightning.bayes import posterior_mean
 from bbb_lightning.config_checks import UserError
@@ -36,6 +37,18 @@ def test_default_run_writes_metrics_checkpoints_and_tensorboard(tmp_path):
     assert "figures/predictive" in tags["images"]
     hparams = accumulator.summary_metadata  # the HParams plugin's session info
     assert any(meta.plugin_data.plugin_name == "hparams" for meta in hparams.values())
+    (session,) = (
+        data.session_start_info.hparams
+        for meta in hparams.values()
+        if meta.plugin_data.plugin_name == "hparams"
+        and (data := HParamsPluginData.FromString(meta.plugin_data.content)).HasField(
+            "session_start_info"
+        )
+    )
+    # the sizes filled from the dataset, not the config's null
+    assert session["model/net/input_shape"].string_value == "[1]"
+    assert session["model/net/num_outputs"].number_value == 1
+    assert session["likelihood/target_dim"].number_value == 1
     assert metrics["test/nll"] == pytest.approx(
         accumulator.Scalars("hp/test_nll")[-1].value, rel=1e-6
     )

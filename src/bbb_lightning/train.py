@@ -132,8 +132,9 @@ def build_model(cfg: DictConfig, datamodule: pl.LightningDataModule) -> BayesByB
     )
 
 
-def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
-    """The run's choices as flat ``group/key`` -> scalar, for TensorBoard's HParams tab."""
+def _flat_hparams(cfg: DictConfig, model: BayesByBackprop) -> dict[str, Any]:
+    """The run's choices as flat ``group/key`` -> scalar, for TensorBoard's HParams tab; the
+    net's and the likelihood's sizes as filled from the dataset (null in the config)."""
     keep = ("dataset", "model", "prior", "posterior", "kl", "optimizer", "likelihood")
     flat: dict[str, Any] = {}
 
@@ -145,7 +146,11 @@ def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
         else:
             flat[prefix] = node if isinstance(node, int | float | str | bool) else str(node)
 
-    visit("", {key: _container(cfg[key]) for key in keep if key in cfg})
+    choices = {key: _container(cfg[key]) for key in keep if key in cfg}
+    choices["likelihood"] = model.hparams.get("likelihood", choices.get("likelihood"))
+    if isinstance(choices.get("model"), dict) and isinstance(model.hparams.get("net"), dict):
+        choices["model"] = {**choices["model"], "net": model.hparams["net"]}
+    visit("", choices)
     for key in ("seed", "num_samples", "eval_samples"):
         flat[key] = cfg[key]
     flat["trainer/max_epochs"] = cfg.trainer.get("max_epochs")
@@ -164,7 +169,7 @@ def _report(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float]) -> 
                 for name, value in metrics.items()
                 if name.startswith(("val/", "test/"))
             }
-            logger.log_hyperparams(_flat_hparams(cfg), metrics=hp_metrics)
+            logger.log_hyperparams(_flat_hparams(cfg, trainer.lightning_module), metrics=hp_metrics)
             logger.finalize("success")
     log.info("Metrics (also in %s):\n%s", output_dir / "metrics.json", format_metrics(metrics))
 

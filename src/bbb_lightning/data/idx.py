@@ -20,6 +20,7 @@ from torch import Tensor
 __all__ = ["read_idx"]
 
 _UBYTE = 0x08
+_MAX_DIMENSIONS = 8  # a damaged header byte could otherwise ask for a shape of 255 sizes
 
 
 def read_idx(path: str | Path) -> Tensor:
@@ -44,6 +45,11 @@ def read_idx(path: str | Path) -> Tensor:
     if zeros != 0 or dtype != _UBYTE:
         raise ValueError(
             f"corrupt IDX file {path}: magic number {raw[:4].hex()}, expected 0000{_UBYTE:02x}xx"
+        )
+    if not 1 <= ndim <= _MAX_DIMENSIONS:
+        raise ValueError(
+            f"corrupt IDX file {path}: its header says {ndim} dimensions, expected 1 to "
+            f"{_MAX_DIMENSIONS} (MNIST's files have 1 or 3)"
         )
     offset = 4 + 4 * ndim
     if len(raw) < offset:
