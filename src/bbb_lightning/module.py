@@ -226,10 +226,11 @@ class BayesByBackprop(LightningModule):
         step_index, num_steps, group = self._optimizer_step_of(batch_idx)
         kl_weight = self.kl_term.weight(step_index, num_steps, self.global_step)
         global_batch = batch_size * self.trainer.world_size
-        # Lightning divides each of a step's g minibatch losses by a (also when g < a): scaled
-        # by a / g, with KL / g in each, the step carries kl_weight * KL once over its g R B
-        # examples, as one step with that batch would.
-        loss = (accumulate / group) * (nll / batch_size + (kl_weight / group) * kl / global_batch)
+        # This minibatch's share of its step's loss (logged). Lightning divides each of a step's
+        # g minibatch losses by a (also when g < a): scaled by a / g, with KL / g in each, the
+        # step carries kl_weight * KL once over its g R B examples, as one step with that batch.
+        minibatch_loss = nll / batch_size + (kl_weight / group) * kl / global_batch
+        loss = (accumulate / group) * minibatch_loss
         bad_term = first_nonfinite([("NLL", nll), ("KL", kl), ("loss", loss)])
         if self._any_rank(bad_term is not None):
             return self._nonfinite(
@@ -241,7 +242,7 @@ class BayesByBackprop(LightningModule):
         elbo = -(nll_per_example + kl_per_example)
         kl_weight_value = torch.tensor(kl_weight, dtype=loss.dtype, device=loss.device)
         logged = torch.stack(
-            [loss.detach(), nll_per_example, kl_per_example, kl_weight_value, elbo]
+            [minibatch_loss.detach(), nll_per_example, kl_per_example, kl_weight_value, elbo]
         )
         self.train_means.update(logged, batch_size)
         if logs_this_step(self.trainer):
