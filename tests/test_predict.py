@@ -250,6 +250,13 @@ def test_csv_columns_are_matched_by_name(tmp_path, csv_regression_run, csv_table
         read_input(shuffled, ["a", "b", "c"], "y"), torch.tensor(table[:, :3]).float()
     )
 
+    # Excel's "CSV UTF-8": a byte-order mark before the header, whose first column is a feature
+    excel = write_csv(
+        tmp_path / "excel.csv", ["a", "b", "c"], [[row[0], row[1], row[2]] for row in rows]
+    )
+    excel.write_bytes(b"\xef\xbb\xbf" + excel.read_bytes())
+    assert torch.equal(read_input(excel, ["a", "b", "c"], "y"), torch.tensor(table[:, :3]).float())
+
     missing = write_csv(tmp_path / "missing.csv", ["c", "a", "y"], [[1, 2, 3]])
     message = r"^input='.*missing\.csv': no column 'b'; the run expects the feature columns a, b, c"
     with pytest.raises(UserError, match=message):
