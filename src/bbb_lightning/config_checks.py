@@ -138,7 +138,7 @@ def check_config(cfg: DictConfig) -> None:
     _require(cfg, "kl.reduction", lambda v: v in KL_REDUCTIONS, f"one of {list(KL_REDUCTIONS)}")
     _require(cfg, "kl.scale", lambda v: _is_positive(v) or v == 0, "a number >= 0")
     _require(cfg, "kl.warmup_steps", _is_int(0), "an integer >= 0")
-    _require(cfg, "kl.monte_carlo", lambda v: isinstance(v, bool), "true or false")
+    _require(cfg, "kl.monte_carlo", lambda v: v is None or isinstance(v, bool), "true or false")
     _require(cfg, "posterior.estimator", lambda v: v in ESTIMATORS, f"one of {list(ESTIMATORS)}")
     _require(cfg, "optimizer.lr", _is_positive, "a number > 0")
     _require(cfg, "optimizer.fused", lambda v: v is None or isinstance(v, bool), "true or false")
