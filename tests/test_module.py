@@ -40,6 +40,18 @@ def _fit_frozen(kl: KLTerm, num_examples: int = 10, batch_size: int = 4, **train
     )
     freeze(model.net)  # forwards use the posterior mean: the NLL is deterministic
     recorder = RecordLosses()
+    _fit_one_epoch(model, TensorDataset(x, y), batch_size, recorder, **trainer_options)
+    return model, recorder.records
+
+
+def _fit_one_epoch(
+    model: BayesByBackprop,
+    data: TensorDataset,
+    batch_size: int,
+    recorder: pl.Callback,
+    **trainer_options,
+) -> None:
+    """One epoch over ``data`` in order, with nothing written and ``recorder`` watching."""
     trainer = pl.Trainer(
         max_epochs=1,
         logger=False,
@@ -49,9 +61,7 @@ def _fit_frozen(kl: KLTerm, num_examples: int = 10, batch_size: int = 4, **train
         callbacks=[recorder],
         **trainer_options,
     )
-    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
-    trainer.fit(model, train_dataloaders=loader)
-    return model, recorder.records
+    trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=batch_size))
 
 
 @torch.no_grad()
@@ -124,17 +134,8 @@ def test_each_minibatch_of_a_step_draws_its_own_noise(accumulate):
         net=nn.Sequential(nn.Linear(2, 1)), likelihood=GaussianLikelihood(target_dim=1), seed=3
     )
     recorder = RecordSeeds()
-    trainer = pl.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[recorder],
-        accumulate_grad_batches=accumulate,
-    )
     data = TensorDataset(torch.randn(16, 2), torch.randn(16, 1))
-    trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=4))
+    _fit_one_epoch(model, data, 4, recorder, accumulate_grad_batches=accumulate)
     assert len(set(recorder.seeds)) == 4  # 4 minibatches: 4 or 2 steps, 4 streams of noise
     if accumulate == 1:  # unchanged: (seed, step, rank)
         assert recorder.seeds == [derive_seed(3, "train", step, 0) for step in range(4)]
