@@ -41,7 +41,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from .config_checks import UserError, exit_on_user_error, user_errors
+from .config_checks import UserError, _is_int, _require, exit_on_user_error, user_errors
 from .data.mnist import NORMALIZATIONS
 from .metrics import expected_entropy, predictive_entropy
 from .module import BayesByBackprop
@@ -414,23 +414,16 @@ def _with_labels(results: dict[str, Any], classes: list) -> dict[str, Any]:
     return merged
 
 
-def _check_flag(cfg: DictConfig, key: str) -> bool:
-    value = cfg.get(key)
-    if not isinstance(value, bool):
-        raise UserError(f"{key}={value!r} is not allowed: true or false")
-    return value
-
-
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Predict for ``cfg.input`` with the run ``cfg.ckpt_path``; write and return the results."""
     for key in ("ckpt_path", "input"):
         if OmegaConf.is_missing(cfg, key) or cfg.get(key) is None:
             raise UserError(f"{key} is required (python -m bbb_lightning.predict --help)")
     for key in ("eval_samples", "batch_size"):
-        value = cfg.get(key)
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            raise UserError(f"{key}={value!r} is not allowed: an integer >= 1")
-    raw, save_samples = _check_flag(cfg, "raw"), _check_flag(cfg, "save_samples")
+        _require(cfg, key, _is_int(1), "an integer >= 1")
+    for key in ("raw", "save_samples"):
+        _require(cfg, key, lambda value: isinstance(value, bool), "true or false")
+    raw, save_samples = cfg.raw, cfg.save_samples
     output = (
         Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir) / "predictions.pt"
     )
