@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .bayes.kl import KL_REDUCTIONS
 from .bayes.layers import ESTIMATORS
@@ -125,6 +125,15 @@ def _is_int(minimum: int) -> Callable[[Any], bool]:
 
 def _is_positive(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+
+
+def _is_finite_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_list_of(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """A list whose every item passes ``ok``; ``[]`` passes (it skips that part of a job)."""
+    return lambda v: isinstance(v, ListConfig) and all(ok(item) for item in v)
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -30,14 +30,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.tensorboard import SummaryWriter
@@ -45,7 +45,16 @@ from torch.utils.tensorboard import SummaryWriter
 from . import figures, ood
 from .bayes import posterior_scales, signal_to_noise
 from .callbacks import add_histogram
-from .config_checks import UserError, exit_on_user_error, format_metrics, user_errors
+from .config_checks import (
+    UserError,
+    _is_finite_number,
+    _is_int,
+    _is_list_of,
+    _require,
+    exit_on_user_error,
+    format_metrics,
+    user_errors,
+)
 from .data.mnist import NORMALIZATIONS
 from .export import export_posterior
 from .metrics import (
@@ -453,77 +462,59 @@ def _export(
 
 # -- the entry points -------------------------------------------------------------------------
 def _check(cfg: DictConfig) -> None:
-    def require(ok: bool, key: str, allowed: str) -> None:
-        if not ok:
-            value = OmegaConf.select(cfg, key)
-            raise UserError(f"{key}={value!r} is not allowed: {allowed}")
-
-    def is_int(value: Any, minimum: int) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-    def is_number(value: Any) -> bool:
-        return isinstance(value, int | float) and not isinstance(value, bool) and value == value
-
-    def is_list_of(value: Any, ok: Callable[[Any], bool]) -> bool:
-        return isinstance(value, ListConfig) and all(ok(v) for v in value)  # [] skips a part
-
     if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path is None:
         raise UserError("ckpt_path is required: a training run directory or a .ckpt file")
-    require(is_int(cfg.eval_samples, 1), "eval_samples", "an integer >= 1")
-    require(is_int(cfg.batch_size, 1), "batch_size", "an integer >= 1")
-    require(cfg.limit_test is None or is_int(cfg.limit_test, 1), "limit_test", "null or >= 1")
-    require(is_int(cfg.calibration_bins, 1), "calibration_bins", "an integer >= 1")
-    require(
-        is_list_of(cfg.sample_counts, lambda v: is_int(v, 1)),
-        "sample_counts",
-        "a list of integers >= 1, e.g. [1,10,100]",
+    for key in ("eval_samples", "batch_size", "calibration_bins"):
+        _require(cfg, key, _is_int(1), "an integer >= 1")
+    _require(cfg, "limit_test", lambda v: v is None or _is_int(1)(v), "null or >= 1")
+    _require(
+        cfg, "sample_counts", _is_list_of(_is_int(1)), "a list of integers >= 1, e.g. [1,10,100]"
     )
-    require(
-        is_list_of(cfg.pruning_fractions, lambda v: is_number(v) and 0 <= v <= 1),
+    _require(
+        cfg,
         "pruning_fractions",
+        _is_list_of(lambda v: _is_finite_number(v) and 0 <= v <= 1),
         "a list of numbers in [0, 1]",
     )
-    require(
-        is_list_of(cfg.interval_levels, lambda v: is_number(v) and 0 < v < 1),
+    _require(
+        cfg,
         "interval_levels",
+        _is_list_of(lambda v: _is_finite_number(v) and 0 < v < 1),
         "a list of numbers in (0, 1)",
     )
-    require(cfg.ood.kind in ood.OOD_KINDS, "ood.kind", f"one of {list(ood.OOD_KINDS)}")
-    require(
-        is_list_of(cfg.attack.methods, lambda m: m in ATTACKS), "attack.methods", f"in {ATTACKS}"
-    )
-    require(
-        is_list_of(cfg.attack.epsilons, lambda e: is_number(e) and e >= 0),
+    _require(cfg, "ood.kind", lambda v: v in ood.OOD_KINDS, f"one of {list(ood.OOD_KINDS)}")
+    _require(cfg, "attack.methods", _is_list_of(lambda m: m in ATTACKS), f"in {ATTACKS}")
+    _require(
+        cfg,
         "attack.epsilons",
+        _is_list_of(lambda e: _is_finite_number(e) and e >= 0),
         "a list of numbers >= 0",
     )
     for key in ("limit", "num_samples", "num_draws", "gradient_draws", "pgd_steps"):
-        require(is_int(cfg.attack[key], 1), f"attack.{key}", "an integer >= 1")
-    step_size = cfg.attack.pgd_step_size
-    require(
-        is_number(step_size) and math.isfinite(step_size) and step_size > 0,
+        _require(cfg, f"attack.{key}", _is_int(1), "an integer >= 1")
+    _require(
+        cfg,
         "attack.pgd_step_size",
+        lambda v: _is_finite_number(v) and v > 0,
         "a finite number > 0",
     )
     for key in ("figures", "attack.enabled", "attack.relative_to_range", "export.enabled"):
-        require(isinstance(OmegaConf.select(cfg, key), bool), key, "true or false")
-    fraction = cfg.export.get("pruned_fraction")
-    require(
-        fraction is None or (is_number(fraction) and 0 <= fraction <= 1),
+        _require(cfg, key, lambda v: isinstance(v, bool), "true or false")
+    _require(
+        cfg,
         "export.pruned_fraction",
+        lambda v: v is None or (_is_finite_number(v) and 0 <= v <= 1),
         "in [0, 1], or null (no pruned network)",
     )
-    require(cfg.device in ("cpu", "cuda", "auto"), "device", "cpu, cuda or auto")
-    if "num_examples" in cfg.ood:
-        num_examples = cfg.ood.num_examples
-        require(
-            num_examples is None or is_int(num_examples, 1),
-            "ood.num_examples",
-            "an integer >= 1, or null (as many as the test examples)",
-        )
+    _require(cfg, "device", lambda v: v in ("cpu", "cuda", "auto"), "cpu, cuda or auto")
+    _require(
+        cfg,
+        "ood.num_examples",
+        lambda v: v is None or _is_int(1)(v),
+        "an integer >= 1, or null (as many as the test examples)",
+    )
     if cfg.ood.kind == "rotated":
-        angle = cfg.ood.get("angle")
-        require(is_number(angle) and math.isfinite(angle), "ood.angle", "a finite number (degrees)")
+        _require(cfg, "ood.angle", _is_finite_number, "a finite number (degrees)")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
