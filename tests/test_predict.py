@@ -168,12 +168,19 @@ def test_input_shapes_and_formats(tmp_path, mnist_run):
         run_predict(tmp_path, f"ckpt_path={mnist_run}", f"input={tmp_path / 'bad.npy'}")
     with pytest.raises(UserError, match=r"unknown suffix '\.txt'"):
         read_input(tmp_path / "x.txt")
+    # a CSV's errors name the line and the column: its name, or its number without a header
     (tmp_path / "nan.csv").write_text("1,2\nnan,3\n")
-    with pytest.raises(UserError, match="non-finite"):
+    with pytest.raises(UserError, match=r"nan\.csv line 2, column '1': expected a finite number"):
         read_input(tmp_path / "nan.csv")
     (tmp_path / "words.csv").write_text("a,b\nc,d\n")
-    with pytest.raises(UserError, match="cannot read an array of numbers"):
+    with pytest.raises(UserError, match=r"words\.csv line 2, column 'a': expected a finite num"):
         read_input(tmp_path / "words.csv")
+    (tmp_path / "ragged.csv").write_text("1,2\n\n3\n")
+    with pytest.raises(UserError, match=r"ragged\.csv line 3: 1 fields, the first row has 2$"):
+        read_input(tmp_path / "ragged.csv")
+    (tmp_path / "huge.csv").write_text("x\n1e39\n")
+    with pytest.raises(UserError, match=r"huge\.csv line 2, column 'x': '1e39' does not fit"):
+        read_input(tmp_path / "huge.csv")
     with pytest.raises(UserError, match=r"unknown suffix '\.json'"):
         run_predict(tmp_path, f"ckpt_path={mnist_run}", "input=x.npy", "output=out.json")
 

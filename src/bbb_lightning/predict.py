@@ -42,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from .config_checks import UserError, _is_int, _require, exit_on_user_error, user_errors
+from .data.csv import numeric_columns, read_table
 from .data.mnist import NORMALIZATIONS
 from .metrics import expected_entropy, predictive_entropy
 from .module import BayesByBackprop
@@ -116,73 +117,39 @@ def read_input(
     return x
 
 
-def _is_number(field: str) -> bool:
-    try:
-        float(field)
-    except ValueError:
-        return False
-    return True
-
-
-def _csv_rows(path: Path) -> tuple[list[str] | None, list[list[str]]]:
-    """The header (``None`` when the first row is all numbers) and the non-blank rows."""
-    with path.open(newline="", encoding="utf-8-sig") as handle:  # a byte-order mark is no name
-        rows = [row for row in csv.reader(handle) if any(field.strip() for field in row)]
-    header = None
-    if rows and not all(_is_number(field) for field in rows[0]):
-        header, rows = [name.strip() for name in rows[0]], rows[1:]
-    if not rows:
-        raise UserError(f"input={str(path)!r}: no data rows")
-    return header, rows
-
-
 def csv_header(path: str | Path) -> list[str] | None:
     """The column names of the CSV file ``path``, or ``None`` when it has no header row."""
     path = Path(path)
     if path.suffix != ".csv" or not path.is_file():
         return None
     try:
-        return _csv_rows(path)[0]
-    except (UserError, ValueError, OSError, csv.Error):  # read_input says what is wrong
+        table = read_table(path, detect_header=True)
+    except (ValueError, OSError, csv.Error):  # read_input says what is wrong
         return None
+    return table.columns if table.has_header else None
 
 
 def _read_csv(
     path: Path, features: Sequence[str] | None = None, target: str | None = None
-) -> list[list[float]]:
-    header, rows = _csv_rows(path)
-    if header is None or features is None:
-        return [[float(field) for field in row] for row in rows]
-    source = f"input={str(path)!r}"
-    duplicates = sorted({name for name in header if header.count(name) > 1})
-    if duplicates:
-        raise UserError(f"{source}: duplicate column names {', '.join(duplicates)}")
-    missing = [name for name in features if name not in header]
-    if missing:
-        raise UserError(
-            f"{source}: no column {', '.join(repr(name) for name in missing)}; the run "
-            f"expects the feature columns {', '.join(features)} (in any order, by name)"
-        )
-    extra = [name for name in header if name not in features and name != target]
-    if extra:
-        log.warning("%s: columns not among the run's features, ignored: %s", source, extra)
-    positions = [header.index(name) for name in features]
-    values = []
-    for number, row in enumerate(rows, start=1):
-        if len(row) != len(header):
-            raise UserError(
-                f"{source}: data row {number} has {len(row)} fields, the header {len(header)}"
-            )
-        parsed = []
-        for name, position in zip(features, positions, strict=True):
-            if not _is_number(row[position]):
+) -> Tensor:
+    try:
+        table = read_table(path, detect_header=True)
+        columns = table.columns
+        if table.has_header and features is not None:
+            source = f"input={str(path)!r}"
+            missing = [name for name in features if name not in columns]
+            if missing:
                 raise UserError(
-                    f"{source}: data row {number}, column {name!r}: {row[position]!r} is "
-                    "not a number"
+                    f"{source}: no column {', '.join(repr(name) for name in missing)}; the run "
+                    f"expects the feature columns {', '.join(features)} (in any order, by name)"
                 )
-            parsed.append(float(row[position]))
-        values.append(parsed)
-    return values
+            extra = [name for name in columns if name not in features and name != target]
+            if extra:
+                log.warning("%s: columns not among the run's features, ignored: %s", source, extra)
+            columns = list(features)
+        return numeric_columns(path, table, columns)
+    except ValueError as error:  # the message names the file, the line and the column
+        raise UserError(f"input: {error}") from error
 
 
 def fit_input_shape(x: Tensor, input_shape: Sequence[int], source: str = "input") -> Tensor:
@@ -244,8 +211,8 @@ class _RunData:
         if features is not None:
             return [str(name) for name in features]
         try:
-            header = csv_header(self.dataset.path)
-        except (OSError, UserError):
+            header = read_table(Path(self.dataset.path)).columns
+        except (OSError, ValueError, csv.Error):
             header = None
         if not header:
             raise UserError(

@@ -6,6 +6,7 @@ import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -13,7 +14,7 @@ from torch.utils.data import TensorDataset
 
 from bbb_lightning.data.base import TASKS, BBBDataModule
 
-__all__ = ["CSVDataModule"]
+__all__ = ["CSVDataModule", "Table", "numeric_columns", "read_table"]
 
 
 class CSVDataModule(BBBDataModule):
@@ -79,10 +80,11 @@ class CSVDataModule(BBBDataModule):
         self.target = target
         self.standardize = standardize
 
-        header, rows = _read_table(self.path)
+        table = read_table(self.path)
+        header, rows = table.columns, table.rows
         self.features = _select_features(self.path, header, target, features)
         self.input_shape = (len(self.features),)
-        x = _numeric_columns(self.path, header, rows, self.features)
+        x = numeric_columns(self.path, table, self.features)
         train_idx, val_idx, test_idx = self._split(len(rows), val_fraction, test_fraction)
         self.feature_mean, self.feature_std = _stats(x[train_idx], standardize)
         x = (x - self.feature_mean) / self.feature_std
@@ -97,7 +99,7 @@ class CSVDataModule(BBBDataModule):
             self.classes, y = _encode_labels([label for _, label in labels])
             self.num_classes = len(self.classes)
         else:
-            y = _numeric_columns(self.path, header, rows, [target])
+            y = numeric_columns(self.path, table, [target])
             self.target_dim = 1
             self.target_mean, self.target_std = _stats(y[train_idx], standardize)
             y = (y - self.target_mean) / self.target_std
@@ -118,38 +120,68 @@ class CSVDataModule(BBBDataModule):
         return order[num_val + num_test :], order[:num_val], order[num_val : num_val + num_test]
 
 
-def _read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """The stripped header and the non-blank rows, each with its line number."""
+class Table(NamedTuple):
+    """A CSV file's column names and its non-blank rows, each with its line number.
+
+    ``has_header`` says whether the names come from a header row; without one they are the
+    column numbers ``"1"``, ``"2"``, ...
+    """
+
+    columns: list[str]
+    rows: list[tuple[int, list[str]]]
+    has_header: bool
+
+
+def read_table(path: Path, detect_header: bool = False) -> Table:
+    """The table in ``path``, whose first row names the columns.
+
+    With ``detect_header``, a first row whose fields are all numbers is data, not names (the
+    form of an input file of numbers only). Every row must have as many fields as the first.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ValueError: the file is not UTF-8, is empty, repeats a column name, has no data rows
+            or a row of another length; the message names the file and the line.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"CSV file not found: {path}")
     try:
-        return _read_rows(path)
+        return _read_rows(path, detect_header)
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not UTF-8 text ({error}); save it as UTF-8") from None
 
 
-def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+def _is_number(field: str) -> bool:
+    try:
+        float(field)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_rows(path: Path, detect_header: bool) -> Table:
     # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
-        header = [name.strip() for name in next(reader, [])]
-        if not header:
+        lines = ((reader.line_num, row) for row in reader if any(field.strip() for field in row))
+        line, first = next(lines, (0, []))
+        if not first:
             raise ValueError(f"{path} is empty: expected a header row naming the columns")
-        if len(set(header)) != len(header):
-            raise ValueError(f"{path} has duplicate column names: {', '.join(header)}")
-        rows = []
-        for row in reader:
-            if not any(field.strip() for field in row):
-                continue
-            if len(row) != len(header):
-                raise ValueError(
-                    f"{path} line {reader.line_num}: {len(row)} fields, the header has "
-                    f"{len(header)}"
-                )
-            rows.append((reader.line_num, row))
+        has_header = not (detect_header and all(_is_number(field) for field in first))
+        rows = [] if has_header else [(line, first)]
+        columns = [name.strip() for name in first] if has_header else []
+        if len(set(columns)) != len(columns):
+            raise ValueError(f"{path} has duplicate column names: {', '.join(columns)}")
+        first_row = "the header has" if has_header else "the first row has"
+        for line, row in lines:
+            if len(row) != len(first):
+                raise ValueError(f"{path} line {line}: {len(row)} fields, {first_row} {len(first)}")
+            rows.append((line, row))
     if not rows:
         raise ValueError(f"{path} has a header but no data rows")
-    return header, rows
+    if not has_header:
+        columns = [str(number) for number in range(1, len(first) + 1)]
+    return Table(columns, rows, has_header)
 
 
 def _select_features(
@@ -180,13 +212,11 @@ def _select_features(
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
-def _numeric_columns(
-    path: Path, header: list[str], rows: list[tuple[int, list[str]]], columns: list[str]
-) -> Tensor:
+def numeric_columns(path: Path, table: Table, columns: Sequence[str]) -> Tensor:
     """The named columns as ``float32 (rows, columns)``; a non-finite value is an error."""
-    positions = [header.index(name) for name in columns]
+    positions = [table.columns.index(name) for name in columns]
     values = []
-    for line, row in rows:
+    for line, row in table.rows:
         parsed = []
         for name, position in zip(columns, positions, strict=True):
             try:
