@@ -141,6 +141,29 @@ def test_sample_forward_stacks_every_output_of_a_parametrized_network() -> None:
 
 
 @pytest.mark.parametrize("estimator", ["reparameterization", "local", "flipout"])
+@pytest.mark.parametrize("track_running_stats", [True, False])
+def test_a_batch_norm_normalises_every_sample_by_its_own_batch(
+    estimator: str, track_running_stats: bool
+) -> None:
+    """A batch norm kept deterministic (here without parameters) that normalises by its batch's
+    statistics must see each sample's B rows alone, as in net(x): every sample's outputs then
+    have mean 0 and (biased) variance 1 over the batch. On the S samples folded into one batch
+    it would normalise by the statistics of all of them together."""
+    torch.manual_seed(7)
+    net = bayesianize(
+        nn.Sequential(
+            nn.Linear(3, 4),
+            nn.BatchNorm1d(4, affine=False, track_running_stats=track_running_stats),
+        ),
+        estimator=estimator,
+    )
+    with torch.no_grad():
+        out = sample_forward(net, torch.randn(6, 3), 5)
+    assert torch.allclose(out.mean(1), torch.zeros(5, 4), atol=1e-5)
+    assert torch.allclose(out.var(1, unbiased=False), torch.ones(5, 4), atol=1e-3)
+
+
+@pytest.mark.parametrize("estimator", ["reparameterization", "local", "flipout"])
 def test_an_empty_batch_gives_empty_outputs(estimator: str) -> None:
     net = bayesianize(
         nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), estimator=estimator

@@ -27,7 +27,8 @@ nothing divides by an underflowed sigma^2. Otherwise log q(w_s) is sampled too. 
 draw no weight (local reparameterization), a tensor not used since the last KL (each draw
 serves one KL), and draws made without gradients when the KL wants them get a fresh draw
 instead. A network that ``sample_forward`` runs as S calls (one with parametrized
-tensors) keeps the last call's draw: a one-sample estimate, as unbiased.
+tensors or a batch norm using its batch's statistics) keeps the last call's draw: a one-sample
+estimate, as unbiased.
 """
 
 from __future__ import annotations

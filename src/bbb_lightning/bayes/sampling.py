@@ -5,7 +5,9 @@ Bayesian Linear/Conv layers draw S times within one forward call on the folded b
 weight draw per sample under weight reparameterization, one perturbation per sample under
 flipout, fresh noise per row under local reparameterization). Tensors backed by a
 parametrization (norm layers, embeddings, raw parameters, a bare root layer) are drawn once per
-forward call, so a network that holds any runs S forward calls instead.
+forward call, so a network that holds any runs S forward calls instead; so does a network with a
+batch norm that normalises by the batch's statistics (in training mode, or without running
+statistics), which would otherwise mix the S samples in its mean and variance.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ def sample_forward(net: nn.Module, x: Tensor, num_samples: int) -> Tensor:
     The S copies of the batch are folded into the batch dimension (S*B, ...), so the network
     runs once; no Python loop over samples. ``net`` must treat dimension 0 as the batch. (A
     network with a posterior behind a parametrization, drawn once per call, runs S calls on
-    the batch instead, their outputs stacked; any output structure then works.) A
+    the batch instead, their outputs stacked; any output structure then works. So does a network
+    with a batch norm that normalises by the statistics of its batch, in training mode or
+    without running statistics: on the folded batch, every sample would be normalised by the
+    mean and variance of all S samples together.) A
     Bayesian layer that receives the folded copies themselves (the first layer, possibly after
     views such as ``nn.Flatten``) computes the part of its output that depends on the input
     alone once per example rather than once per sample (the mean and variance under local
@@ -58,7 +63,7 @@ def sample_forward(net: nn.Module, x: Tensor, num_samples: int) -> Tensor:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     if num_samples == 1:
         return tree_map(lambda out: out.unsqueeze(0), net(x))
-    if _has_parametrized_posteriors(net):
+    if _has_parametrized_posteriors(net) or _normalizes_by_batch_statistics(net):
         outputs = [net(x) for _ in range(num_samples)]
         return tree_map(lambda *samples: torch.stack(samples), *outputs)
     batch = x.shape[0]
@@ -100,6 +105,17 @@ def _has_parametrized_posteriors(net: nn.Module) -> bool:
         if parametrize.is_parametrized(module)
         for parametrizations in module.parametrizations.values()
         for posterior in parametrizations
+    )
+
+
+def _normalizes_by_batch_statistics(net: nn.Module) -> bool:
+    """Whether a batch norm of ``net`` normalises by its batch's mean and variance (training
+    mode, or no running statistics): on S samples folded into one batch they would be the
+    statistics of all S samples together, so the samples would not be independent."""
+    return any(
+        isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and (module.training or not module.track_running_stats)
+        for module in net.modules()
     )
 
 
