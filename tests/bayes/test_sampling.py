@@ -243,3 +243,22 @@ def test_an_output_that_is_not_batch_first_is_named(network: type[nn.Module]) ->
     with pytest.raises(ValueError, match=r"needs every output of the network batch-first, with 20"):
         sample_forward(net, torch.randn(5, 3), 4)
     assert sample_forward(net, torch.randn(5, 3), 1).shape[0] == 1  # one sample: nothing folded
+
+
+@pytest.mark.parametrize("recurrent", [nn.GRU, nn.LSTM])
+def test_a_recurrent_network_after_a_forward_becomes_plain(recurrent: type[nn.RNNBase]) -> None:
+    """An RNN keeps the weights of its last forward (its ``_flat_weights``), here draws with an
+    autograd graph: the plain networks are copies of it all the same, and compute with their
+    own weights (the posterior mean's equals the frozen network's output)."""
+    torch.manual_seed(8)
+    net = bayesianize(recurrent(3, 4, num_layers=2, batch_first=True))
+    x = torch.randn(2, 5, 3)
+    net(x)[0].sum().backward()
+    mean_net = posterior_mean_network(net)
+    with posterior_mean(net):
+        expected = net(x)[0]
+    assert type(mean_net) is recurrent
+    assert torch.allclose(mean_net(x)[0], expected, atol=1e-6)
+    draw = sample_network(net)
+    assert torch.equal(draw(x)[0], draw(x)[0])
+    assert not torch.allclose(draw(x)[0], expected)

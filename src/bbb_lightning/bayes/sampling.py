@@ -151,7 +151,7 @@ def posterior_mean(net: nn.Module) -> Iterator[nn.Module]:
 
 def _materialize(net: nn.Module, use_mean: bool) -> nn.Module:
     """A deep copy of ``net`` turned into a plain module holding one set of weights."""
-    plain = copy.deepcopy(net)
+    plain = copy.deepcopy(net, _without_recurrent_draws(net))
     (freeze if use_mean else unfreeze)(plain)
 
     def value(posterior: VariationalPosterior) -> Tensor:
@@ -168,7 +168,23 @@ def _materialize(net: nn.Module, use_mean: bool) -> nn.Module:
         if parametrize.is_parametrized(module):
             _remove_posterior_parametrizations(module, value)
     remove_forward_pass_hooks(plain)
+    for module in plain.modules():
+        if isinstance(module, nn.RNNBase):
+            module._init_flat_weights()  # its plain parameters, in place of the left-out draws
     return plain
+
+
+def _without_recurrent_draws(net: nn.Module) -> dict[int, None]:
+    """A ``copy.deepcopy`` memo that leaves out the weights an ``nn.RNNBase`` keeps from its
+    last forward (``_flat_weights``): with a parametrized weight they are draws, part of an
+    autograd graph, which cannot be deep-copied."""
+    return {
+        id(weight): None
+        for module in net.modules()
+        if isinstance(module, nn.RNNBase)
+        for weight in module._flat_weights
+        if isinstance(weight, Tensor) and not weight.is_leaf
+    }
 
 
 def _remove_posterior_parametrizations(
