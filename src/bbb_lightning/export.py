@@ -1,6 +1,6 @@
 """Export deterministic networks drawn from a posterior, for deployment without this package.
 
-Each exported network is a plain ``nn.Module`` (no posterior, no parametrization, no
+Each exported network is a plain ``nn.Module`` (no posterior, no parametrization of one, no
 randomness), written twice:
 
 - ``<name>.pt``: its ``state_dict()``, loadable into the original architecture

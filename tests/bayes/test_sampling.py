@@ -6,12 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from bbb_lightning.bayes import (
     BayesianLayer,
     VariationalPosterior,
     bayesianize,
     freeze,
+    is_bayesian,
     named_posteriors,
     posterior_mean,
     posterior_mean_network,
@@ -262,3 +264,61 @@ def test_a_recurrent_network_after_a_forward_becomes_plain(recurrent: type[nn.RN
     draw = sample_network(net)
     assert torch.equal(draw(x)[0], draw(x)[0])
     assert not torch.allclose(draw(x)[0], expected)
+
+
+class Symmetric(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.triu() + x.triu(1).T
+
+
+def test_the_networks_own_parametrizations_stay_in_the_plain_networks() -> None:
+    """weight_norm's g and v, and a symmetric weight's original, get posteriors behind their
+    parametrizations: the plain networks keep those parametrizations, over plain parameters,
+    and the posterior mean's output is the frozen network's; the original is left intact."""
+    torch.manual_seed(9)
+    normed = nn.utils.parametrizations.weight_norm(nn.Linear(3, 3))
+    symmetric = nn.Linear(3, 3)
+    parametrize.register_parametrization(symmetric, "weight", Symmetric())
+    net = bayesianize(nn.Sequential(normed, nn.Tanh(), symmetric))
+    x = torch.randn(4, 3)
+    with posterior_mean(net):
+        expected = net(x)
+    mean_net = posterior_mean_network(net)
+    torch.testing.assert_close(mean_net(x), expected)
+    draw = sample_network(net)
+    assert torch.equal(draw(x), draw(x)) and not torch.allclose(draw(x), expected)
+    for plain in (mean_net, draw):
+        assert not any(isinstance(m, VariationalPosterior) for m in plain.modules())
+        assert parametrize.is_parametrized(plain[0], "weight")
+        assert not parametrize.is_parametrized(plain[0], "bias")
+        assert isinstance(plain[2], nn.Linear) and not parametrize.is_parametrized(plain[2], "bias")
+        assert set(dict(plain.named_parameters())) == {
+            "0.bias",
+            "0.parametrizations.weight.original0",
+            "0.parametrizations.weight.original1",
+            "2.bias",
+            "2.parametrizations.weight.original",
+        }
+    assert is_bayesian(net) and parametrize.is_parametrized(net[0], "bias")
+    assert not torch.equal(net(x), net(x))
+
+
+def test_a_parametrization_registered_after_the_posterior_applies_to_the_plain_weight() -> None:
+    """A parametrization the user adds on top of a posterior is part of the tensor's value."""
+    torch.manual_seed(10)
+    net = bayesianize(nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3)))
+    parametrize.register_parametrization(net[1], "bias", _Negate())
+    q = dict(named_posteriors(net))["1.bias"]
+    with torch.no_grad():
+        q.mean.normal_()
+    mean_net = posterior_mean_network(net)
+    assert not parametrize.is_parametrized(mean_net[1])
+    torch.testing.assert_close(mean_net[1].bias, -q.mean.detach())
+    x = torch.randn(4, 2)
+    with posterior_mean(net):
+        torch.testing.assert_close(mean_net(x), net(x))
+
+
+class _Negate(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return -x

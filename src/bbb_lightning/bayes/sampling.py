@@ -190,15 +190,34 @@ def _without_recurrent_draws(net: nn.Module) -> dict[int, None]:
 def _remove_posterior_parametrizations(
     module: nn.Module, value: Callable[[VariationalPosterior], Tensor]
 ) -> None:
-    """Replace every parametrized tensor of ``module`` by a plain parameter holding ``value``.
+    """Replace every tensor of ``module`` that a posterior parametrizes by a plain parameter
+    holding ``value`` (through any parametrization registered after the posterior); the
+    network's own parametrizations (``weight_norm``, ``orthogonal``, ...) stay.
 
     ``parametrize.remove_parametrizations`` would delete the property from the injected
     ``Parametrized<Class>``, which a deep copy shares with the original network; so we restore
-    the original class on the copy instead and leave the shared class alone.
+    the original class on the copy instead (or, while parametrizations of its own remain, give
+    the copy a class of its own without the removed properties) and leave the shared class alone.
     """
-    values = {name: value(plist[0]) for name, plist in module.parametrizations.items()}
-    del module.parametrizations
-    module.__class__ = module.__class__.__bases__[0]
+    parametrizations = module.parametrizations
+    values = {}
+    for name, plist in list(parametrizations.items()):
+        if isinstance(plist[0], VariationalPosterior):
+            tensor = value(plist[0])
+            with torch.no_grad():
+                for index in range(1, len(plist)):
+                    tensor = plist[index](tensor)
+            values[name] = tensor
+            del parametrizations[name]
+    if not values:
+        return
+    cls = module.__class__
+    if len(parametrizations):
+        kept = {key: item for key, item in vars(cls).items() if key not in values}
+        module.__class__ = type(cls.__name__, cls.__bases__, kept)
+    else:
+        del module.parametrizations
+        module.__class__ = cls.__bases__[0]
     for name, tensor in values.items():
         module.register_parameter(name, nn.Parameter(tensor))
 
@@ -206,9 +225,10 @@ def _remove_posterior_parametrizations(
 def sample_network(net: nn.Module) -> nn.Module:
     """One posterior draw as a plain deterministic ``nn.Module`` (a deep copy).
 
-    The copy holds no posterior, no parametrization and no randomness: two calls on the same
-    input give the same output, and autograd on the input works as in any network (e.g. the
-    input gradient d loss / d x under one posterior draw).
+    The copy holds no posterior, no parametrization of one (the network's own, such as
+    ``weight_norm``, stay) and no randomness: two calls on the same input give the same
+    output, and autograd on the input works as in any network (e.g. the input gradient
+    d loss / d x under one posterior draw).
     """
     return _materialize(net, use_mean=False)
 
