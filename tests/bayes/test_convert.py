@@ -128,6 +128,17 @@ def test_tied_parameters_raise() -> None:
 
     with pytest.raises(ValueError, match="tied"):
         bayesianize(Tied())
+    for exclude in (["encoder.weight"], ["decoder.weight"]):  # one name: it would be untied
+        with pytest.raises(ValueError, match="exclude all of them"):
+            bayesianize(Tied(), exclude=exclude)
+    # Every name left out: the tensor stays deterministic and shared, the rest is variational.
+    net = bayesianize(Tied(), exclude=["encoder.weight", "decoder.weight"])
+    assert net.encoder.weight is net.decoder.weight
+    assert isinstance(net.encoder.weight, nn.Parameter)
+    assert [name for name, _ in named_posteriors(net)] == ["encoder.bias", "decoder.bias"]
+    shared = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match=r"'0\.weight', '1\.weight' are tied"):
+        bayesianize(nn.Sequential(shared, shared), exclude=["0.*"])
 
 
 def test_bayesianize_twice_raises() -> None:

@@ -33,15 +33,21 @@ def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] |
     return not (exclude and any(fnmatchcase(name, pattern) for pattern in exclude))
 
 
-def _check_untied(net: nn.Module) -> None:
-    seen: dict[int, str] = {}
+def _check_untied(
+    net: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None
+) -> None:
+    """No variational parameter is tied to another (one tensor under two names, or one module
+    under two names): each name would get a posterior of its own, untying them silently. A
+    tied tensor all of whose names are left out stays deterministic and shared."""
+    names: dict[int, list[str]] = {}
     for name, parameter in net.named_parameters(remove_duplicate=False):
-        if id(parameter) in seen:
+        names.setdefault(id(parameter), []).append(name)
+    for tied in names.values():
+        if len(tied) > 1 and any(_selected(name, include, exclude) for name in tied):
             raise ValueError(
-                f"parameters {seen[id(parameter)]!r} and {name!r} are tied (one tensor); "
-                "bayesianize cannot give a shared tensor one posterior: untie them or exclude one"
+                f"parameters {', '.join(map(repr, tied))} are tied (one tensor); bayesianize "
+                "cannot give a shared tensor one posterior: untie them or exclude all of them"
             )
-        seen[id(parameter)] = name
 
 
 def _check_patterns(
@@ -49,7 +55,7 @@ def _check_patterns(
 ) -> None:
     """Every include/exclude pattern matches a parameter name, and some parameter is left
     variational: a typo in a pattern would otherwise change the model silently."""
-    names = [name for name, _ in net.named_parameters()]
+    names = [name for name, _ in net.named_parameters(remove_duplicate=False)]
     listed = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
     for key, patterns in (("include", include), ("exclude", exclude)):
         if isinstance(patterns, str):
@@ -111,8 +117,8 @@ def bayesianize(
         raise TypeError(f"prior must be a Prior (e.g. GaussianPrior()), got {prior!r}")
     if is_bayesian(net):
         raise ValueError("the network is already Bayesian; bayesianize it only once")
-    _check_untied(net)
     _check_patterns(net, include, exclude)
+    _check_untied(net, include, exclude)
     prior = GaussianPrior(0.0, 1.0) if prior is None else prior
 
     def make_posterior(value: Tensor) -> VariationalPosterior:
