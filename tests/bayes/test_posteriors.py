@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -107,6 +109,32 @@ def test_bad_rho_init_raises(rho_init: tuple[float, ...]) -> None:
 def test_negative_min_scale_raises() -> None:
     with pytest.raises(ValueError, match=r"min_scale.*-0\.1"):
         MeanFieldNormal(torch.zeros(3), GaussianPrior(), min_scale=-0.1)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("rho_init", None),
+        ("rho_init", "-5"),
+        ("rho_init", ("-5", "-4")),
+        ("rho_init", torch.tensor([-5.0, -4.0])),
+        ("min_scale", None),
+        ("min_scale", "0.1"),
+    ],
+)
+def test_a_value_that_is_not_a_number_is_named(keyword: str, value: object) -> None:
+    """Not a TypeError from deep inside (``'>=' not supported``, ``not iterable``)."""
+    with pytest.raises(
+        ValueError, match=f"posterior {keyword} must be .*, got {re.escape(repr(value))}"
+    ):
+        MeanFieldNormal(torch.zeros(3), GaussianPrior(), **{keyword: value})
+
+
+def test_numpy_numbers_are_numbers() -> None:
+    q = MeanFieldNormal(
+        torch.zeros(3), GaussianPrior(), rho_init=np.float32(-3.0), min_scale=np.float64(0.5)
+    )
+    torch.testing.assert_close(q.scale, torch.full((3,), math.log1p(math.exp(-3.0)) + 0.5))
 
 
 def test_scale_stays_positive_under_large_lr_sgd() -> None:

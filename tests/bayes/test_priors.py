@@ -159,6 +159,8 @@ def test_empirical_prior_has_no_density_of_its_own() -> None:
         (lambda v: GaussianPrior(0.0, v), float("nan")),
         (lambda v: GaussianPrior(0.0, v), float("inf")),
         (lambda v: LaplacePrior(0.0, v), 0.0),
+        (lambda v: LaplacePrior(v, 1.0), float("nan")),
+        (lambda v: LaplacePrior(v, 1.0), float("inf")),
         (lambda v: LaplacePrior(0.0, v), -0.25),
         (lambda v: EmpiricalPrior(v), -2.0),
         (lambda v: ScaleMixturePrior(pi=v), 0.0),
@@ -174,3 +176,9 @@ def test_invalid_hyperparameters_raise_naming_the_value(
 ) -> None:
     with pytest.raises(ValueError, match=re.escape(repr(value))):
         make(value)
+
+
+def test_a_tensor_scale_must_be_finite() -> None:
+    """As a float scale: an infinite one would make every KL infinite."""
+    with pytest.raises(ValueError, match="prior scale must be finite and > 0"):
+        GaussianPrior(0.0, torch.tensor([1.0, float("inf")]))

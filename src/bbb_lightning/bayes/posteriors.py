@@ -16,6 +16,7 @@ to :func:`~bbb_lightning.bayes.bayesianize`.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
@@ -197,7 +198,9 @@ class MeanFieldNormal(VariationalPosterior):
         min_scale: float = 0.0,
     ) -> None:
         super().__init__(prior)
-        if not (min_scale >= 0 and math.isfinite(min_scale)):
+        if not (
+            isinstance(min_scale, numbers.Real) and min_scale >= 0 and math.isfinite(min_scale)
+        ):
             raise ValueError(f"posterior min_scale must be a finite number >= 0, got {min_scale!r}")
         self.mu = nn.Parameter(initial_value.detach().clone())
         self.rho = nn.Parameter(torch.empty_like(self.mu))
@@ -209,18 +212,27 @@ class MeanFieldNormal(VariationalPosterior):
 
     def reset_rho(self) -> None:
         """Re-initialise rho from ``rho_init`` (constant or uniform range)."""
+        rho_init = self.rho_init
+        number = isinstance(rho_init, numbers.Real)
+        values = [rho_init] if number else rho_init
+        if not (
+            (number or (isinstance(values, Sequence) and not isinstance(values, str)))
+            and all(isinstance(v, numbers.Real) for v in values)
+        ):
+            raise ValueError(
+                f"posterior rho_init must be a number or [low, high], got {rho_init!r}"
+            )
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"posterior rho_init must be finite, got {rho_init!r}")
         with torch.no_grad():
-            values = [self.rho_init] if isinstance(self.rho_init, int | float) else self.rho_init
-            if not all(math.isfinite(v) for v in values):
-                raise ValueError(f"posterior rho_init must be finite, got {self.rho_init!r}")
-            if isinstance(self.rho_init, int | float):
-                self.rho.fill_(float(self.rho_init))
-            elif len(self.rho_init) == 2 and self.rho_init[0] <= self.rho_init[1]:
-                self.rho.uniform_(float(self.rho_init[0]), float(self.rho_init[1]))
+            if number:
+                self.rho.fill_(float(rho_init))
+            elif len(values) == 2 and values[0] <= values[1]:
+                self.rho.uniform_(float(values[0]), float(values[1]))
             else:
                 raise ValueError(
                     f"posterior rho_init must be a number or [low, high] with low <= high, "
-                    f"got {self.rho_init!r}"
+                    f"got {rho_init!r}"
                 )
 
     @property

@@ -79,8 +79,8 @@ class GaussianPrior(Prior):
         super().__init__()
         if not isinstance(scale, Tensor):
             _check_positive("scale", scale)
-        elif not bool((scale > 0).all()):
-            raise ValueError("prior scale must be > 0 everywhere")
+        elif not bool(((scale > 0) & torch.isfinite(scale)).all()):
+            raise ValueError("prior scale must be finite and > 0 everywhere")
         if not bool(torch.isfinite(torch.as_tensor(loc)).all()):
             raise ValueError(f"prior loc must be finite, got {loc!r}")
         self.register_buffer("loc", _as_buffer(loc))
@@ -107,6 +107,8 @@ class LaplacePrior(Prior):
     def __init__(self, loc: float = 0.0, scale: float = 1.0) -> None:
         super().__init__()
         _check_positive("scale", scale)
+        if not (isinstance(loc, int | float) and math.isfinite(loc)):
+            raise ValueError(f"prior loc must be a finite number, got {loc!r}")
         self.register_buffer("loc", torch.tensor(float(loc)))
         self.register_buffer("scale", torch.tensor(float(scale)))
 
