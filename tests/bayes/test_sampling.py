@@ -322,3 +322,18 @@ def test_a_parametrization_registered_after_the_posterior_applies_to_the_plain_w
 class _Negate(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return -x
+
+
+@pytest.mark.parametrize("extract", [sample_network, posterior_mean_network])
+def test_a_plain_network_made_in_inference_mode_supports_autograd(extract) -> None:
+    """Made under torch.inference_mode (as in an evaluation loop), the copy's weights are
+    still normal tensors: input gradients and training of the copy work."""
+    net = mixed()
+    with torch.inference_mode():
+        plain = extract(net)
+    assert not any(parameter.is_inference() for parameter in plain.parameters())
+    x = X.clone().requires_grad_()
+    (gradient,) = torch.autograd.grad(plain(x).sum(), x)
+    assert gradient.shape == X.shape
+    plain(X).sum().backward()
+    assert all(parameter.grad is not None for parameter in plain.parameters())

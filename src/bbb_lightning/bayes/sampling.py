@@ -150,28 +150,33 @@ def posterior_mean(net: nn.Module) -> Iterator[nn.Module]:
 
 
 def _materialize(net: nn.Module, use_mean: bool) -> nn.Module:
-    """A deep copy of ``net`` turned into a plain module holding one set of weights."""
-    plain = copy.deepcopy(net, _without_recurrent_draws(net))
-    (freeze if use_mean else unfreeze)(plain)
+    """A deep copy of ``net`` turned into a plain module holding one set of weights.
 
-    def value(posterior: VariationalPosterior) -> Tensor:
-        return posterior.mean.detach().clone() if use_mean else posterior.rsample().detach()
+    Its tensors are normal ones whatever the grad mode of the call: under
+    ``torch.inference_mode`` they would be inference tensors, which autograd refuses (no input
+    gradient, no training of the copy)."""
+    with torch.inference_mode(False), torch.no_grad():
+        plain = copy.deepcopy(net, _without_recurrent_draws(net))
+        (freeze if use_mean else unfreeze)(plain)
 
-    for module in list(plain.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, BayesianLayer):
-                weight = value(child.weight_posterior)
-                q_bias = child.bias_posterior
-                bias = child.bias if q_bias is None else value(q_bias)
-                setattr(module, child_name, child.to_plain(weight, bias))
-    for module in list(plain.modules()):
-        if parametrize.is_parametrized(module):
-            _remove_posterior_parametrizations(module, value)
-    remove_forward_pass_hooks(plain)
-    for module in plain.modules():
-        if isinstance(module, nn.RNNBase):
-            module._init_flat_weights()  # its plain parameters, in place of the left-out draws
-    return plain
+        def value(posterior: VariationalPosterior) -> Tensor:
+            return posterior.mean.detach().clone() if use_mean else posterior.rsample().detach()
+
+        for module in list(plain.modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, BayesianLayer):
+                    weight = value(child.weight_posterior)
+                    q_bias = child.bias_posterior
+                    bias = child.bias if q_bias is None else value(q_bias)
+                    setattr(module, child_name, child.to_plain(weight, bias))
+        for module in list(plain.modules()):
+            if parametrize.is_parametrized(module):
+                _remove_posterior_parametrizations(module, value)
+        remove_forward_pass_hooks(plain)
+        for module in plain.modules():
+            if isinstance(module, nn.RNNBase):
+                module._init_flat_weights()  # its plain parameters, in place of the left-out draws
+        return plain
 
 
 def _without_recurrent_draws(net: nn.Module) -> dict[int, None]:
