@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -107,9 +108,10 @@ def test_sample_forward_shapes_and_validation() -> None:
     net = mixed()
     assert sample_forward(net, X, 1).shape == (1, 5, 2)
     assert sample_forward(net, X, 7).shape == (7, 5, 2)
-    for bad in (0, -1, 2.0):
+    for bad in (0, -1, 2.0, np.int64(0), torch.tensor(2)):
         with pytest.raises(ValueError, match="num_samples"):
             sample_forward(net, X, bad)
+    assert sample_forward(net, X, np.int64(3)).shape == (3, 5, 2)  # an integer, if not an int
 
 
 def test_sample_forward_draws_parametrized_tensors_afresh_for_every_sample() -> None:

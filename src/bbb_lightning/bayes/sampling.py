@@ -13,6 +13,7 @@ statistics), which would otherwise mix the S samples in its mean and variance.
 from __future__ import annotations
 
 import copy
+import numbers
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -58,9 +59,12 @@ def sample_forward(net: nn.Module, x: Tensor, num_samples: int) -> Tensor:
         torch.Size([4, 5, 2])
     """
     if not (
-        isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples >= 1
+        isinstance(num_samples, numbers.Integral)
+        and not isinstance(num_samples, bool)
+        and num_samples >= 1
     ):
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    num_samples = int(num_samples)
     if num_samples == 1:
         return tree_map(lambda out: out.unsqueeze(0), net(x))
     if _has_parametrized_posteriors(net) or _normalizes_by_batch_statistics(net):
