@@ -320,3 +320,10 @@ def test_include_and_exclude_patterns_that_would_change_the_model_silently_are_r
 def test_bad_arguments_are_named_instead_of_becoming_nan(make, error, message) -> None:
     with pytest.raises(error, match=message):
         make()
+
+
+def test_a_posterior_that_is_not_callable_and_a_layer_of_another_type_are_named() -> None:
+    with pytest.raises(TypeError, match=r"^posterior must be a callable .* got 'MeanFieldNormal'$"):
+        bayesianize(nn.Linear(3, 2), posterior="MeanFieldNormal")
+    with pytest.raises(TypeError, match=r"^BayesianLinear.from_module needs an nn.Linear, got Con"):
+        BayesianLinear.from_module(nn.Conv2d(1, 2, 3), GaussianPrior())

@@ -115,6 +115,11 @@ def bayesianize(
     check_estimator(estimator)
     if prior is not None and not isinstance(prior, Prior):
         raise TypeError(f"prior must be a Prior (e.g. GaussianPrior()), got {prior!r}")
+    if not callable(posterior):
+        raise TypeError(
+            f"posterior must be a callable building q for one tensor (e.g. MeanFieldNormal or "
+            f"functools.partial(MeanFieldNormal, rho_init=-6)), got {posterior!r}"
+        )
     if is_bayesian(net):
         raise ValueError("the network is already Bayesian; bayesianize it only once")
     _check_patterns(net, include, exclude)

@@ -218,6 +218,11 @@ class BayesianLayer(nn.Module):
         variational_bias: bool = True,
     ) -> BayesianLayer:
         """The Bayesian counterpart of ``module``; its weights become the posterior means."""
+        if type(module) is not cls.PLAIN:
+            raise TypeError(
+                f"{cls.__name__}.from_module needs an nn.{cls.PLAIN.__name__}, got "
+                f"{type(module).__name__}; bayesianize(net) picks the layer for each module"
+            )
         layer = cls.__new__(cls)
         BayesianLayer.__init__(
             layer,
