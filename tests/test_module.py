@@ -169,3 +169,34 @@ def test_the_default_optimizer_is_a_fused_adam_with_adams_updates():
     for p, q, p0 in zip(params, reference_params, start, strict=True):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7)
         assert (p.detach() - p0).abs().min() > 1e-4  # every weight moved (5 steps of ~1e-3)
+
+
+@pytest.mark.parametrize(
+    ("posterior", "estimator"),
+    [
+        (None, "local"),  # the default config
+        (
+            {"_target_": "bbb_lightning.bayes.MeanFieldNormal", "_partial_": True},
+            "reparameterization",
+        ),
+        (functools.partial(MeanFieldNormal, rho_init=-3.0), "reparameterization"),
+        (
+            {
+                "_target_": "bbb_lightning.bayes.MeanFieldNormal",
+                "_partial_": True,
+                "estimator": "flipout",
+            },
+            "flipout",
+        ),
+    ],
+)
+def test_the_estimator_of_each_kind_of_posterior_argument_is_the_documented_one(
+    posterior, estimator
+):
+    options = {} if posterior is None else {"posterior": posterior}
+    model = BayesByBackprop(
+        net=nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)),
+        likelihood=GaussianLikelihood(target_dim=1),
+        **options,
+    )
+    assert {model.net[0].estimator, model.net[2].estimator} == {estimator}

@@ -98,7 +98,10 @@ class BayesByBackprop(LightningModule):
         likelihood: :class:`CategoricalLikelihood` or :class:`GaussianLikelihood`.
         prior: p(w) for every weight (default N(0, 1)).
         posterior: builds q for one tensor (a class or ``_partial_`` config); a config may carry
-            ``estimator``: ``reparameterization``, ``local`` (default) or ``flipout``.
+            ``estimator``: ``reparameterization``, ``local`` or ``flipout``. The default config
+            (and the command line's ``posterior=gaussian``) says ``local``; a config without the
+            key, or a class, gets ``reparameterization`` (:func:`~bbb_lightning.bayes.bayesianize`'s
+            default).
         kl: a :class:`KLTerm` or its fields (weighting, reduction, scale, warmup_steps, ...).
         optimizer: called with the parameters (``_partial_`` config or factory); default Adam.
         num_samples: S, Monte Carlo likelihood samples per example in training.
