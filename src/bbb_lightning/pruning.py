@@ -1,7 +1,7 @@
 """Weight pruning by signal-to-noise ratio (Blundell et al. 2015, section 5.2).
 
 Each weight of a mean-field Gaussian posterior has SNR = |μ| / σ. Pruning a fraction p sets the
-⌊p · n⌋ (rounded) weights with the lowest SNR to zero, ranked with one global threshold over
+round(p · n) weights with the lowest SNR to zero, ranked with one global threshold over
 every Gaussian posterior of the network (weights and biases, all layers together, as Blundell
 et al.), and predicts with the posterior mean of the rest. Tensors without a Gaussian posterior
 (deterministic ones, other posterior families) are kept as they are.
