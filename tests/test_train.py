@@ -394,5 +394,9 @@ def test_resuming_with_another_network_is_named_before_training(tmp_path):
     train(compose_config(tmp_path / "first", *QUICK, "logger=none"))
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
     cfg = compose_config(tmp_path / "second", *QUICK, "model.net.hidden=[8]", f"ckpt_path={last}")
-    with pytest.raises(UserError, match=r"its network does not match this config \(net\.layers"):
+    expected = (
+        r"its network does not match this config \(net\.layers\.1\.bias_posterior\.mu: \(64,\) "
+        r"in the checkpoint, \(8,\) here\)"  # the line docs/errors.md shows
+    )
+    with pytest.raises(UserError, match=expected):
         train(cfg)
