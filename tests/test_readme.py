@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import re
+import shlex
 from pathlib import Path
+
+from hydra import compose, initialize_config_module
+
+from bbb_lightning.config_checks import check_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -25,3 +31,43 @@ def test_ci_runs_the_readme_test_command():
     assert ci_lines[-1] == test_command
     torch_install = 'python -m pip install --quiet "torch==2.13.0"'
     assert any(line.startswith(torch_install) for line in ci_lines)
+
+
+def _entry_point_commands() -> list[tuple[str, list[str]]]:
+    """Every ``python -m bbb_lightning.{train,evaluate,predict}`` command of the README (code
+    blocks and text) as (entry point, overrides): flags (``-m``, ``--help``) dropped,
+    ``<placeholders>`` filled."""
+    text = "\n".join(block.replace("\\\n", " ") for block in _blocks("bash"))
+    lines = [line.split("#")[0] for line in text.splitlines()]
+    lines += re.findall(r"`(python -m bbb_lightning\.[^`]*)`", README)
+    commands = []
+    for line in lines:
+        match = re.search(r"python -m bbb_lightning\.(train|evaluate|predict)\b([^&|]*)", line)
+        if match:
+            entry, rest = match.groups()
+            overrides = [
+                re.sub(r"<[^>]*>", "x", arg) for arg in shlex.split(rest) if not arg.startswith("-")
+            ]
+            commands.append((entry, overrides))
+    return commands
+
+
+def test_every_readme_command_composes():
+    """Each README command names groups, options and keys the configs have (each combination
+    of a sweep), and values the training checks allow; running them is the end-to-end tests'
+    business."""
+    commands = _entry_point_commands()
+    assert {entry for entry, _ in commands} == {"train", "evaluate", "predict"}
+    assert len(commands) >= 12
+    for entry, overrides in commands:
+        sweeps = [override.split("=", 1) for override in overrides if "," in override]
+        fixed = [override for override in overrides if "," not in override]
+        choices = [[f"{key}={value}" for value in values.split(",")] for key, values in sweeps]
+        for combination in itertools.product(*choices):
+            name, chosen = "config" if entry == "train" else entry, [*fixed, *combination]
+            with initialize_config_module("bbb_lightning.conf", version_base="1.3"):
+                compose(name, overrides=chosen, return_hydra_config=True)
+                job = [override for override in chosen if not override.startswith("hydra")]
+                cfg = compose(name, overrides=["paths.output_dir=out", *job])
+            if entry == "train" and cfg.trainer.accelerator == "cpu":  # GPUs may be absent
+                check_config(cfg)
