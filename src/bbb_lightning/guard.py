@@ -87,5 +87,13 @@ def keep_last_good_state(trainer: pl.Trainer, module: pl.LightningModule) -> Pat
 
 
 def stop_message(what: str, step: int, saved: Path | None) -> str:
+    """The one-line error of ``on_nonfinite=stop``: the non-finite term (``what``), the
+    optimizer step, the likely causes and where the last good state is (``saved``, or None
+    when there was none to keep).
+
+    Example:
+        >>> stop_message("NLL (nll=nan, kl=1)", 7, None)[:40]
+        'non-finite NLL (nll=nan, kl=1) at step 7'
+    """
     kept = f"last good state saved to {saved}" if saved else "earlier checkpoints are kept"
     return f"non-finite {what} at step {step}; {LIKELY_CAUSES}; {kept}"
