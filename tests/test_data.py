@@ -207,6 +207,7 @@ def test_mnist_missing_without_download(tmp_path: Path) -> None:
         message = str(info.value)
         assert str(missing) in message and "train-images-idx3-ubyte" in message
         assert "\n" not in message
+        assert "(evaluate: data_dir=...)" in message  # evaluate has no dataset.data_dir key
 
 
 def test_mnist_offline_download_fails_clearly(

@@ -196,5 +196,6 @@ class MNISTDataModule(BBBDataModule):
         expected = ", ".join(_MD5)
         return (
             f"MNIST not found in {self.data_dir} (or its raw/): expected {expected} "
-            f"(optionally .gz); {reason}. Set dataset.data_dir=... to a local copy"
+            f"(optionally .gz); {reason}. Set dataset.data_dir=... (evaluate: data_dir=...) to "
+            "a local copy"
         )
