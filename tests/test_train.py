@@ -229,6 +229,14 @@ BAD_INPUTS = [  # docs/errors.md, row by row
         "trainer.limit_train_batches=0.01 is not allowed: it keeps less than one of the 4",
     ),
     (
+        "trainer.limit_val_batches=0.001",
+        "trainer.limit_val_batches=0.001 is not allowed: it keeps less than one of the 2 valid",
+    ),
+    (
+        "trainer.limit_test_batches=0.001",
+        "trainer.limit_test_batches=0.001 is not allowed: it keeps less than one of the 2 test",
+    ),
+    (
         "callbacks.posterior_histograms.every_n_epochs=0",
         "bbb_lightning.callbacks.PosteriorHistograms: every_n_epochs must be an integer >= 1",
     ),
@@ -364,6 +372,8 @@ def test_a_users_network_that_does_not_fit_is_named_in_one_line(tmp_path, overri
         ),
         ("optimizer=sgd optimizer.momentum=-1", r"^optimizer: Invalid momentum value: -1$"),
         ("trainer.limit_train_batches=0", r"^trainer\.limit_train_batches=0 is not allowed"),
+        ("trainer.limit_test_batches=0", r"^trainer\.limit_test_batches=0 is not allowed"),
+        ("trainer.limit_val_batches=-1", r"^trainer\.limit_val_batches=-1 is not allowed"),
     ],
 )
 def test_settings_that_used_to_fail_late_are_one_line_at_start(tmp_path, override, message):

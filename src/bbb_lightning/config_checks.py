@@ -163,6 +163,18 @@ def check_config(cfg: DictConfig) -> None:
         lambda v: v is None or (isinstance(v, int | float) and not isinstance(v, bool) and v > 0),
         "null (all batches), an integer >= 1 or a fraction in (0, 1]: 0 would train nothing",
     )
+    _require(
+        cfg,
+        "trainer.limit_val_batches",
+        lambda v: v is None or (isinstance(v, int | float) and not isinstance(v, bool) and v >= 0),
+        "null (all batches), an integer >= 0 or a fraction in [0, 1] (0: no validation)",
+    )
+    _require(
+        cfg,
+        "trainer.limit_test_batches",
+        lambda v: v is None or (isinstance(v, int | float) and not isinstance(v, bool) and v > 0),
+        "null (all batches), an integer >= 1 or a fraction in (0, 1]: 0 would test nothing",
+    )
     for key in ("accumulate_grad_batches", "check_val_every_n_epoch"):
         _require(cfg, f"trainer.{key}", lambda v: v is None or _is_int(1)(v), "an integer >= 1")
     _require(
@@ -238,9 +250,9 @@ def check_checkpoint(path: Path) -> None:
 
 
 def check_epoch_length(trainer: Any, datamodule: Any) -> None:
-    """Batch limits that leave an epoch without a training batch, and a validation interval
-    longer than the epoch, as one-line errors before training (Lightning raises them from
-    inside ``fit``)."""
+    """Batch limits that leave an epoch without a training batch, or a validation or test pass
+    without a batch, and a validation interval longer than the epoch, as one-line errors before
+    training (Lightning raises them from inside ``fit``, or from ``test`` after training)."""
     num_train, batch_size = (getattr(datamodule, key, None) for key in ("num_train", "batch_size"))
     if not (isinstance(num_train, int) and isinstance(batch_size, int)):
         return  # a datamodule of the user's own: Lightning checks at fit
@@ -252,6 +264,17 @@ def check_epoch_length(trainer: Any, datamodule: Any) -> None:
             f"trainer.limit_train_batches={limit!r} is not allowed: it keeps less than one of the "
             f"{batches} training batches of an epoch; use at least {1 / batches:.3g} or an integer"
         )
+    for split, name, allowed in (
+        ("val", "validation", ", an integer or 0 (no validation)"),
+        ("test", "test", " or an integer"),
+    ):
+        limit = getattr(trainer, f"limit_{split}_batches")
+        batches = _fewest_batches(getattr(datamodule, f"{split}_set", None), batch_size, trainer)
+        if isinstance(limit, float) and batches and int(batches * limit) == 0:
+            raise UserError(
+                f"trainer.limit_{split}_batches={limit!r} is not allowed: it keeps less than one "
+                f"of the {batches} {name} batches; use at least {1 / batches:.3g}{allowed}"
+            )
     interval = trainer.val_check_interval
     if (
         isinstance(interval, int)
@@ -263,6 +286,17 @@ def check_epoch_length(trainer: Any, datamodule: Any) -> None:
             f"trainer.val_check_interval={interval} is not allowed: an epoch has {limited} "
             f"training batches; use at most {limited} or a fraction in (0, 1] of an epoch"
         )
+
+
+def _fewest_batches(dataset: Any, batch_size: int, trainer: Any) -> int:
+    """The batches of the smallest non-empty share of a validation or test ``dataset`` (rank r
+    of R takes every R-th example from the r-th): Lightning applies a fractional
+    ``limit_*_batches`` to each process's share. 0 for no dataset."""
+    if dataset is None:
+        return 0
+    world_size = trainer.world_size
+    shares = [len(range(rank, len(dataset), world_size)) for rank in range(world_size)]
+    return min((math.ceil(share / batch_size) for share in shares if share), default=0)
 
 
 def check_input_fits(model: torch.nn.Module, batch: Any) -> None:
