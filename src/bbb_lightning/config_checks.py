@@ -270,7 +270,7 @@ def check_epoch_length(trainer: Any, datamodule: Any) -> None:
     ):
         limit = getattr(trainer, f"limit_{split}_batches")
         batches = _fewest_batches(getattr(datamodule, f"{split}_set", None), batch_size, trainer)
-        if isinstance(limit, float) and batches and int(batches * limit) == 0:
+        if isinstance(limit, float) and limit > 0 and batches and int(batches * limit) == 0:
             raise UserError(
                 f"trainer.limit_{split}_batches={limit!r} is not allowed: it keeps less than one "
                 f"of the {batches} {name} batches; use at least {1 / batches:.3g}{allowed}"
