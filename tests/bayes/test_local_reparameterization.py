@@ -5,6 +5,8 @@ a linear map against autograd through ``x.square()``."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -55,6 +57,30 @@ def test_native_draws_and_gradients_match_float64_with_the_same_noise(
     bound = 1e-6 * terms / (2 * variance64.detach().clamp_min(MIN_VARIANCE).sqrt()) + 1e-12
     assert torch.all((variance.grad.double() - variance64.grad).abs() <= bound)
     assert torch.all(variance.grad.view(-1)[::11] == 0)
+
+
+@needs_native
+def test_an_empty_batch_trains_through_local_reparameterization() -> None:
+    """No rows: the native backward has no element to sum over (it divided by zero and killed
+    the process with SIGFPE); run in a child process so that a regression fails this test only."""
+    code = (
+        "import torch; from torch import nn;"
+        "from bbb_lightning.bayes import bayesianize, sample_forward;"
+        "from bbb_lightning.bayes.local_reparameterization import sample_preactivations;"
+        "mean = torch.zeros(0, 3, requires_grad=True);"
+        "variance = torch.zeros(0, 3, requires_grad=True);"
+        "out = sample_preactivations(mean, variance, (4,)); out.sum().backward();"
+        "assert out.shape == (4, 0, 3) and mean.grad.shape == variance.grad.shape == (0, 3);"
+        "net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2));"
+        "net = bayesianize(net, estimator='local');"
+        "[sample_forward(net, torch.zeros(0, 3), s).sum().backward() for s in (1, 3)];"
+        "print('ok')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ok"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -402,6 +402,8 @@ std::tuple<torch::Tensor, torch::Tensor> local_noise_backward(const torch::Tenso
   const int64_t samples = grad.numel() / std::max<int64_t>(n, 1);
   TORCH_CHECK(grad.numel() == samples * n && eps.numel() == grad.numel(),
               "grad and eps must hold whole samples of the variance's shape");
+  // No element (an empty batch): nothing to sum, and samples = 0 would divide the grain by 0.
+  if (n == 0) return {torch::empty({0}, grad.options()), torch::empty_like(variance)};
   auto grad_mean = samples > 1 ? torch::empty_like(variance) : torch::empty({0}, grad.options());
   auto grad_variance = torch::empty_like(variance);
   const float* g = grad.data_ptr<float>();
