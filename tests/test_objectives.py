@@ -101,3 +101,17 @@ def test_homoscedastic_noise_is_learned_and_fixed_noise_is_not():
 def test_log_mean_exp_is_stable():
     values = torch.tensor([-1000.0, -1000.0])
     assert log_mean_exp(values).item() == pytest.approx(-1000.0)
+
+
+@pytest.mark.parametrize("noise_std", [1e-3, 0.1, 5.0, 800.0, 1e6])
+def test_gaussian_noise_starts_at_noise_std_of_any_size(noise_std):
+    """softplus(raw) + min_std = noise_std; log(expm1(x)) overflowed a float above x = 709."""
+    likelihood = GaussianLikelihood(noise="homoscedastic", noise_std=noise_std).double()
+    _, std = likelihood.mean_and_std(torch.zeros(1, 1, dtype=torch.float64))
+    assert float(std) == pytest.approx(noise_std, rel=1e-6)  # raw is a float32 buffer
+
+
+@pytest.mark.parametrize("noise_std", [float("inf"), float("nan"), 1e-4, "0.1"])
+def test_gaussian_noise_std_must_be_finite_and_above_min_std(noise_std):
+    with pytest.raises(ValueError, match=r"noise_std must be a finite number > min_std=0.0001"):
+        GaussianLikelihood(noise_std=noise_std, min_std=1e-4)

@@ -116,16 +116,21 @@ class GaussianLikelihood(Likelihood):
             )
         if not (isinstance(min_std, int | float) and math.isfinite(min_std) and min_std >= 0):
             raise ValueError(f"likelihood min_std must be a finite number >= 0, got {min_std!r}")
-        if not noise_std > min_std:
+        if not (isinstance(noise_std, int | float) and math.isfinite(noise_std)) or not (
+            noise_std > min_std
+        ):
             raise ValueError(
-                f"likelihood noise_std must be > min_std={min_std!r}, got {noise_std!r}"
+                f"likelihood noise_std must be a finite number > min_std={min_std!r}, "
+                f"got {noise_std!r}"
             )
         self.noise = noise
         self.min_std = float(min_std)
         self.target_dim = target_dim
         self.num_outputs = 2 * target_dim if noise == "heteroscedastic" else target_dim
-        # softplus^-1(noise_std - min_std): sigma = softplus(raw) + min_std is noise_std
-        raw = torch.full((target_dim,), math.log(math.expm1(noise_std - self.min_std)))
+        # softplus^-1(x) = log(e^x - 1) = x + log(1 - e^-x) for x = noise_std - min_std, so
+        # that sigma = softplus(raw) + min_std is noise_std (e^x overflows a float above 709)
+        excess = noise_std - self.min_std
+        raw = torch.full((target_dim,), excess + math.log(-math.expm1(-excess)))
         if noise == "homoscedastic":
             self.raw_std = nn.Parameter(raw)
         else:
