@@ -232,3 +232,39 @@ def test_ood_scores_keep_the_order_of_tiny_or_large_scores():
     outside = torch.tensor([2.5e-9, 4e-9], dtype=torch.float64)
     assert ood_scores(inside, outside)["auroc"] == pytest.approx(5 / 6, abs=1e-6)
     assert ood_scores(inside + 40, outside + 40)["auroc"] == pytest.approx(5 / 6, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("inside", "outside", "message"),
+    [
+        ([0.1, float("nan")], [0.5], "in_scores has 1 of 2 scores NaN or infinite"),
+        ([0.1, 0.2], [float("inf"), 0.5, 0.7], "out_scores has 1 of 3 scores NaN or infinite"),
+        ([0.1, 0.2], [], "out_scores is empty"),
+        ([], [0.5], "in_scores is empty"),
+    ],
+)
+def test_ood_scores_refuse_nonfinite_scores_and_a_missing_class(inside, outside, message):
+    # They gave an AUROC of 0.0 (NaN), 0.25 (inf: the affine map made NaN of it) or 0.0 (one
+    # class), silently.
+    with pytest.raises(ValueError, match=message):
+        ood_scores(torch.tensor(inside), torch.tensor(outside))
+
+
+def test_ood_scores_with_ties_count_half_a_pair():
+    # Mann-Whitney: a tied in/out pair counts 1/2; average precision steps at each threshold.
+    # Thresholds 3, 2, 1: (recall, precision) = (1/3, 1), (2/3, 2/3), (1, 1/2).
+    inside, outside = [0.0, 1.0, 1.0, 2.0], [1.0, 2.0, 3.0]
+    scores = ood_scores(torch.tensor(inside), torch.tensor(outside))
+    assert reference_auroc_aupr(inside, outside)[0] == pytest.approx((2 + 3.5 + 4) / 12)
+    assert scores["auroc"] == pytest.approx((2 + 3.5 + 4) / 12, abs=1e-6)
+    assert scores["aupr"] == pytest.approx((1 + 2 / 3 + 1 / 2) / 3, abs=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 1.5, -0.25])
+def test_calibration_errors_refuse_what_is_not_a_probability(bad):
+    # torchmetrics softmaxes probs with any value outside [0, 1] (a NaN included): the ECE of a
+    # NaN predictive was a finite number (0.68 here).
+    probs = torch.tensor([[0.5, 0.5], [0.2, 0.8]])
+    probs[0, 1] = bad
+    with pytest.raises(ValueError, match=r"probs has 1 of 4 values NaN or outside \[0, 1\]"):
+        calibration_errors(probs, torch.tensor([0, 1]))

@@ -46,6 +46,11 @@ __all__ = [
 ]
 
 
+def _count_outside(values: Tensor, low: float, high: float) -> int:
+    """How many of ``values`` are NaN or outside [low, high]."""
+    return int((~((values >= low) & (values <= high))).sum())
+
+
 def entropy(probs: Tensor, dim: int = -1) -> Tensor:
     """Shannon entropy -sum_c p_c log p_c in nats along ``dim`` (0 log 0 = 0).
 
@@ -121,7 +126,8 @@ def calibration_errors(probs: Tensor, targets: Tensor, num_bins: int = 15) -> di
 
         ECE = sum_m (n_m / N) |acc(B_m) - conf(B_m)|,   MCE = max_m |acc(B_m) - conf(B_m)|,
 
-    computed by ``torchmetrics`` (norm ``l1`` and ``max``).
+    computed by ``torchmetrics`` (norm ``l1`` and ``max``). ``probs`` must be probabilities:
+    a NaN, or a value outside [0, 1] (which torchmetrics would silently softmax), is an error.
 
     Example:
         >>> probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.3, 0.7], [0.3, 0.7]])
@@ -129,6 +135,12 @@ def calibration_errors(probs: Tensor, targets: Tensor, num_bins: int = 15) -> di
         >>> round(float(errors["ece"]), 4), round(float(errors["mce"]), 4)
         (0.35, 0.4)
     """
+    bad = _count_outside(probs, 0.0, 1.0)
+    if bad:
+        raise ValueError(
+            f"calibration_errors: probs has {bad} of {probs.numel()} values NaN or outside "
+            "[0, 1]; probabilities are needed"
+        )
     num_classes = probs.shape[-1]
     args = (probs.float(), targets, num_classes, num_bins)
     return {
@@ -257,12 +269,23 @@ def ood_scores(in_scores: Tensor, out_scores: Tensor) -> dict[str, float]:
     A higher score should mean "more likely OOD" (an entropy, a mutual information). AUPR is
     the average precision with OOD as the positive class. Scores are mapped affinely onto
     [0, 1] in float64 first (ranks unchanged), so ``torchmetrics`` does not apply a sigmoid.
+    Both sets must be non-empty (with one class the areas are undefined) and every score
+    finite (a NaN or infinite score has no rank); otherwise a ValueError names the set.
 
     Example:
         >>> scores = ood_scores(torch.tensor([0.1, 0.2, 0.6]), torch.tensor([0.5, 0.9]))
         >>> {name: round(value, 4) for name, value in scores.items()}  # 5 of 6 pairs ranked right
         {'auroc': 0.8333, 'aupr': 0.8333}
     """
+    for name, values in (("in_scores", in_scores), ("out_scores", out_scores)):
+        if values.numel() == 0:
+            raise ValueError(f"ood_scores: {name} is empty; AUROC and AUPR need both sets")
+        bad = int((~torch.isfinite(values)).sum())
+        if bad:
+            raise ValueError(
+                f"ood_scores: {name} has {bad} of {values.numel()} scores NaN or infinite; "
+                "scores must be finite"
+            )
     scores = torch.cat([in_scores, out_scores]).double()
     span = (scores.max() - scores.min()).clamp_min(torch.finfo(torch.float64).tiny)
     scores = (scores - scores.min()) / span
