@@ -162,6 +162,9 @@ def test_empirical_prior_has_no_density_of_its_own() -> None:
         (lambda v: LaplacePrior(v, 1.0), float("nan")),
         (lambda v: LaplacePrior(v, 1.0), float("inf")),
         (lambda v: LaplacePrior(0.0, v), -0.25),
+        (lambda v: LaplacePrior(v, 1.0), float("nan")),  # was accepted: a NaN KL
+        (lambda v: LaplacePrior(v, 1.0), float("-inf")),
+        (lambda v: GaussianPrior(v, 1.0), float("nan")),
         (lambda v: EmpiricalPrior(v), -2.0),
         (lambda v: ScaleMixturePrior(pi=v), 0.0),
         (lambda v: ScaleMixturePrior(pi=v), 1.0),
