@@ -296,11 +296,29 @@ def test_bad_settings_are_one_line_before_any_work(tmp_path, override, message):
         evaluate(cfg)
 
 
-@pytest.mark.parametrize("entry", ["evaluate", "predict"])
+@pytest.mark.parametrize("entry", ["evaluate", "predict", "train"])
 def test_help_lists_only_the_groups_the_entry_point_composes(tmp_path, entry):
     """Hydra's default help lists every group on the search path, train's included."""
     result = run_cli("--help", cwd=tmp_path, entry=entry)
     assert result.returncode == 0
+    if entry == "train":  # every group of its folders but evaluate's ood, with every option
+        listed = {
+            group: sorted(options.split(", "))
+            for group, options in (
+                line.split(": ", 1)
+                for line in result.stdout.split("== Configuration groups ==")[1]
+                .split("== Config ==")[0]
+                .splitlines()[2:]
+                if line
+            )
+        }
+        folders = {
+            folder.name: sorted(p.stem for p in folder.glob("*.yaml"))
+            for folder in CONF.iterdir()
+            if folder.is_dir() and folder.name not in ("hydra", "ood", "__pycache__")
+        }
+        assert listed == folders
+        return
     assert "prior:" not in result.stdout and "optimizer:" not in result.stdout
     assert "ckpt_path: ???" in result.stdout
     ood_options = sorted(p.stem for p in (CONF / "ood").glob("*.yaml"))
