@@ -47,7 +47,11 @@ def test_warmup_and_scale_multiply_the_weight():
         ("weighting", "linear", "kl.weighting must be one of uniform, minibatch; got 'linear'"),
         ("reduction", "max", "kl.reduction must be one of sum, mean; got 'max'"),
         ("scale", -1.0, "kl.scale must be a finite number >= 0, got -1.0"),
-        ("warmup_steps", -3, "kl.warmup_steps must be >= 0, got -3"),
+        ("scale", "big", "kl.scale must be a finite number >= 0, got 'big'"),
+        ("warmup_steps", -3, "kl.warmup_steps must be an integer >= 0, got -3"),
+        ("warmup_steps", 2.5, "kl.warmup_steps must be an integer >= 0, got 2.5"),
+        ("warmup_steps", True, "kl.warmup_steps must be an integer >= 0, got True"),
+        ("monte_carlo", "yes", "kl.monte_carlo must be true or false, got 'yes'"),
     ],
 )
 def test_bad_kl_settings_are_named(field, value, message):

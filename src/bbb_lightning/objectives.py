@@ -187,10 +187,17 @@ class KLTerm:
             raise ValueError(
                 f"kl.reduction must be one of {', '.join(KL_REDUCTIONS)}; got {self.reduction!r}"
             )
-        if not (math.isfinite(self.scale) and self.scale >= 0):
-            raise ValueError(f"kl.scale must be a finite number >= 0, got {self.scale!r}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"kl.warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        scale, warmup_steps = self.scale, self.warmup_steps
+        if isinstance(scale, bool) or not (
+            isinstance(scale, int | float) and math.isfinite(scale) and scale >= 0
+        ):
+            raise ValueError(f"kl.scale must be a finite number >= 0, got {scale!r}")
+        if isinstance(warmup_steps, bool) or not (
+            isinstance(warmup_steps, int) and warmup_steps >= 0
+        ):
+            raise ValueError(f"kl.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        if self.monte_carlo is not None and not isinstance(self.monte_carlo, bool):
+            raise ValueError(f"kl.monte_carlo must be true or false, got {self.monte_carlo!r}")
 
     def minibatch_share(self, batch_index: int, num_batches: int) -> float:
         """pi_i for the 0-based ``batch_index`` (i = batch_index + 1) of ``num_batches``."""
