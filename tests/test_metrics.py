@@ -176,6 +176,16 @@ def test_interval_coverage_by_hand_and_for_gaussian_data():
         assert value == pytest.approx(level, abs=0.005)
     with pytest.raises(ValueError, match="interval level"):
         interval_coverage(mean, std, y[:4], [1.5])
+    # a zero-width interval holds its own mean (0/0 was NaN, counted as outside)
+    assert interval_coverage(torch.zeros(2), torch.zeros(2), torch.tensor([0.0, 1.0]), [0.5]) == {
+        0.5: 0.5
+    }
+    # a NaN target or std was counted as outside: 2 of 3 covered instead of an error
+    nan = torch.tensor([0.0, float("nan"), 0.0])
+    with pytest.raises(ValueError, match=r"^interval_coverage: 1 examples have a NaN or infin"):
+        interval_coverage(torch.zeros(3), torch.ones(3), nan)
+    with pytest.raises(ValueError, match=r"and 1 a NaN or negative std"):
+        interval_coverage(torch.zeros(3), nan, torch.zeros(3))
 
 
 def test_regression_metrics():
@@ -268,3 +278,5 @@ def test_calibration_errors_refuse_what_is_not_a_probability(bad):
     probs[0, 1] = bad
     with pytest.raises(ValueError, match=r"probs has 1 of 4 values NaN or outside \[0, 1\]"):
         calibration_errors(probs, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"probs holds no example"):  # ECE was NaN
+        calibration_errors(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))

@@ -135,6 +135,8 @@ def calibration_errors(probs: Tensor, targets: Tensor, num_bins: int = 15) -> di
         >>> round(float(errors["ece"]), 4), round(float(errors["mce"]), 4)
         (0.35, 0.4)
     """
+    if probs.shape[0] == 0:
+        raise ValueError("calibration_errors: probs holds no example; ECE and MCE need one")
     bad = _count_outside(probs, 0.0, 1.0)
     if bad:
         raise ValueError(
@@ -204,7 +206,8 @@ def interval_coverage(
 ) -> dict[float, float]:
     """Fraction of targets inside the central ``level`` interval mean ± z·std of a Gaussian.
 
-    z = Φ⁻¹((1 + level) / 2), e.g. 1.645 for 90 %. Applied to a BNN's predictive this is the
+    z = Φ⁻¹((1 + level) / 2), e.g. 1.645 for 90 %; a NaN or infinite mean or target, or a
+    negative or NaN std, is an error. Applied to a BNN's predictive this is the
     Gaussian approximation (matching its first two moments) of the mixture over draws.
 
     Example:
@@ -214,7 +217,15 @@ def interval_coverage(
         {0.5: 0.25, 0.9: 0.75}
     """
     normal = torch.distributions.Normal(0.0, 1.0)
-    distance = ((targets - mean) / std).abs()
+    error = targets - mean
+    if not (bool(torch.isfinite(error).all()) and bool((std >= 0).all())):
+        raise ValueError(
+            f"interval_coverage: {int((~torch.isfinite(error)).sum())} examples have a NaN or "
+            f"infinite mean or target and {int((~(std >= 0)).sum())} a NaN or negative std; "
+            "finite means and targets and stds >= 0 are needed"
+        )
+    # a target equal to the mean lies in every interval, also a zero-width one (0/0)
+    distance = torch.where(error == 0, 0.0, error.abs() / std)
     coverage = {}
     for level in levels:
         if not 0 < level < 1:
