@@ -374,6 +374,8 @@ def test_a_users_network_that_does_not_fit_is_named_in_one_line(tmp_path, overri
         ("trainer.limit_train_batches=0", r"^trainer\.limit_train_batches=0 is not allowed"),
         ("trainer.limit_test_batches=0", r"^trainer\.limit_test_batches=0 is not allowed"),
         ("trainer.limit_val_batches=-1", r"^trainer\.limit_val_batches=-1 is not allowed"),
+        # Lightning took -1 as "no clipping" without a word
+        ("trainer.gradient_clip_val=-1", r"^trainer\.gradient_clip_val=-1 is not allowed: null"),
     ],
 )
 def test_settings_that_used_to_fail_late_are_one_line_at_start(tmp_path, override, message):

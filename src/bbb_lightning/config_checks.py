@@ -175,6 +175,12 @@ def check_config(cfg: DictConfig) -> None:
         lambda v: v is None or (isinstance(v, int | float) and not isinstance(v, bool) and v > 0),
         "null (all batches), an integer >= 1 or a fraction in (0, 1]: 0 would test nothing",
     )
+    _require(
+        cfg,
+        "trainer.gradient_clip_val",
+        lambda v: v is None or (_is_positive(v) and math.isfinite(v)),
+        "null (no clipping) or a finite number > 0 (Lightning skips clipping at <= 0)",
+    )
     for key in ("accumulate_grad_batches", "check_val_every_n_epoch"):
         _require(cfg, f"trainer.{key}", lambda v: v is None or _is_int(1)(v), "an integer >= 1")
     _require(
