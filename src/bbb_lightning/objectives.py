@@ -207,7 +207,8 @@ class KLTerm:
         return math.ldexp(1.0, -(batch_index + 1)) / -math.expm1(-num_batches * math.log(2))
 
     def warmup(self, step: int) -> float:
-        """Linear warm-up factor min(1, t / warmup_steps) at optimizer step t."""
+        """Linear warm-up factor min(1, t / warmup_steps), t the optimizer steps taken before
+        this one (0 at the first, whose KL weight is then 0)."""
         return 1.0 if self.warmup_steps == 0 else min(1.0, step / self.warmup_steps)
 
     def weight(self, batch_index: int, num_batches: int, step: int) -> float:
