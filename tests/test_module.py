@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bbb_lightning.bayes import GaussianPrior, MeanFieldNormal, freeze
 from bbb_lightning.module import BayesByBackprop
-from bbb_lightning.objectives import GaussianLikelihood, KLTerm
+from bbb_lightning.objectives import CategoricalLikelihood, GaussianLikelihood, KLTerm
 from bbb_lightning.seeding import derive_seed
 
 
@@ -200,3 +200,12 @@ def test_the_estimator_of_each_kind_of_posterior_argument_is_the_documented_one(
         **options,
     )
     assert {model.net[0].estimator, model.net[2].estimator} == {estimator}
+
+
+def test_predict_names_outputs_that_do_not_fit_the_likelihood():
+    """A classifier whose net returns 5 logits for 3 classes predicted (B, 5) 'probabilities'."""
+    model = BayesByBackprop(net=nn.Sequential(nn.Linear(2, 5)), likelihood=CategoricalLikelihood(3))
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    loader = DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=2)
+    with pytest.raises(ValueError, match=r"num_outputs=3"):
+        trainer.predict(model, loader)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -72,6 +73,67 @@ def test_categorical_log_prob_and_predictive_nll():
     assert torch.allclose(likelihood.predictive_probs(logits), probs)
     reference_nll = -probs[torch.arange(3), y].log()
     assert torch.allclose(likelihood.predictive_nll(logits, y), reference_nll)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_categorical_accepts_class_indices_of_any_integer_dtype(dtype):
+    """uint8 labels (as stored in IDX files) once failed in gather(): int64 index expected."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4)
+    y = torch.tensor([0, 3, 1])
+    expected = torch.distributions.Categorical(logits=logits).log_prob(y)
+    assert torch.allclose(CategoricalLikelihood(4).log_prob(logits, y.to(dtype)), expected)
+
+
+@pytest.mark.parametrize(
+    ("likelihood", "outputs", "targets", "message"),
+    [
+        (  # (B, 1) labels broadcast against (S, B), or were silently misread when S == B
+            CategoricalLikelihood(4),
+            torch.zeros(3, 3, 4),
+            torch.zeros(3, 1, dtype=torch.long),
+            "classification targets of shape (3, 1) do not fit a batch of 3: the likelihood "
+            "needs shape (3,) (one class index per example)",
+        ),
+        (
+            CategoricalLikelihood(4),
+            torch.zeros(1, 3, 4),
+            torch.zeros(3),
+            "classification targets of dtype torch.float32 are not class indices",
+        ),
+        (
+            CategoricalLikelihood(4),
+            torch.zeros(1, 3, 5),
+            torch.zeros(3, dtype=torch.long),
+            "network outputs of shape (1, 3, 5) do not fit the classification likelihood: it "
+            "needs (B, num_outputs) per sample, num_outputs=4",
+        ),
+        (  # (B,) targets broadcast against (S, B, 1) into (S, B, B): a wrong NLL, no error
+            GaussianLikelihood(target_dim=1),
+            torch.zeros(2, 3, 1),
+            torch.zeros(3),
+            "regression targets of shape (3,) do not fit a batch of 3: the likelihood needs "
+            "shape (3, 1) (target_dim=1 values per example)",
+        ),
+        (  # three outputs against one target dimension broadcast silently
+            GaussianLikelihood(target_dim=1, noise="fixed"),
+            torch.zeros(2, 3, 3),
+            torch.zeros(3, 1),
+            "network outputs of shape (2, 3, 3) do not fit the regression likelihood",
+        ),
+        (
+            GaussianLikelihood(target_dim=2, noise="heteroscedastic"),
+            torch.zeros(2, 3, 2),
+            torch.zeros(3, 2),
+            "num_outputs=4",
+        ),
+    ],
+)
+def test_outputs_and_targets_that_do_not_fit_are_named(likelihood, outputs, targets, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        likelihood.log_prob(outputs, targets)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        likelihood.predictive_nll(outputs, targets)
 
 
 @pytest.mark.parametrize("noise", ["fixed", "homoscedastic", "heteroscedastic"])

@@ -356,6 +356,7 @@ class BayesByBackprop(LightningModule):
         """Predictive class probabilities (B, C), or predictive mean (B, D) for regression."""
         x = batch[0] if isinstance(batch, list | tuple) else batch
         outputs = self(x, self.eval_samples)
+        self.likelihood.check_outputs(outputs)
         if self.is_classifier:
             return CategoricalLikelihood.predictive_probs(outputs)
         assert isinstance(self.likelihood, GaussianLikelihood)

@@ -63,6 +63,21 @@ class Likelihood(nn.Module):
         """log p(y | f) per example: outputs (..., B, out) -> (..., B)."""
         raise NotImplementedError
 
+    def check_outputs(self, outputs: Tensor) -> None:
+        """A ValueError unless ``outputs`` end in ``num_outputs`` values per example."""
+        if outputs.dim() < 2 or outputs.shape[-1] != self.num_outputs:
+            raise ValueError(
+                f"network outputs of shape {tuple(outputs.shape)} do not fit the {self.task} "
+                f"likelihood: it needs (B, num_outputs) per sample, num_outputs={self.num_outputs}"
+            )
+
+    def _check_targets(self, targets: Tensor, expected: tuple[int, ...], what: str) -> None:
+        if tuple(targets.shape) != expected:
+            raise ValueError(
+                f"{self.task} targets of shape {tuple(targets.shape)} do not fit a batch of "
+                f"{expected[0]}: the likelihood needs shape {expected} ({what})"
+            )
+
     def predictive_nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """-log (1/S) sum_s p(y | f_s) per example, for outputs of shape (S, B, out)."""
         return -log_mean_exp(self.log_prob(outputs, targets), dim=0)
@@ -80,8 +95,17 @@ class CategoricalLikelihood(Likelihood):
         self.num_classes = self.num_outputs = num_classes
 
     def log_prob(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """log softmax(f)_y: outputs (..., B, C), targets (B,) integer class indices of any
+        integer dtype (int64, int32, uint8, ...)."""
+        self.check_outputs(outputs)
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise ValueError(
+                f"classification targets of dtype {targets.dtype} are not class indices: an "
+                "integer dtype (e.g. torch.int64) is needed"
+            )
+        self._check_targets(targets, tuple(outputs.shape[-2:-1]), "one class index per example")
         log_probs = F.log_softmax(outputs, dim=-1)
-        index = targets.expand(*outputs.shape[:-1]).unsqueeze(-1)
+        index = targets.long().expand(*outputs.shape[:-1]).unsqueeze(-1)
         return log_probs.gather(-1, index).squeeze(-1)
 
     @staticmethod
@@ -138,13 +162,18 @@ class GaussianLikelihood(Likelihood):
 
     def mean_and_std(self, outputs: Tensor) -> tuple[Tensor, Tensor]:
         """Predicted mean and noise sigma, each of the target's shape."""
+        self.check_outputs(outputs)
         if self.noise == "heteroscedastic":
             mean, raw = outputs.chunk(2, dim=-1)
             return mean, F.softplus(raw) + self.min_std
         return outputs, (F.softplus(self.raw_std) + self.min_std).expand_as(outputs)
 
     def log_prob(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """sum_d log N(y_d; mean_d, sigma_d^2): outputs (..., B, num_outputs), targets
+        (B, target_dim)."""
         mean, std = self.mean_and_std(outputs)
+        expected = (outputs.shape[-2], self.target_dim)
+        self._check_targets(targets, expected, f"target_dim={self.target_dim} values per example")
         log_density = -0.5 * ((targets - mean) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)
         return log_density.sum(dim=-1)
 
