@@ -157,6 +157,22 @@ def test_gaussian_log_prob_against_torch_distributions(noise):
     assert torch.allclose(aleatoric, std.square().mean(0))
 
 
+@pytest.mark.parametrize("noise_std", [1e-3, 0.3, 800.0, 1e5])
+def test_noise_std_sets_sigma_also_for_targets_in_large_units(noise_std):
+    """softplus^-1(noise_std) was log(expm1(noise_std)): an OverflowError from 710 on."""
+    likelihood = GaussianLikelihood(noise="fixed", noise_std=noise_std, min_std=0.0).double()
+    outputs, y = torch.zeros(1, 3, 1, dtype=torch.float64), torch.ones(3, 1, dtype=torch.float64)
+    expected = Normal(0.0, noise_std).log_prob(y).sum(-1)
+    torch.testing.assert_close(likelihood.log_prob(outputs, y)[0], expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("noise_std", [None, "0.1", math.inf, math.nan, 1e-5])
+def test_bad_noise_std_is_named(noise_std):
+    message = f"likelihood noise_std must be a finite number > min_std=0.0001, got {noise_std!r}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GaussianLikelihood(noise_std=noise_std)
+
+
 def test_homoscedastic_noise_is_learned_and_fixed_noise_is_not():
     assert [n for n, _ in GaussianLikelihood(noise="homoscedastic").named_parameters()] == [
         "raw_std"

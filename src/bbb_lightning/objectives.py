@@ -26,6 +26,7 @@ p(y | x) ~= (1/S) sum_s p(y | x, w_s), so its NLL is a log-mean-exp over samples
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -138,10 +139,10 @@ class GaussianLikelihood(Likelihood):
             raise ValueError(
                 f"likelihood noise must be one of {', '.join(NOISE_MODELS)}; got {noise!r}"
             )
-        if not (isinstance(min_std, int | float) and math.isfinite(min_std) and min_std >= 0):
+        if not (isinstance(min_std, numbers.Real) and math.isfinite(min_std) and min_std >= 0):
             raise ValueError(f"likelihood min_std must be a finite number >= 0, got {min_std!r}")
-        if not (isinstance(noise_std, int | float) and math.isfinite(noise_std)) or not (
-            noise_std > min_std
+        if not (
+            isinstance(noise_std, numbers.Real) and math.isfinite(noise_std) and noise_std > min_std
         ):
             raise ValueError(
                 f"likelihood noise_std must be a finite number > min_std={min_std!r}, "
@@ -151,9 +152,9 @@ class GaussianLikelihood(Likelihood):
         self.min_std = float(min_std)
         self.target_dim = target_dim
         self.num_outputs = 2 * target_dim if noise == "heteroscedastic" else target_dim
-        # softplus^-1(x) = log(e^x - 1) = x + log(1 - e^-x) for x = noise_std - min_std, so
-        # that sigma = softplus(raw) + min_std is noise_std (e^x overflows a float above 709)
-        excess = noise_std - self.min_std
+        # softplus^-1(s) = log(e^s - 1) = s + log(1 - e^-s) of s = noise_std - min_std (the
+        # second form does not overflow for s > 709): sigma = softplus(raw) + min_std = noise_std
+        excess = float(noise_std) - self.min_std
         raw = torch.full((target_dim,), excess + math.log(-math.expm1(-excess)))
         if noise == "homoscedastic":
             self.raw_std = nn.Parameter(raw)
