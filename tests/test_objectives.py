@@ -53,6 +53,13 @@ def test_warmup_and_scale_multiply_the_weight():
         ("warmup_steps", 2.5, "kl.warmup_steps must be an integer >= 0, got 2.5"),
         ("warmup_steps", True, "kl.warmup_steps must be an integer >= 0, got True"),
         ("monte_carlo", "yes", "kl.monte_carlo must be true or false, got 'yes'"),
+        # these once gave TypeErrors, or (nan, inf) silently no warm-up or no KL at all
+        ("scale", None, "kl.scale must be a finite number >= 0, got None"),
+        ("scale", "0.5", "kl.scale must be a finite number >= 0, got '0.5'"),
+        ("warmup_steps", None, "kl.warmup_steps must be an integer >= 0, got None"),
+        ("warmup_steps", "10", "kl.warmup_steps must be an integer >= 0, got '10'"),
+        ("warmup_steps", math.nan, "kl.warmup_steps must be an integer >= 0, got nan"),
+        ("warmup_steps", math.inf, "kl.warmup_steps must be an integer >= 0, got inf"),
     ],
 )
 def test_bad_kl_settings_are_named(field, value, message):

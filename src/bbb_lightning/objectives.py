@@ -188,6 +188,11 @@ class GaussianLikelihood(Likelihood):
         return mean.mean(0), mean.var(0, unbiased=False), std.square().mean(0)
 
 
+def _is_number(value: object) -> bool:
+    """A real number (numpy's included), not a bool, a string or a tensor."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class KLTerm:
     """How the KL enters each minibatch's loss: kl_weight_i = scale * warmup(t) * pi_i.
@@ -218,12 +223,11 @@ class KLTerm:
                 f"kl.reduction must be one of {', '.join(KL_REDUCTIONS)}; got {self.reduction!r}"
             )
         scale, warmup_steps = self.scale, self.warmup_steps
-        if isinstance(scale, bool) or not (
-            isinstance(scale, int | float) and math.isfinite(scale) and scale >= 0
-        ):
+        if not (_is_number(scale) and math.isfinite(scale) and scale >= 0):
             raise ValueError(f"kl.scale must be a finite number >= 0, got {scale!r}")
-        if isinstance(warmup_steps, bool) or not (
-            isinstance(warmup_steps, int) and warmup_steps >= 0
+        # (inf made the KL weight 0 for ever, nan turned the warm-up off)
+        if not (_is_number(warmup_steps) and isinstance(warmup_steps, numbers.Integral)) or (
+            warmup_steps < 0
         ):
             raise ValueError(f"kl.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         if self.monte_carlo is not None and not isinstance(self.monte_carlo, bool):
