@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -209,3 +210,19 @@ def test_predict_names_outputs_that_do_not_fit_the_likelihood():
     loader = DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=2)
     with pytest.raises(ValueError, match=r"num_outputs=3"):
         trainer.predict(model, loader)
+
+
+def test_sample_counts_take_numpy_integers_and_refuse_bools_and_zero():
+    """np.int64(3) was refused as 'not an integer', True taken as one sample, and
+    ``model(x, 0)`` silently drew eval_samples."""
+    net = nn.Sequential(nn.Linear(2, 3))
+    model = BayesByBackprop(
+        net, CategoricalLikelihood(3), num_samples=np.int64(3), eval_samples=np.int32(4)
+    )
+    assert (model.num_samples, model.eval_samples) == (3, 4)
+    assert type(model.num_samples) is int
+    assert model(torch.randn(5, 2)).shape == (4, 5, 3)
+    with pytest.raises(ValueError, match=r"num_samples must be an integer >= 1, got 0"):
+        model(torch.randn(5, 2), 0)
+    with pytest.raises(ValueError, match=r"num_samples must be an integer >= 1, got True"):
+        BayesByBackprop(net, CategoricalLikelihood(3), num_samples=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch.distributions import Normal
@@ -178,6 +179,16 @@ def test_bad_noise_std_is_named(noise_std):
     message = f"likelihood noise_std must be a finite number > min_std=0.0001, got {noise_std!r}"
     with pytest.raises(ValueError, match=re.escape(message)):
         GaussianLikelihood(noise_std=noise_std)
+
+
+def test_sizes_take_numpy_integers_and_refuse_bools():
+    """``labels.max() + 1`` (a numpy integer) was refused as 'not an integer'."""
+    assert CategoricalLikelihood(np.int64(3)).num_outputs == 3
+    assert type(CategoricalLikelihood(np.int64(3)).num_classes) is int
+    assert GaussianLikelihood(target_dim=np.int32(2), noise="heteroscedastic").num_outputs == 4
+    assert GaussianLikelihood(target_dim=np.int32(2)).raw_std.shape == (2,)
+    with pytest.raises(ValueError, match="likelihood target_dim must be an integer >= 1, got True"):
+        GaussianLikelihood(target_dim=True)
 
 
 def test_homoscedastic_noise_is_learned_and_fixed_noise_is_not():

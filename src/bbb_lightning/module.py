@@ -24,6 +24,7 @@ each as ``train/<name>_step`` (averaged over processes, every ``log_every_n_step
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -81,9 +82,10 @@ def _full_precision(outputs: Tensor) -> Tensor:
 
 
 def _check_samples(name: str, value: int) -> int:
-    if not (isinstance(value, int) and value >= 1):
+    """``value`` as an int if it is an integral number >= 1 (numpy's included; not a bool)."""
+    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1):
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
+    return int(value)
 
 
 class BayesByBackprop(LightningModule):
@@ -185,9 +187,10 @@ class BayesByBackprop(LightningModule):
 
     # -- forward and loss ---------------------------------------------------------------------
     def forward(self, x: Tensor, num_samples: int | None = None) -> Tensor:
-        """Network outputs for S posterior draws, shape (S, B, ...); float32 under mixed
-        precision."""
-        return _full_precision(sample_forward(self.net, x, num_samples or self.eval_samples))
+        """Network outputs for S posterior draws (S = ``num_samples``, by default
+        ``eval_samples``), shape (S, B, ...); float32 under mixed precision."""
+        samples = self.eval_samples if num_samples is None else num_samples
+        return _full_precision(sample_forward(self.net, x, samples))
 
     @property
     def num_train(self) -> int:

@@ -48,6 +48,11 @@ KL_WEIGHTINGS = ("uniform", "minibatch")
 NOISE_MODELS = ("fixed", "homoscedastic", "heteroscedastic")
 
 
+def _is_integer(value: object) -> bool:
+    """An integral number (numpy's included, e.g. ``labels.max() + 1``), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def log_mean_exp(values: Tensor, dim: int = 0) -> Tensor:
     """log((1/S) sum_s exp(values_s)) along ``dim``, computed stably."""
     return torch.logsumexp(values, dim=dim) - math.log(values.shape[dim])
@@ -91,9 +96,9 @@ class CategoricalLikelihood(Likelihood):
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
-        if not (isinstance(num_classes, int) and num_classes >= 2):
+        if not (_is_integer(num_classes) and num_classes >= 2):
             raise ValueError(f"likelihood num_classes must be an integer >= 2, got {num_classes!r}")
-        self.num_classes = self.num_outputs = num_classes
+        self.num_classes = self.num_outputs = int(num_classes)
 
     def log_prob(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """log softmax(f)_y: outputs (..., B, C), targets (B,) integer class indices of any
@@ -133,8 +138,9 @@ class GaussianLikelihood(Likelihood):
         min_std: float = 1e-4,
     ) -> None:
         super().__init__()
-        if not (isinstance(target_dim, int) and target_dim >= 1):
+        if not (_is_integer(target_dim) and target_dim >= 1):
             raise ValueError(f"likelihood target_dim must be an integer >= 1, got {target_dim!r}")
+        target_dim = int(target_dim)
         if noise not in NOISE_MODELS:
             raise ValueError(
                 f"likelihood noise must be one of {', '.join(NOISE_MODELS)}; got {noise!r}"
