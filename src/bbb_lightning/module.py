@@ -112,7 +112,10 @@ class BayesByBackprop(LightningModule):
         seed: if given, the randomness of training step t (posterior noise, dropout) is seeded
             from (seed, t, rank) (and the minibatch's place in the step, when gradients are
             accumulated), and that of each validation/test pass from (seed, epoch): a resumed
-            run repeats an uninterrupted one exactly.
+            run repeats an uninterrupted one exactly when its training order resumes too, as
+            with the package's datamodules (:class:`~bbb_lightning.data.base.BBBDataModule`).
+            A plain ``DataLoader`` does not: Lightning restarts it at the epoch's first batch
+            when resuming mid-epoch, and a shuffling one draws its order from the global RNG.
         on_nonfinite: ``stop`` or ``skip`` a step whose loss or gradients are not finite
             (see :mod:`bbb_lightning.guard`).
     """
