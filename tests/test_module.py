@@ -226,3 +226,29 @@ def test_sample_counts_take_numpy_integers_and_refuse_bools_and_zero():
         model(torch.randn(5, 2), 0)
     with pytest.raises(ValueError, match=r"num_samples must be an integer >= 1, got True"):
         BayesByBackprop(net, CategoricalLikelihood(3), num_samples=True)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, sized: bool) -> None:
+        self.x, self.y, self.sized = x, y, sized
+
+    def __iter__(self):
+        return zip(self.x, self.y, strict=True)
+
+    def __len__(self) -> int:
+        if not self.sized:
+            raise TypeError("no length")
+        return len(self.x)
+
+
+def test_an_iterable_dataset_needs_a_length_and_then_weights_the_kl_by_it():
+    """M = ceil(N / B) minibatches of the sized stream: kl_weight 1/3 for N = 10, B = 4."""
+    torch.manual_seed(0)
+    x, y = torch.randn(10, 2), torch.randn(10, 1)
+    model = BayesByBackprop(nn.Sequential(nn.Linear(2, 1)), GaussianLikelihood(noise="fixed"))
+    with pytest.raises(ValueError, match=r"the training dataloader has no length: .* __len__"):
+        _fit_one_epoch(model, _Stream(x, y, sized=False), 4, RecordLosses())
+    recorder = RecordLosses()
+    _fit_one_epoch(model, _Stream(x, y, sized=True), 4, recorder)
+    assert [r[0] for r in recorder.records] == [0, 1, 2]
+    assert model.trainer.callback_metrics["train/kl_weight_epoch"].item() == pytest.approx(1 / 3)

@@ -217,7 +217,9 @@ class BayesByBackprop(LightningModule):
             num_batches = len(self.trainer.train_dataloader)
         except TypeError:
             raise ValueError(
-                "the ELBO needs a sized training dataloader (M minibatches per epoch)"
+                "the training dataloader has no length: the ELBO's KL weighting needs M, the "
+                "minibatches per epoch, and N, the training examples; give its dataset a "
+                "__len__ (an IterableDataset: the number of examples it yields per epoch)"
             ) from None
         accumulate = self.trainer.accumulate_grad_batches
         step_index = batch_idx // accumulate
