@@ -172,37 +172,6 @@ def test_the_default_optimizer_is_a_fused_adam_with_adams_updates():
         assert (p.detach() - p0).abs().min() > 1e-4  # every weight moved (5 steps of ~1e-3)
 
 
-@pytest.mark.parametrize(
-    ("posterior", "estimator"),
-    [
-        (None, "local"),  # the default config
-        (
-            {"_target_": "bbb_lightning.bayes.MeanFieldNormal", "_partial_": True},
-            "reparameterization",
-        ),
-        (functools.partial(MeanFieldNormal, rho_init=-3.0), "reparameterization"),
-        (
-            {
-                "_target_": "bbb_lightning.bayes.MeanFieldNormal",
-                "_partial_": True,
-                "estimator": "flipout",
-            },
-            "flipout",
-        ),
-    ],
-)
-def test_the_estimator_of_each_kind_of_posterior_argument_is_the_documented_one(
-    posterior, estimator
-):
-    options = {} if posterior is None else {"posterior": posterior}
-    model = BayesByBackprop(
-        net=nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)),
-        likelihood=GaussianLikelihood(target_dim=1),
-        **options,
-    )
-    assert {model.net[0].estimator, model.net[2].estimator} == {estimator}
-
-
 def test_predict_names_outputs_that_do_not_fit_the_likelihood():
     """A classifier whose net returns 5 logits for 3 classes predicted (B, 5) 'probabilities'."""
     model = BayesByBackprop(net=nn.Sequential(nn.Linear(2, 5)), likelihood=CategoricalLikelihood(3))
@@ -252,3 +221,26 @@ def test_an_iterable_dataset_needs_a_length_and_then_weights_the_kl_by_it():
     _fit_one_epoch(model, _Stream(x, y, sized=True), 4, recorder)
     assert [r[0] for r in recorder.records] == [0, 1, 2]
     assert model.trainer.callback_metrics["train/kl_weight_epoch"].item() == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize(
+    "posterior",
+    [
+        {"_target_": "bbb_lightning.bayes.MeanFieldNormal", "_partial_": True, "rho_init": -3.0},
+        MeanFieldNormal,
+        functools.partial(MeanFieldNormal, rho_init=-3.0),
+    ],
+    ids=["config-without-estimator", "class", "partial"],
+)
+def test_the_estimator_is_local_unless_a_config_names_another(posterior):
+    """Documented 'local (default)'; a posterior config without estimator (e.g. to set
+    rho_init) or a posterior class silently switched to weight reparameterization."""
+    net = nn.Sequential(nn.Linear(2, 3))
+    model = BayesByBackprop(net, CategoricalLikelihood(3), posterior=posterior)
+    assert model.net[0].estimator == "local"
+    named = {"_target_": "bbb_lightning.bayes.MeanFieldNormal", "_partial_": True}
+    named |= {"estimator": "flipout"}
+    model = BayesByBackprop(
+        nn.Sequential(nn.Linear(2, 3)), CategoricalLikelihood(3), posterior=named
+    )
+    assert model.net[0].estimator == "flipout"

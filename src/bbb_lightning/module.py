@@ -100,10 +100,9 @@ class BayesByBackprop(LightningModule):
         likelihood: :class:`CategoricalLikelihood` or :class:`GaussianLikelihood`.
         prior: p(w) for every weight (default N(0, 1)).
         posterior: builds q for one tensor (a class or ``_partial_`` config); a config may carry
-            ``estimator``: ``reparameterization``, ``local`` or ``flipout``. The default config
-            (and the command line's ``posterior=gaussian``) says ``local``; a config without the
-            key, or a class, gets ``reparameterization`` (:func:`~bbb_lightning.bayes.bayesianize`'s
-            default).
+            ``estimator``: ``reparameterization``, ``local`` (default, also for a class or
+            config without it) or ``flipout``. With a posterior object, another estimator is
+            chosen by making ``net`` Bayesian first (:func:`~bbb_lightning.bayes.bayesianize`).
         kl: a :class:`KLTerm` or its fields (weighting, reduction, scale, warmup_steps, ...).
         optimizer: called with the parameters (``_partial_`` config or factory); default Adam.
         num_samples: S, Monte Carlo likelihood samples per example in training.
@@ -157,7 +156,8 @@ class BayesByBackprop(LightningModule):
         net = _build(net)
         if not is_bayesian(net):
             posterior_config = dict(posterior) if isinstance(posterior, Mapping) else None
-            estimator = (posterior_config or {}).pop("estimator", "reparameterization")
+            default_estimator = DEFAULT_POSTERIOR["estimator"]
+            estimator = (posterior_config or {}).pop("estimator", default_estimator)
             bayesianize(
                 net,
                 prior=_build(prior),
