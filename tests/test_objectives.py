@@ -109,6 +109,19 @@ def test_categorical_accepts_class_indices_of_any_integer_dtype(dtype):
             torch.zeros(3),
             "classification targets of dtype torch.float32 are not class indices",
         ),
+        (  # 1-based labels
+            CategoricalLikelihood(4),
+            torch.zeros(1, 3, 4),
+            torch.tensor([1, 4, 2]),
+            "classification targets from 1 to 4 are not all class indices in [0, 4) "
+            "(num_classes=4)",
+        ),
+        (
+            CategoricalLikelihood(4),
+            torch.zeros(1, 3, 4),
+            torch.tensor([-1, 0, 2]),
+            "classification targets from -1 to 2 are not all class indices in [0, 4)",
+        ),
         (
             CategoricalLikelihood(4),
             torch.zeros(1, 3, 5),

@@ -110,6 +110,13 @@ class CategoricalLikelihood(Likelihood):
                 "integer dtype (e.g. torch.int64) is needed"
             )
         self._check_targets(targets, tuple(outputs.shape[-2:-1]), "one class index per example")
+        if targets.numel() and bool(((targets < 0) | (targets >= self.num_classes)).any()):
+            # gather() would fail with 'index out of bounds' (a device-side assert on a GPU)
+            raise ValueError(
+                f"classification targets from {targets.min().item()} to {targets.max().item()} "
+                f"are not all class indices in [0, {self.num_classes}) "
+                f"(num_classes={self.num_classes})"
+            )
         log_probs = F.log_softmax(outputs, dim=-1)
         index = targets.long().expand(*outputs.shape[:-1]).unsqueeze(-1)
         return log_probs.gather(-1, index).squeeze(-1)
