@@ -110,8 +110,10 @@ class CategoricalLikelihood(Likelihood):
                 "integer dtype (e.g. torch.int64) is needed"
             )
         self._check_targets(targets, tuple(outputs.shape[-2:-1]), "one class index per example")
-        if targets.numel() and bool(((targets < 0) | (targets >= self.num_classes)).any()):
-            # gather() would fail with 'index out of bounds' (a device-side assert on a GPU)
+        # gather() would fail with 'index out of bounds'; checked on the CPU only, where it costs
+        # no device synchronisation (a GPU stops at its device-side assert)
+        on_cpu = targets.device.type == "cpu" and targets.numel()
+        if on_cpu and bool(((targets < 0) | (targets >= self.num_classes)).any()):
             raise ValueError(
                 f"classification targets from {targets.min().item()} to {targets.max().item()} "
                 f"are not all class indices in [0, {self.num_classes}) "
