@@ -1,7 +1,10 @@
 """Non-finite losses and gradients: caught at the step they happen, never trained on.
 
 ``stop`` (default): keep a checkpoint of the last good state (the weights before this step) and
-end the run with a one-line error naming the step, the term and the likely cause.
+end the run with a one-line error naming the step, the term and the likely cause. "Good" means
+finite weights: they are the ones whose loss was not finite (a huge update can leave finite
+weights with an infinite KL), so resuming from them with a smaller step may fail again at once;
+the last regular checkpoint is then the one to resume from.
 ``skip``: drop the step (no optimizer update) and count it in ``train/skipped_steps``.
 Under data parallelism the decision is taken jointly, so every process stops or skips together.
 
