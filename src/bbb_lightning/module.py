@@ -94,6 +94,9 @@ class BayesByBackprop(LightningModule):
     Every component may be given as an object or as a config mapping with ``_target_``. Given
     as configs (as ``python -m bbb_lightning.train`` does), they are saved in the checkpoint and
     ``BayesByBackprop.load_from_checkpoint(path)`` rebuilds the model with no arguments.
+    Components given as objects are not saved: pass them again, as for any LightningModule
+    (``load_from_checkpoint(path, net=..., likelihood=...)``; likewise ``prior``, ``kl`` and
+    ``optimizer``, which otherwise take their defaults), built the same way as for training.
 
     Args:
         net: the deterministic network; made Bayesian here (unless it already is).
