@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import SequentialSampler
@@ -81,6 +82,11 @@ def test_toy_regression_rejects_bad_arguments() -> None:
         ToyRegressionDataModule(train_range=[0, 1, 2])
     with pytest.raises(ValueError, match="num_train must be an integer >= 1, got 'abc'"):
         ToyRegressionDataModule(num_train="abc")
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got True"):
+        ToyRegressionDataModule(batch_size=True)
+    # numpy integers (e.g. computed sizes) are integers: they were refused as "not an integer"
+    dm = ToyRegressionDataModule(num_train=np.int64(16), batch_size=np.int64(8), seed=np.int32(1))
+    assert type(dm.batch_size) is int and dm.batch_size == 8 and dm.num_train == 16
 
 
 def test_train_order_is_a_function_of_seed_and_epoch_only() -> None:

@@ -7,6 +7,7 @@ the number of training examples ``N`` (which scales the KL term of the ELBO).
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
@@ -19,9 +20,13 @@ __all__ = ["TASKS", "BBBDataModule"]
 TASKS = ("classification", "regression")
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+def _check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` as an ``int`` (numpy's integers included, bools not), at least ``minimum``."""
+    if not (
+        isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+    ):
         raise ValueError(f"dataset {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 class BBBDataModule(LightningDataModule):
@@ -52,12 +57,9 @@ class BBBDataModule(LightningDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        _check_int("batch_size", batch_size, minimum=1)
-        _check_int("num_workers", num_workers, minimum=0)
-        _check_int("seed", seed, minimum=0)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
+        self.batch_size = _check_int("batch_size", batch_size, minimum=1)
+        self.num_workers = _check_int("num_workers", num_workers, minimum=0)
+        self.seed = _check_int("seed", seed, minimum=0)
         self.pin_memory = pin_memory
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None

@@ -100,7 +100,7 @@ class ToyRegressionDataModule(BBBDataModule):
         self.eval_range = _check_range("eval_range", eval_range)
 
         split_seeds = torch.randint(
-            2**62, (3,), generator=torch.Generator().manual_seed(seed)
+            2**62, (3,), generator=torch.Generator().manual_seed(self.seed)
         ).tolist()
         self.train_x, self.train_y = self._sample(num_train, self.train_range, split_seeds[0])
         self.train_set = TensorDataset(self.train_x, self.train_y)
