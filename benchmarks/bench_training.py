@@ -11,10 +11,13 @@ by a plain PyTorch loop (no Lightning for anyone), on 2 CPU threads:
   torchvision / scikit-learn / tensorboard requirements are not used by the layers used here),
   each trained as its documentation shows:
   ``bayesian-torch-reparameterization`` / ``-flipout``: ``dnn_to_bnn`` and
-  ``CE + get_kl_loss(model) / B`` (its README); ``blitz``: ``@variational_estimator`` and
-  ``sample_elbo(..., complexity_cost_weight=1/N)``; ``torchbayesian``: ``bnn.BayesianModule``
-  and ``CE + model.kl_divergence() / N``. Each peer keeps its own default prior and
-  initialisation.
+  ``CE + KL / N``, the KL summed over the weights (:func:`bayesian_torch_kl`; its README's
+  ``get_kl_loss(model) / B`` averages each tensor's KL over its elements, which weighs the
+  first layer's KL about 800 times less than the ELBO does); ``blitz``:
+  ``@variational_estimator`` and ``sample_elbo(..., complexity_cost_weight=1/N)``;
+  ``torchbayesian``: ``bnn.BayesianModule`` and ``CE + model.kl_divergence() / N``. So every
+  Bayesian contestant minimises the same per-example negative ELBO, NLL / B + KL / N; each peer
+  keeps its own default prior and initialisation.
 
 Measured, in one process and one run:
 
@@ -205,9 +208,34 @@ def ours_contestant(
     )
 
 
+def bayesian_torch_kl(model: nn.Module) -> Tensor:
+    """KL(q || p) of a ``dnn_to_bnn`` network, summed over every weight and bias:
+    sum_i [log(sigma_p / sigma_i) + (sigma_i^2 + (mu_i - mu_p)^2) / (2 sigma_p^2) - 1/2],
+    sigma_i = log(1 + exp(rho_i)).
+
+    bayesian-torch's ``get_kl_loss`` adds each tensor's *mean* of these terms (its layers'
+    ``kl_div`` ends in ``kl.mean()``), so ``get_kl_loss / N`` would not be the ELBO's
+    ``KL / N``; the layer's own ``kl_div`` times the tensor's size is its sum.
+    """
+    total = torch.zeros(())
+    for layer in model.modules():
+        if not hasattr(layer, "kl_loss"):
+            continue
+        for part in ("weight", "bias"):
+            mu = getattr(layer, f"mu_{part}", None)
+            if mu is None:
+                continue
+            sigma = torch.log1p(torch.exp(getattr(layer, f"rho_{part}")))
+            prior_mu = getattr(layer, f"prior_{part}_mu")
+            prior_sigma = getattr(layer, f"prior_{part}_sigma")
+            total = total + layer.kl_div(mu, sigma, prior_mu, prior_sigma) * mu.numel()
+    return total
+
+
 def bayesian_torch(kind: str, num_train: int) -> Contestant:
-    """bayesian-torch's README: dnn_to_bnn, loss = CE + get_kl_loss(model) / batch_size."""
-    from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn, get_kl_loss
+    """bayesian-torch's README (dnn_to_bnn, its prior and initialisation), with the ELBO's loss
+    CE + KL / N (:func:`bayesian_torch_kl`) in place of the README's CE + get_kl_loss / B."""
+    from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn
 
     model = mlp()
     prior = {  # the README's const_bnn_prior_parameters
@@ -227,7 +255,7 @@ def bayesian_torch(kind: str, num_train: int) -> Contestant:
         with FORWARD():
             outputs = [model(x) for _ in range(samples)]
             ce = torch.stack([F.cross_entropy(out, y) for out in outputs]).mean()
-            loss = ce + get_kl_loss(model) / x.shape[0]
+            loss = ce + bayesian_torch_kl(model) / num_train
         loss.backward()
         optimizer.step()
 

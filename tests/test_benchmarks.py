@@ -7,12 +7,19 @@ subprocess on the shared MNIST copy, and writes what it documents.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import Normal, kl_divergence
 
 from bbb_lightning.bayes import native
 
@@ -28,6 +35,53 @@ def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
         text=True,
         timeout=600,
     )
+
+
+def _load(script: str) -> ModuleType:
+    """Import a benchmark script as a module (it is not part of a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{Path(script).stem}", BENCHMARKS / script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kind", ["Reparameterization", "Flipout"])
+def test_bayesian_torch_contestant_minimises_the_elbo(kind):
+    """The peer's loss is CE + KL / N with the KL summed over all weights, as ours, blitz's and
+    torchbayesian's: its gradient equals that of a float64 torch.distributions reference."""
+    pytest.importorskip("bayesian_torch")
+    bench = _load("bench_training.py")
+    num_train = 1000
+    torch.manual_seed(0)
+    contestant = bench.bayesian_torch(kind, num_train)
+    for group in contestant.optimizer.param_groups:
+        group["lr"] = 0.0  # keep the parameters; the step leaves the loss's gradient behind
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    torch.manual_seed(1)
+    contestant.train_step(x, y, 1)
+    model = contestant.model
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # the same weight noise
+    ce = F.cross_entropy(model(x), y)
+    kl = torch.zeros((), dtype=torch.float64)
+    for layer in model.modules():
+        for part in ("weight", "bias"):
+            mu = getattr(layer, f"mu_{part}", None)
+            if mu is None:
+                continue
+            sigma = F.softplus(getattr(layer, f"rho_{part}").double())
+            prior = Normal(
+                getattr(layer, f"prior_{part}_mu").double(),
+                getattr(layer, f"prior_{part}_sigma").double(),
+            )
+            kl = kl + kl_divergence(Normal(mu.double(), sigma), prior).sum()
+    (ce + (kl / num_train).float()).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_bench_training_quick_run_writes_its_tables(tmp_path, mnist_dir):
