@@ -602,7 +602,14 @@ def parse_args() -> argparse.Namespace:
         default=100,
         help="samples of the many-sample evaluation benchmark",
     )
-    parser.add_argument("--train-samples", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument(
+        "--train-samples",
+        type=int,
+        nargs="+",
+        default=[1, 4, 16],
+        help="training samples S to time (default 1 4 16; must include 1, the reference of "
+        "every 'vs S=1' ratio)",
+    )
     parser.add_argument(
         "--steps-per-block",
         type=int,
@@ -644,7 +651,21 @@ def parse_args() -> argparse.Namespace:
         help="only profile (torch.profiler) the training steps, ours also with the most training "
         "samples and the many-sample evaluation, and write profile.md",
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    for name in ("repeats", "steps_per_block", "threads", "quality_samples", "eval_samples"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be at least 1")
+    if args.quality_epochs < 0:
+        parser.error(
+            f"--quality-epochs={args.quality_epochs}: must be 0 (no quality table) or more"
+        )
+    if 1 not in args.train_samples or min(args.train_samples) < 1:
+        parser.error(
+            f"--train-samples={args.train_samples}: must be positive and include 1, the reference "
+            "of every 'vs S=1' ratio"
+        )
+    args.train_samples = sorted(set(args.train_samples))  # S=1 first
+    return args
 
 
 def main() -> None:

@@ -113,6 +113,23 @@ def test_bench_training_quick_run_writes_its_tables(tmp_path, mnist_dir):
         assert "bbb_lightning::sample_with_kl" in report
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--repeats", "0"], "--repeats=0: must be at least 1"),
+        (["--steps-per-block", "0"], "--steps-per-block=0: must be at least 1"),
+        (["--train-samples", "4", "16"], "--train-samples=[4, 16]: must be positive and include 1"),
+    ],
+)
+def test_bench_training_refuses_bad_arguments_in_one_line(tmp_path, args, message):
+    """Before any work: a traceback after the data and models were built (--repeats 0,
+    --steps-per-block 0), or 'vs S=1' ratios taken against S=4 (--train-samples 4 16)."""
+    done = _run("bench_training.py", *args, "--out-dir", "out", cwd=tmp_path)
+    assert done.returncode == 2
+    assert message in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
 def test_bench_lightning_step_runs_the_composed_config(tmp_path, mnist_dir):
     done = _run(
         "bench_lightning_step.py",
