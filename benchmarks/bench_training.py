@@ -959,6 +959,13 @@ def main() -> None:
         "sample_scaling": sample_scaling,
         "eval_many": eval_many,
         "quality": quality,
+        # seconds of every block of every round (throughput rows carry their own): S-scaling
+        # blocks run steps_per_block[S] steps, many-sample evaluation blocks one predictive
+        "sample_scaling_rounds_s": {
+            "steps_per_block": {str(s): steps for s, steps in steps_with.items()},
+            "blocks": scaling_times,
+        },
+        "eval_many_rounds_s": eval_many_times,
     }
     results["targets"] = targets(results)
     report = render(results)

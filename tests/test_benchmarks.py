@@ -98,6 +98,14 @@ def test_bench_training_quick_run_writes_its_tables(tmp_path, mnist_dir):
         low, high = row["train_ratio_quartiles"]
         assert low <= row["train_ratio"] <= high
     assert set(results["sample_scaling"]) == ours
+    repeats = results["config"]["repeats"]  # every timing of every round is written
+    assert all(len(row["train_rounds_s"]) == repeats for row in results["throughput"].values())
+    scaling = results["sample_scaling_rounds_s"]
+    assert set(scaling["steps_per_block"]) == {"1", "4", "16"}
+    assert {f"{name}|16|loop" for name in ours} <= set(scaling["blocks"])
+    assert all(len(times) == repeats for times in scaling["blocks"].values())
+    assert {f"{name}|vec" for name in ours} <= set(results["eval_many_rounds_s"])
+    assert all(len(times) == repeats for times in results["eval_many_rounds_s"].values())
     assert {t["target"].split(" ")[0] for t in results["targets"]} >= {"best", "S=16"}
     assert "### Targets" in (tmp_path / "out" / "bench_training.md").read_text()
     assert (tmp_path / "out" / "bench_training.png").stat().st_size > 0
