@@ -58,6 +58,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. optimizer.lr=0.01")
     args = parser.parse_args()
+    for name in ("steps", "rounds", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}={getattr(args, name)}: must be at least 1")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     warmup = 10

@@ -138,6 +138,12 @@ def test_bench_training_refuses_bad_arguments_in_one_line(tmp_path, args, messag
     assert not (tmp_path / "out").exists()
 
 
+def test_bench_lightning_step_refuses_zero_steps_in_one_line(tmp_path):
+    done = _run("bench_lightning_step.py", "--steps", "0", cwd=tmp_path)  # a StatisticsError
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith("--steps=0: must be at least 1")
+
+
 def test_bench_lightning_step_runs_the_composed_config(tmp_path, mnist_dir):
     done = _run(
         "bench_lightning_step.py",
