@@ -169,6 +169,27 @@ def test_optuna_search_runs_three_trials(tmp_path):
     assert summary[4].count("| ok |") == 1  # the best trial heads the table
 
 
+@pytest.mark.slow
+def test_optuna_search_of_ddp_trials_starts_no_sweep_on_other_ranks(tmp_path):
+    """hparams_search=optuna sets hydra.mode=MULTIRUN in the config: rank 1, relaunched with the
+    trial's overrides, must run that trial, not a study of its own in multirun/<date>/<time>."""
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=1",
+        "trainer=ddp_cpu",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=1",
+        f"hydra.sweep.dir={sweep}",
+        *QUIET,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (sweep / "0" / "metrics.json").is_file()
+    assert (sweep / "0" / "train_ddp_process_1.log").is_file()  # rank 1 ran in the trial's dir
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
+
+
 def test_a_failing_optuna_trial_does_not_end_the_study(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_cli(

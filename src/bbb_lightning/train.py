@@ -181,16 +181,18 @@ def _relaunch_as_this_job() -> Iterator[None]:
     Lightning re-runs ``sys.argv`` for ranks > 0 with ``hydra.run.dir`` set to the run
     directory. In a multirun, ``sys.argv`` is the whole sweep (``-m a=1,2``) and the run
     directory is not the job's: each rank would start its own sweep. Within this block the
-    command line is this job's overrides and the run directory is this job's directory; after
-    it, the environment variables Lightning set for the launch (``LOCAL_RANK``, ``MASTER_PORT``,
-    ...) are removed, so that the next job launches its own processes.
+    command line is this job's overrides with ``hydra.mode=RUN`` (a config that sets the
+    mode, ``hparams_search=optuna``, would otherwise make each rank > 0 a sweep of its own)
+    and the run directory is this job's directory; after it, the environment variables
+    Lightning set for the launch (``LOCAL_RANK``, ``MASTER_PORT``, ...) are removed, so that
+    the next job launches its own processes.
     """
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         yield
         return
     hydra_config = HydraConfig.get()
     argv, run_dir, environment = sys.argv, hydra_config.run.dir, dict(os.environ)
-    sys.argv = [argv[0], *hydra_config.overrides.task]
+    sys.argv = [argv[0], *hydra_config.overrides.task, "hydra.mode=RUN"]
     with read_write(hydra_config):
         hydra_config.run.dir = hydra_config.runtime.output_dir
     try:
