@@ -79,6 +79,23 @@ class SqrtAtZero(nn.Module):
         return out + torch.sqrt(out - out.detach())
 
 
+class NaNOnRank(WidthNet):
+    """:class:`WidthNet` whose training outputs are NaN on data-parallel process ``rank`` from its
+    ``after``-th training forward on (a non-finite loss on one process only)."""
+
+    def __init__(self, input_shape: list[int], num_outputs: int, rank: int = 1, after: int = 2):
+        super().__init__(input_shape, num_outputs)
+        self.rank, self.after, self.calls = rank, after, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.training and torch.distributed.is_initialized():
+            self.calls += 1
+            if torch.distributed.get_rank() == self.rank and self.calls >= self.after:
+                out = out * float("nan")
+        return out
+
+
 def fit_briefly(
     model: pl.LightningModule,
     x: torch.Tensor,

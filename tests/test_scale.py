@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,29 @@ def test_ddp_run_writes_one_directory_from_rank_zero(tmp_path):
         "epoch001.ckpt",
         "last.ckpt",
     ]
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_process_ends_the_ddp_run_in_one_line(tmp_path):
+    """Rank 1's loss is NaN, rank 0's finite: both stop at the same step, and the run reports
+    rank 1's term once, naming the process (not rank 0's finite values as non-finite)."""
+    net = ["model.net._target_=bbb_testing.NaNOnRank", "~model.net.hidden", "~model.net.activation"]
+    tests = str(Path(__file__).parent)
+    result = run_cli(
+        "trainer=ddp_cpu",
+        "trainer.max_epochs=2",
+        "hydra.run.dir=run",
+        *net,
+        *QUIET,
+        cwd=tmp_path,
+        env={"PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])},
+    )
+    assert result.returncode == 1
+    (line,) = [line for line in result.stderr.splitlines() if "non-finite" in line]
+    assert "non-finite NLL (nll=nan, kl=" in line and ") on process 1 at step 1;" in line
+    assert "Traceback" not in result.stderr
+    saved = list((tmp_path / "run" / "checkpoints").glob("nonfinite-step1-last-good.ckpt"))
+    assert len(saved) == 1 and not (tmp_path / "run" / "metrics.json").exists()
 
 
 @pytest.mark.slow

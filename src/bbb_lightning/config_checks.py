@@ -21,11 +21,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .bayes.kl import KL_REDUCTIONS
 from .bayes.layers import ESTIMATORS
-from .guard import NONFINITE_MODES
+from .guard import NONFINITE_MODES, NonFiniteError
 from .objectives import KL_WEIGHTINGS
 from .summary import metric_mode
 
@@ -85,12 +86,15 @@ def exit_on_user_error(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
     """Run an entry point's task; a user error or a non-finite loss becomes one log line.
 
     In a single run the process then exits with status 1 (no traceback). In a multirun the
-    error is re-raised, so that Hydra records the job as failed and runs the others.
+    error is re-raised, so that Hydra records the job as failed and runs the others. A
+    :class:`NonFiniteError` is decided by every process of a data-parallel run together and
+    raised by each with the same message: rank 0 alone logs it.
     """
     try:
         return task(cfg)
     except (UserError, FloatingPointError) as error:
-        log.error("%s", UserError.describe(error))
+        if not (isinstance(error, NonFiniteError) and rank_zero_only.rank > 0):
+            log.error("%s", UserError.describe(error))
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
         sys.exit(1)

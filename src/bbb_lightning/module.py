@@ -247,9 +247,8 @@ class BayesByBackprop(LightningModule):
         loss = (accumulate / group) * minibatch_loss
         bad_term = first_nonfinite([("NLL", nll), ("KL", kl), ("loss", loss)])
         if self._any_rank(bad_term is not None):
-            return self._nonfinite(
-                f"{bad_term or 'loss'} (nll={nll.item():.4g}, kl={kl.item():.4g})"
-            )
+            what = f"{bad_term} (nll={nll.item():.4g}, kl={kl.item():.4g})" if bad_term else None
+            return self._nonfinite(self._first_on_any_rank(what))
 
         kl_per_example = kl.detach() / self.num_train
         nll_per_example = nll.detach() / batch_size
@@ -290,6 +289,22 @@ class BayesByBackprop(LightningModule):
     # -- non-finite guard and seeding ---------------------------------------------------------
     def _any_rank(self, flag: bool) -> bool:
         return bool(self.trainer.strategy.reduce_boolean_decision(flag, all=False))
+
+    def _first_on_any_rank(self, what: str | None) -> str:
+        """The description of a non-finite term on the first process that has one (``what``
+        on this process, None where its terms are finite), the same on every process.
+
+        Called by every process together once :meth:`_any_rank` found one; under data
+        parallelism the description names the process, so that the others do not report their
+        own finite values.
+        """
+        world_size = self.trainer.world_size
+        if world_size == 1 or not torch.distributed.is_initialized():
+            return what or "loss"
+        gathered: list[str | None] = [None] * world_size
+        torch.distributed.all_gather_object(gathered, what)
+        rank, first = next((r, w) for r, w in enumerate(gathered) if w is not None)
+        return f"{first} on process {rank}"
 
     def _nonfinite(self, what: str) -> None:
         """Stop (after keeping the last good state) or skip the current step."""
