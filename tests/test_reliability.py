@@ -20,7 +20,7 @@ from bbb_lightning.guard import NonFiniteError, first_nonfinite
 from bbb_lightning.module import BayesByBackprop
 from bbb_lightning.objectives import GaussianLikelihood
 from bbb_lightning.train import train
-from bbb_testing import SqrtAtZero, compose_config, fit_briefly, run_cli
+from bbb_testing import SqrtAtZero, compose_config, events, fit_briefly, run_cli
 
 QUIET = ["callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
 
@@ -179,6 +179,21 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_an_uninterrupted_run(tmp_pat
     assert torch.load(last, weights_only=False)["global_step"] == 4
     resumed = train(compose_config(tmp_path / "resumed", *overrides, f"ckpt_path={last}"))
     assert _without_timing(resumed) == pytest.approx(_without_timing(reference), rel=1e-6)
+    # the epoch means logged for the interrupted epoch cover all of its minibatches
+    assert _epoch_scalars(tmp_path / "resumed") == pytest.approx(
+        _epoch_scalars(tmp_path / "reference"), rel=1e-6
+    )
+
+
+def _epoch_scalars(run_dir) -> dict[str, float]:
+    """The per-epoch training scalars a run logged to TensorBoard: "name@step" -> value."""
+    accumulator = events(run_dir)
+    names = [f"train/{name}_epoch" for name in ("loss", "nll", "kl", "kl_weight", "elbo")]
+    return {
+        f"{name}@{event.step}": event.value
+        for name in (*names, "train/rmse")
+        for event in accumulator.Scalars(name)
+    }
 
 
 # -- nothing lost ---------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_module
 
 from bbb_lightning.summary import _job_row, collect, metric_mode
 from bbb_lightning.summary import main as summary_main
-from bbb_testing import compose_config, run_cli
+from bbb_testing import compose_config, events, run_cli
 
 PROBE = Path(__file__).parent / "scripts" / "ddp_probe.py"
 QUIET = ["callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
@@ -148,6 +148,40 @@ def test_a_non_finite_loss_on_one_process_ends_the_ddp_run_in_one_line(tmp_path)
     assert "Traceback" not in result.stderr
     saved = list((tmp_path / "run" / "checkpoints").glob("nonfinite-step1-last-good.ckpt"))
     assert len(saved) == 1 and not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_a_ddp_run_resumed_mid_epoch_logs_the_uninterrupted_epoch_means(tmp_path):
+    """last.ckpt after 2 of an epoch's 4 minibatches per process: the resumed run's epoch means
+    (loss, ..., rmse) cover the minibatches of both processes before and after the cut."""
+    overrides = [
+        "trainer=ddp_cpu",
+        "trainer.max_epochs=2",
+        "dataset.batch_size=64",
+        "kl.weighting=minibatch",
+        "kl.warmup_steps=3",
+        "+trainer.val_check_interval=0.5",
+        *QUIET,
+    ]
+    for name, extra in (("reference", []), ("cut", ["+trainer.max_steps=2"])):
+        result = run_cli(f"hydra.run.dir={name}", *overrides, *extra, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    resume = "ckpt_path=cut/checkpoints/last.ckpt"
+    result = run_cli("hydra.run.dir=resumed", *overrides, resume, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def epoch_scalars(run: str) -> dict[str, float]:
+        accumulator = events(tmp_path / run)
+        names = [f"train/{name}_epoch" for name in ("loss", "nll", "kl", "elbo")]
+        return {
+            f"{name}@{event.step}": event.value
+            for name in (*names, "train/rmse")
+            for event in accumulator.Scalars(name)
+        }
+
+    reference = epoch_scalars("reference")
+    assert len(reference) == 10
+    assert epoch_scalars("resumed") == pytest.approx(reference, rel=1e-5)
 
 
 @pytest.mark.slow

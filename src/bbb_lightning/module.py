@@ -32,7 +32,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
-from torchmetrics import MeanSquaredError, MetricCollection
+from torchmetrics import MeanSquaredError, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from .bayes import bayesianize, is_bayesian, kl_divergence, sample_forward
@@ -79,6 +79,13 @@ def _full_precision(outputs: Tensor) -> Tensor:
     are computed in float32, where bfloat16 would round the NLL to 3 significant digits."""
     reduced = isinstance(outputs, Tensor) and outputs.dtype in (torch.float16, torch.bfloat16)
     return outputs.float() if reduced else outputs
+
+
+def _state_copy(value: Tensor | list[Tensor]) -> Tensor:
+    """A metric state as one tensor (a list state, e.g. ECE's confidences, concatenated)."""
+    if isinstance(value, list):
+        return torch.cat(value) if value else torch.zeros(0)
+    return value.detach().clone()
 
 
 def _check_samples(name: str, value: int) -> int:
@@ -342,11 +349,42 @@ class BayesByBackprop(LightningModule):
     def on_predict_epoch_start(self) -> None:
         self._reseed("predict")
 
+    def _train_epoch_metrics(self) -> list[Metric]:
+        """The metrics that accumulate over a training epoch: the step scalars' means and the
+        training accuracy/ECE or RMSE."""
+        return [self.train_means, *self.metrics["train_"].values()]
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also keep the current epoch's accumulated training metrics, summed over processes
+        (every process takes part): a run resumed from a checkpoint taken mid-epoch
+        (``val_check_interval`` < 1) then logs the epoch's means over all of its minibatches."""
         checkpoint["skipped_steps"] = self.skipped_steps
+        states = []
+        for metric in self._train_epoch_metrics():
+            with metric.sync_context():
+                states.append(
+                    {name: _state_copy(getattr(metric, name)) for name in metric._defaults}
+                )
+        checkpoint["train_epoch_metrics"] = {"epoch": self.current_epoch, "states": states}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
+        self._resumed_epoch_metrics = checkpoint.get("train_epoch_metrics")
+
+    def on_train_start(self) -> None:
+        """A run resumed within an epoch continues that epoch's training metrics (on rank 0,
+        which then holds their sums over every process; the others start from zero)."""
+        resumed, self._resumed_epoch_metrics = getattr(self, "_resumed_epoch_metrics", None), None
+        if resumed is None or resumed["epoch"] != self.current_epoch or self.global_rank != 0:
+            return
+        if not resumed["states"][0]["weight"] > 0:  # saved after the epoch's means were logged
+            return
+        for metric, states in zip(self._train_epoch_metrics(), resumed["states"], strict=True):
+            for name, value in states.items():
+                default = metric._defaults[name]
+                value = value.to(self.device)
+                setattr(metric, name, [value] if isinstance(default, list) else value)
+            metric._update_count = 1  # counted as updated: compute() reads the restored sums
 
     def _update_metrics(self, stage: str, outputs: Tensor, y: Tensor) -> MetricCollection:
         """Update the stage's metrics with the predictive of ``outputs``; return them."""
