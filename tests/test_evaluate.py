@@ -329,3 +329,20 @@ def test_help_lists_only_the_groups_the_entry_point_composes(tmp_path, entry):
     else:
         (line,) = ood_line
         assert sorted(line.split("one of ")[1].split(", ")) == ood_options
+
+
+def test_posterior_figure_of_a_diverged_run_leaves_out_infinite_ratios():
+    """A diverged run's last good state holds sigma = 0 (softplus of a rho of -1e30), so an SNR
+    of inf: the figure's histograms hold the finite values (as TensorBoard's do); numpy's
+    histogram raised 'supplied range ... is not finite' and evaluate ended in a traceback."""
+    from bbb_lightning.figures import close, posterior_histograms
+
+    sigma = torch.tensor([0.0, 1e-3, 1e-2, 1e-1])
+    snr = torch.tensor([1.0, 2.0]).abs() / torch.tensor([0.0, 1.0])  # inf, 2
+    figure = posterior_histograms({"w": sigma}, {"w": snr})
+    sigma_axis, snr_axis = figure.axes
+    counts = [sum(patch.get_height() for patch in axis.patches) for axis in figure.axes]
+    assert counts == [4, 1]  # sigma 0 counts as 1e-30; the inf ratio is left out
+    assert snr_axis.patches[0].get_x() <= torch.tensor(2.0).log10() <= snr_axis.get_xlim()[1]
+    assert sigma_axis.get_xlim()[0] <= -30
+    close(figure)

@@ -129,7 +129,10 @@ def regression_band(
 
 
 def posterior_histograms(sigmas: Mapping[str, Tensor], snrs: Mapping[str, Tensor]) -> Figure:
-    """Per tensor (row): histograms of log10 σ and of log10 SNR = log10(|μ| / σ)."""
+    """Per tensor (row): histograms of log10 σ and of log10 SNR = log10(|μ| / σ).
+
+    Non-finite values are left out (a diverged run's σ = 0 gives SNR = inf), as in the
+    TensorBoard histograms; σ or SNR below 1e-30 count as 1e-30."""
     rows = max(len(sigmas), 1)
     figure, axes = plt.subplots(rows, 2, figsize=(9, 2.2 * rows), squeeze=False)
     for row, name in enumerate(sigmas):
@@ -138,6 +141,7 @@ def posterior_histograms(sigmas: Mapping[str, Tensor], snrs: Mapping[str, Tensor
             (axes[row, 1], snrs[name], "log10 SNR"),
         ):
             logs = values.detach().double().clamp_min(1e-30).log10().flatten()
+            logs = logs[logs.isfinite()]
             axis.hist(_numpy(logs), bins=50, color="C0")
             axis.set_title(name, fontsize="small")
             axis.set_xlabel(label, fontsize="small")
