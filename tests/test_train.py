@@ -325,9 +325,14 @@ def test_a_run_that_ends_with_non_finite_metrics_fails_after_writing_them(tmp_pa
     """on_nonfinite=skip drops every step after a diverging one: the run must not end with
     exit status 0 and NaN metrics."""
     cfg = compose_config(tmp_path, *QUICK, "optimizer.lr=1e30", "on_nonfinite=skip")
-    with pytest.raises(NonFiniteError, match=r"^non-finite [\w/]+=(nan|inf) at the end"):
+    with pytest.raises(NonFiniteError, match=r"^non-finite [\w/]+=(nan|inf) at the end") as error:
         train(cfg)
     assert "test/nll" in json.loads((tmp_path / "metrics.json").read_text())
+    # the run's count, as logged at its last step (8 steps, the first one finite), not that of
+    # the best checkpoint, which the test loads
+    skipped = events(tmp_path).Scalars("train/skipped_steps")[-1].value
+    assert skipped == 7
+    assert f"({skipped:.0f} training steps were skipped as non-finite)" in str(error.value)
 
 
 USER_NET = ["model.net._target_=bbb_testing.WidthNet", "~model.net.hidden", "~model.net.activation"]

@@ -259,7 +259,9 @@ def _fit_and_test(
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""
+    skipped_steps = model.skipped_steps  # the run's; loading the best checkpoint restores its own
     (test_results,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+    model.skipped_steps = skipped_steps
     metrics |= {name: float(value) for name, value in test_results.items()}
     metrics |= {"fit_seconds": fit_seconds, "epochs": float(trainer.current_epoch)}
     if best and checkpoint.best_model_score is not None:  # None: a checkpoint monitoring nothing
