@@ -240,6 +240,7 @@ BAD_INPUTS = [  # docs/errors.md, row by row
         "callbacks.posterior_histograms.every_n_epochs=0",
         "bbb_lightning.callbacks.PosteriorHistograms: every_n_epochs must be an integer >= 1",
     ),
+    ("posterior.rho_init=abc", "posterior rho_init must be a number or [low, high]"),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -304,6 +305,22 @@ def test_include_and_exclude_patterns_that_would_change_the_model_silently_are_r
             lambda: MeanFieldNormal(torch.zeros(3), GaussianPrior(), min_scale=float("nan")),
             ValueError,
             "min_scale must be a finite number >= 0",
+        ),
+        *(  # a string was iterated ('must be real number, not str': no key, no value)
+            (
+                lambda rho_init=rho_init: MeanFieldNormal(
+                    torch.zeros(3), GaussianPrior(), rho_init=rho_init
+                ),
+                ValueError,
+                rf"^posterior rho_init must be a number or \[low, high\] with low <= high, got "
+                rf"{re.escape(repr(rho_init))}$",
+            )
+            for rho_init in ("abc", ["a", "b"], None, True)
+        ),
+        (
+            lambda: MeanFieldNormal(torch.zeros(3), GaussianPrior(), min_scale="abc"),
+            ValueError,
+            r"^posterior min_scale must be a finite number >= 0, got 'abc'$",
         ),
         (
             lambda: bayesianize(nn.Linear(2, 1), prior="gaussian"),

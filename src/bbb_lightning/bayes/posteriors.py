@@ -55,6 +55,11 @@ def log_softplus(rho: Tensor) -> Tensor:
     return torch.where(rho < -20, tiny, F.softplus(rho.clamp_min(-20)).log())
 
 
+def _is_number(value: Any) -> bool:
+    """A real number (numpy's included; not a bool), as a config or a caller gives one."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 class SoftplusNormal(Normal):
     """N(loc, scale^2) that also knows log(scale) computed stably from rho.
 
@@ -198,9 +203,7 @@ class MeanFieldNormal(VariationalPosterior):
         min_scale: float = 0.0,
     ) -> None:
         super().__init__(prior)
-        if not (
-            isinstance(min_scale, numbers.Real) and min_scale >= 0 and math.isfinite(min_scale)
-        ):
+        if not (_is_number(min_scale) and min_scale >= 0 and math.isfinite(min_scale)):
             raise ValueError(f"posterior min_scale must be a finite number >= 0, got {min_scale!r}")
         self.mu = nn.Parameter(initial_value.detach().clone())
         self.rho = nn.Parameter(torch.empty_like(self.mu))
@@ -213,15 +216,14 @@ class MeanFieldNormal(VariationalPosterior):
     def reset_rho(self) -> None:
         """Re-initialise rho from ``rho_init`` (constant or uniform range)."""
         rho_init = self.rho_init
-        number = isinstance(rho_init, numbers.Real)
+        allowed = "a number or [low, high] with low <= high"
+        number = _is_number(rho_init)
         values = [rho_init] if number else rho_init
         if not (
-            (number or (isinstance(values, Sequence) and not isinstance(values, str)))
-            and all(isinstance(v, numbers.Real) for v in values)
+            (number or (isinstance(values, Sequence) and not isinstance(values, str | bytes)))
+            and all(_is_number(v) for v in values)
         ):
-            raise ValueError(
-                f"posterior rho_init must be a number or [low, high], got {rho_init!r}"
-            )
+            raise ValueError(f"posterior rho_init must be {allowed}, got {rho_init!r}")
         if not all(math.isfinite(v) for v in values):
             raise ValueError(f"posterior rho_init must be finite, got {rho_init!r}")
         with torch.no_grad():
@@ -230,10 +232,7 @@ class MeanFieldNormal(VariationalPosterior):
             elif len(values) == 2 and values[0] <= values[1]:
                 self.rho.uniform_(float(values[0]), float(values[1]))
             else:
-                raise ValueError(
-                    f"posterior rho_init must be a number or [low, high] with low <= high, "
-                    f"got {rho_init!r}"
-                )
+                raise ValueError(f"posterior rho_init must be {allowed}, got {rho_init!r}")
 
     @property
     def scale(self) -> Tensor:
