@@ -275,6 +275,10 @@ def test_cli_errors_are_one_line(tmp_path):
         ("calibration_bins=0", r"^calibration_bins=0 is not allowed: an integer >= 1"),
         ("export.pruned_fraction=2", r"^export\.pruned_fraction=2 is not allowed: in \[0, 1\]"),
         ("attack.epsilons=[nan]", r"^attack\.epsilons=\[nan\] is not allowed"),
+        (  # was an OverflowError traceback from the curve's step round(1000 * eps)
+            "attack.epsilons=[0.1,inf]",
+            r"^attack\.epsilons=\[0\.1, inf\] is not allowed: a list of finite numbers >= 0$",
+        ),
         ("figures=no", r"^figures='no' is not allowed: true or false$"),
         ("attack.enabled=maybe", r"^attack\.enabled='maybe' is not allowed: true or false$"),
         ("export.enabled=1", r"^export\.enabled=1 is not allowed: true or false$"),

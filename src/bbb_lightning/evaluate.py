@@ -488,7 +488,7 @@ def _check(cfg: DictConfig) -> None:
         cfg,
         "attack.epsilons",
         _is_list_of(lambda e: _is_finite_number(e) and e >= 0),
-        "a list of numbers >= 0",
+        "a list of finite numbers >= 0",
     )
     for key in ("limit", "num_samples", "num_draws", "gradient_draws", "pgd_steps"):
         _require(cfg, f"attack.{key}", _is_int(1), "an integer >= 1")
