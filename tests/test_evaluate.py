@@ -250,6 +250,25 @@ def test_resolve_checkpoint_prefers_the_recorded_best(tmp_path):
     assert resolve_checkpoint(folder / "epoch004.ckpt") == (folder / "epoch004.ckpt", tmp_path)
 
 
+def test_resolve_checkpoint_of_a_run_without_the_checkpoint_callback(tmp_path):
+    """callbacks=none: Lightning's own checkpoint callback writes under the logger's folder;
+    the run directory and that file both name the run (the file's run directory was taken to
+    be tensorboard/, which holds no .hydra/config.yaml)."""
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("{}\n")
+    folder = tmp_path / "tensorboard" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "epoch=0-step=2.ckpt").write_bytes(b"")
+    assert resolve_checkpoint(tmp_path) == (folder / "epoch=0-step=2.ckpt", tmp_path)
+    assert resolve_checkpoint(folder / "epoch=0-step=2.ckpt") == (
+        folder / "epoch=0-step=2.ckpt",
+        tmp_path,
+    )
+    (tmp_path / "checkpoints").mkdir()  # our own callback's folder comes first
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert resolve_checkpoint(tmp_path)[0] == tmp_path / "checkpoints" / "last.ckpt"
+
+
 def test_corrupt_checkpoint_is_one_user_error(tmp_path, toy_run):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)

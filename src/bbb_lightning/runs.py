@@ -23,17 +23,24 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     """The checkpoint file and the training run directory named by ``path``.
 
     A run directory gives its best checkpoint (``checkpoints/epochNNN.ckpt``; with several, the
-    one ``last.ckpt`` records as best, else the latest) or else ``checkpoints/last.ckpt``. A
-    ``.ckpt`` file is taken as is; its run directory is the parent of ``checkpoints/``.
+    one ``last.ckpt`` records as best, else the latest) or else ``checkpoints/last.ckpt``; a run
+    without our checkpoint callback (``callbacks=none``) gives the one Lightning wrote under its
+    logger's folder (``tensorboard/checkpoints/``). A ``.ckpt`` file is taken as is; its run
+    directory is the nearest folder above it that holds the run's ``.hydra/config.yaml``, else
+    the parent of ``checkpoints/``.
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        checkpoint = _best_checkpoint(path / "checkpoints")
+        folders = [path / "checkpoints", *sorted(path.glob("*/checkpoints"))]
+        checkpoint = next(filter(None, map(_best_checkpoint, folders)), None)
         if checkpoint is None:
             raise UserError(f"ckpt_path={str(path)!r}: no checkpoints/*.ckpt in this directory")
         return checkpoint, path
     if path.is_file():
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        run_dir = next(
+            (folder for folder in path.parents if (folder / ".hydra" / "config.yaml").is_file()),
+            path.parent.parent if path.parent.name == "checkpoints" else path.parent,
+        )
         return path, run_dir
     raise UserError(f"ckpt_path={str(path)!r}: no such run directory or checkpoint file")
 
