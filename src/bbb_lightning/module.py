@@ -24,7 +24,6 @@ each as ``train/<name>_step`` (averaged over processes, every ``log_every_n_step
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,6 +35,7 @@ from torchmetrics import MeanSquaredError, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from .bayes import bayesianize, is_bayesian, kl_divergence, sample_forward
+from .bayes._arguments import is_integer
 from .bayes.posteriors import VariationalPosterior
 from .bayes.priors import Prior
 from .guard import (
@@ -90,7 +90,7 @@ def _state_copy(value: Tensor | list[Tensor]) -> Tensor:
 
 def _check_samples(name: str, value: int) -> int:
     """``value`` as an int if it is an integral number >= 1 (numpy's included; not a bool)."""
-    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1):
+    if not (is_integer(value) and value >= 1):
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return int(value)
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .bayes._arguments import is_integer, is_real
 from .bayes.kl import KL_REDUCTIONS
 
 __all__ = [
@@ -46,11 +47,6 @@ __all__ = [
 
 KL_WEIGHTINGS = ("uniform", "minibatch")
 NOISE_MODELS = ("fixed", "homoscedastic", "heteroscedastic")
-
-
-def _is_integer(value: object) -> bool:
-    """An integral number (numpy's included, e.g. ``labels.max() + 1``), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def log_mean_exp(values: Tensor, dim: int = 0) -> Tensor:
@@ -96,7 +92,7 @@ class CategoricalLikelihood(Likelihood):
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
-        if not (_is_integer(num_classes) and num_classes >= 2):
+        if not (is_integer(num_classes) and num_classes >= 2):
             raise ValueError(f"likelihood num_classes must be an integer >= 2, got {num_classes!r}")
         self.num_classes = self.num_outputs = int(num_classes)
 
@@ -147,7 +143,7 @@ class GaussianLikelihood(Likelihood):
         min_std: float = 1e-4,
     ) -> None:
         super().__init__()
-        if not (_is_integer(target_dim) and target_dim >= 1):
+        if not (is_integer(target_dim) and target_dim >= 1):
             raise ValueError(f"likelihood target_dim must be an integer >= 1, got {target_dim!r}")
         target_dim = int(target_dim)
         if noise not in NOISE_MODELS:
@@ -203,11 +199,6 @@ class GaussianLikelihood(Likelihood):
         return mean.mean(0), mean.var(0, unbiased=False), std.square().mean(0)
 
 
-def _is_number(value: object) -> bool:
-    """A real number (numpy's included), not a bool, a string or a tensor."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class KLTerm:
     """How the KL enters each minibatch's loss: kl_weight_i = scale * warmup(t) * pi_i.
@@ -238,12 +229,10 @@ class KLTerm:
                 f"kl.reduction must be one of {', '.join(KL_REDUCTIONS)}; got {self.reduction!r}"
             )
         scale, warmup_steps = self.scale, self.warmup_steps
-        if not (_is_number(scale) and math.isfinite(scale) and scale >= 0):
+        if not (is_real(scale) and math.isfinite(scale) and scale >= 0):
             raise ValueError(f"kl.scale must be a finite number >= 0, got {scale!r}")
         # (inf made the KL weight 0 for ever, nan turned the warm-up off)
-        if not (_is_number(warmup_steps) and isinstance(warmup_steps, numbers.Integral)) or (
-            warmup_steps < 0
-        ):
+        if not (is_integer(warmup_steps) and warmup_steps >= 0):
             raise ValueError(f"kl.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         if self.monte_carlo is not None and not isinstance(self.monte_carlo, bool):
             raise ValueError(f"kl.monte_carlo must be true or false, got {self.monte_carlo!r}")

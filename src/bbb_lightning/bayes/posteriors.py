@@ -16,7 +16,6 @@ to :func:`~bbb_lightning.bayes.bayesianize`.
 from __future__ import annotations
 
 import math
-import numbers
 import re
 from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
 from . import gaussian_ops
+from ._arguments import is_real
 from .priors import GaussianPrior, Prior
 
 __all__ = [
@@ -53,11 +53,6 @@ def log_softplus(rho: Tensor) -> Tensor:
     # the unused branch would still poison the gradient of torch.where).
     tiny = rho - 0.5 * rho.clamp_max(-20).exp()
     return torch.where(rho < -20, tiny, F.softplus(rho.clamp_min(-20)).log())
-
-
-def _is_number(value: Any) -> bool:
-    """A real number (numpy's included; not a bool), as a config or a caller gives one."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 class SoftplusNormal(Normal):
@@ -203,7 +198,7 @@ class MeanFieldNormal(VariationalPosterior):
         min_scale: float = 0.0,
     ) -> None:
         super().__init__(prior)
-        if not (_is_number(min_scale) and min_scale >= 0 and math.isfinite(min_scale)):
+        if not (is_real(min_scale) and min_scale >= 0 and math.isfinite(min_scale)):
             raise ValueError(f"posterior min_scale must be a finite number >= 0, got {min_scale!r}")
         self.mu = nn.Parameter(initial_value.detach().clone())
         self.rho = nn.Parameter(torch.empty_like(self.mu))
@@ -217,11 +212,11 @@ class MeanFieldNormal(VariationalPosterior):
         """Re-initialise rho from ``rho_init`` (constant or uniform range)."""
         rho_init = self.rho_init
         allowed = "a number or [low, high] with low <= high"
-        number = _is_number(rho_init)
+        number = is_real(rho_init)
         values = [rho_init] if number else rho_init
         if not (
             (number or (isinstance(values, Sequence) and not isinstance(values, str | bytes)))
-            and all(_is_number(v) for v in values)
+            and all(is_real(v) for v in values)
         ):
             raise ValueError(f"posterior rho_init must be {allowed}, got {rho_init!r}")
         if not all(math.isfinite(v) for v in values):

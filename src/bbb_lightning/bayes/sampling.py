@@ -13,7 +13,6 @@ statistics), which would otherwise mix the S samples in its mean and variance.
 from __future__ import annotations
 
 import copy
-import numbers
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_map
 
+from ._arguments import is_integer
 from .convert import remove_forward_pass_hooks
 from .layers import BayesianLayer, folded_samples
 from .posteriors import VariationalPosterior
@@ -58,11 +58,7 @@ def sample_forward(net: nn.Module, x: Tensor, num_samples: int) -> Tensor:
         >>> sample_forward(net, torch.randn(5, 3), num_samples=4).shape
         torch.Size([4, 5, 2])
     """
-    if not (
-        isinstance(num_samples, numbers.Integral)
-        and not isinstance(num_samples, bool)
-        and num_samples >= 1
-    ):
+    if not (is_integer(num_samples) and num_samples >= 1):
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     num_samples = int(num_samples)
     if num_samples == 1:

@@ -7,12 +7,12 @@ the number of training examples ``N`` (which scales the KL term of the ELBO).
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from bbb_lightning.bayes._arguments import is_integer
 from bbb_lightning.data.sampler import EpochPermutationSampler, ResumableEpochLoader
 
 __all__ = ["TASKS", "BBBDataModule"]
@@ -22,9 +22,7 @@ TASKS = ("classification", "regression")
 
 def _check_int(name: str, value: object, minimum: int) -> int:
     """``value`` as an ``int`` (numpy's integers included, bools not), at least ``minimum``."""
-    if not (
-        isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
-    ):
+    if not (is_integer(value) and value >= minimum):
         raise ValueError(f"dataset {name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
