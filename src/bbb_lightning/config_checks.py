@@ -24,6 +24,7 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from .bayes._arguments import is_real
 from .bayes.kl import KL_REDUCTIONS
 from .bayes.layers import ESTIMATORS
 from .guard import NONFINITE_MODES, NonFiniteError
@@ -128,11 +129,11 @@ def _is_int(minimum: int) -> Callable[[Any], bool]:
 
 
 def _is_positive(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+    return is_real(v) and v > 0
 
 
 def _is_finite_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    return is_real(v) and math.isfinite(v)
 
 
 def _is_list_of(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
@@ -164,19 +165,19 @@ def check_config(cfg: DictConfig) -> None:
     _require(
         cfg,
         "trainer.limit_train_batches",
-        lambda v: v is None or (isinstance(v, int | float) and not isinstance(v, bool) and v > 0),
+        lambda v: v is None or _is_positive(v),
         "null (all batches), an integer >= 1 or a fraction in (0, 1]: 0 would train nothing",
     )
     _require(
         cfg,
         "trainer.limit_val_batches",
-        lambda v: v is None or (isinstance(v, int | float) and not isinstance(v, bool) and v >= 0),
+        lambda v: v is None or (is_real(v) and v >= 0),
         "null (all batches), an integer >= 0 or a fraction in [0, 1] (0: no validation)",
     )
     _require(
         cfg,
         "trainer.limit_test_batches",
-        lambda v: v is None or (isinstance(v, int | float) and not isinstance(v, bool) and v > 0),
+        lambda v: v is None or _is_positive(v),
         "null (all batches), an integer >= 1 or a fraction in (0, 1]: 0 would test nothing",
     )
     _require(
