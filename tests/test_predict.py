@@ -169,18 +169,15 @@ def test_input_shapes_and_formats(tmp_path, mnist_run):
     with pytest.raises(UserError, match=r"unknown suffix '\.txt'"):
         read_input(tmp_path / "x.txt")
     # a CSV's errors name the line and the column: its name, or its number without a header
-    (tmp_path / "nan.csv").write_text("1,2\nnan,3\n")
-    with pytest.raises(UserError, match=r"nan\.csv line 2, column '1': expected a finite number"):
-        read_input(tmp_path / "nan.csv")
-    (tmp_path / "words.csv").write_text("a,b\nc,d\n")
-    with pytest.raises(UserError, match=r"words\.csv line 2, column 'a': expected a finite num"):
-        read_input(tmp_path / "words.csv")
-    (tmp_path / "ragged.csv").write_text("1,2\n\n3\n")
-    with pytest.raises(UserError, match=r"ragged\.csv line 3: 1 fields, the first row has 2$"):
-        read_input(tmp_path / "ragged.csv")
-    (tmp_path / "huge.csv").write_text("x\n1e39\n")
-    with pytest.raises(UserError, match=r"huge\.csv line 2, column 'x': '1e39' does not fit"):
-        read_input(tmp_path / "huge.csv")
+    for name, text, message in [
+        ("nan", "1,2\nnan,3\n", r"line 2, column '1': expected a finite number"),
+        ("words", "a,b\nc,d\n", r"line 2, column 'a': expected a finite num"),
+        ("ragged", "1,2\n\n3\n", r"line 3: 1 fields, the first row has 2$"),
+        ("huge", "x\n1e39\n", r"line 2, column 'x': '1e39' does not fit"),
+    ]:
+        (tmp_path / f"{name}.csv").write_text(text)
+        with pytest.raises(UserError, match=rf"{name}\.csv {message}"):
+            read_input(tmp_path / f"{name}.csv")
     with pytest.raises(UserError, match=r"unknown suffix '\.json'"):
         run_predict(tmp_path, f"ckpt_path={mnist_run}", "input=x.npy", "output=out.json")
 
