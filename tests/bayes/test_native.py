@@ -338,8 +338,10 @@ def test_sample_with_kl_matches_float64_autograd(
     rho[0, :50] = torch.linspace(-60, -15, 50)  # where sigma underflows in float32 and below
     rho.requires_grad_()
     loc, scale, kl_grad = 0.1, 0.7, 0.37
+    state = torch.get_rng_state()
     out, slot = gaussian_ops.sample_with_kl(mu, rho, USES[use], sample_shape, min_scale, loc, scale)
-    eps = out.grad_fn.saved_tensors[0].double()
+    torch.set_rng_state(state)  # the raw kernel draws the node's key again, and its eps
+    eps = native.sample_with_kl(mu, rho, USES[use], sample_shape, min_scale, loc, scale)[1].double()
     grad = torch.randn(out.shape)
     kl = slot.kl
     (torch.sum(grad * out) + kl_grad * kl).backward()
@@ -443,8 +445,9 @@ def test_the_layer_kl_comes_from_the_forward_node_until_it_is_used(estimator: st
     )
     out = net(torch.randn(8, 30))
     kl = kl_divergence(net)
-    nodes = {type(fn).__name__ for fn, _ in kl.grad_fn.next_functions if fn is not None}
-    assert nodes == {"_SampleWithKLBackward"}  # both tensors' KLs: no separate KL node
+    nodes = {fn.name() for fn, _ in kl.grad_fn.next_functions if fn is not None}
+    # both tensors' KLs come from their draw's node: no separate KL node
+    assert nodes == {"torch::autograd::CppNode<(anonymous namespace)::SampleWithKLNode>"}
     expected = sum(
         torch.distributions.kl_divergence(
             Normal(q.mu.double(), F.softplus(q.rho.double())), Normal(0.0, 0.5)
@@ -461,6 +464,26 @@ def test_the_layer_kl_comes_from_the_forward_node_until_it_is_used(estimator: st
         net[0].weight_posterior.mu.add_(0.1)  # a new version of mu: not the forward's KL
     moved = kl_divergence(net)
     assert float(moved.detach()) > float(kl.detach())
+
+
+@needs_native
+def test_the_joint_node_refuses_a_second_derivative_as_once_differentiable_does() -> None:
+    """Gradients taken with create_graph=True: first derivatives as usual (equal to those of a
+    plain backward); differentiating them again raises instead of treating them as constants."""
+    torch.manual_seed(3)
+    mu = torch.randn(40, requires_grad=True)
+    rho = torch.full((40,), -3.0, requires_grad=True)
+    x = torch.randn(40, requires_grad=True)
+    state = torch.get_rng_state()
+    out, slot = gaussian_ops.sample_with_kl(mu, rho, gaussian_ops.DRAW, (), 0.0, 0.0, 1.0)
+    grads = torch.autograd.grad((out * x).sum() + slot.kl, (mu, rho), create_graph=True)
+    torch.set_rng_state(state)  # the same eps
+    out, slot = gaussian_ops.sample_with_kl(mu, rho, gaussian_ops.DRAW, (), 0.0, 0.0, 1.0)
+    plain = torch.autograd.grad((out * x.detach()).sum() + slot.kl, (mu, rho))
+    for got, want in zip(grads, plain, strict=True):
+        assert got.requires_grad and torch.equal(got.detach(), want)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grads[1].sum().backward()
 
 
 @needs_native

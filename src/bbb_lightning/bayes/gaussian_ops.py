@@ -18,8 +18,9 @@ adds to a deterministic one. Here:
   one node computes the forward's use of sigma and the KL together, in one pass over mu and
   rho, and its backward gives the gradients of both in one more pass (instead of two nodes,
   six passes and autograd adding their gradients), computing sigma and sigmoid(rho) again
-  rather than keeping them (less memory traffic than storing and reading them back). The KL
-  is kept in a :class:`KLSlot` until the loss asks for it
+  rather than keeping them (less memory traffic than storing and reading them back). That node
+  is written in C++ (:func:`bbb_lightning.bayes.native.sample_with_kl_node`), so its forward
+  and backward run no Python. The KL is kept in a :class:`KLSlot` until the loss asks for it
   (:meth:`~bbb_lightning.bayes.posteriors.MeanFieldNormal.kl_from_forward`).
 
 The functions (``eps`` ~ N(0, I) of shape ``sample_shape + mu.shape``; sums over the sample
@@ -44,7 +45,6 @@ same values without a Function.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -315,64 +315,21 @@ class KLSlot:
     """The KL output of one :func:`sample_with_kl` node, for the loss to pick up.
 
     It is valid for the ``mu`` and ``rho`` it was computed from, unmodified since, and until
-    the node's backward has run (which frees the node's saved tensors).
+    the node's backward has run (which frees the node's saved tensors and sets ``released``).
     """
 
-    def __init__(self, mu: Tensor, rho: Tensor, loc: float, scale: float, kl: Tensor) -> None:
-        self._mu, self._rho = mu, rho
+    def __init__(
+        self, mu: Tensor, rho: Tensor, loc: float, scale: float, kl: Tensor, released: Tensor
+    ) -> None:
+        self._mu, self._rho, self._released = mu, rho, released
         self._key = (_version_key(mu), _version_key(rho), loc, scale)
-        self.kl: Tensor | None = kl
+        self.kl = kl
 
     def get(self, mu: Tensor, rho: Tensor, loc: float, scale: float) -> Tensor | None:
         """The KL if it is still that of ``mu``, ``rho`` and the prior N(loc, scale^2)."""
-        if self.kl is None or mu is not self._mu or rho is not self._rho:
+        if mu is not self._mu or rho is not self._rho or self._released.item():
             return None
         return self.kl if self._key == (_version_key(mu), _version_key(rho), loc, scale) else None
-
-
-class _SampleWithKL(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: Any,
-        mu: Tensor,
-        rho: Tensor,
-        use: int,
-        sample_shape: tuple[int, ...],
-        min_scale: float,
-        loc: float,
-        scale: float,
-    ) -> tuple[Tensor, Tensor]:
-        out, eps, kl = native.sample_with_kl(mu, rho, use, sample_shape, min_scale, loc, scale)
-        ctx.save_for_backward(eps, mu, rho)
-        ctx.constants = (use, min_scale, loc, 1.0 / (scale * scale))
-        ctx.slot = None
-        ctx.set_materialize_grads(False)
-        return out, kl
-
-    @staticmethod
-    @once_differentiable
-    def backward(
-        ctx: Any, grad: Tensor | None, grad_kl: Tensor | None
-    ) -> tuple[Tensor | None, ...]:
-        slot = None if ctx.slot is None else ctx.slot()
-        if slot is not None:
-            slot.kl = None  # this backward frees the saved tensors: the KL cannot be reused
-        if grad is None and grad_kl is None:
-            return (None,) * 7
-        use, min_scale, loc, inv_var = ctx.constants
-        kl_grad = 0.0 if grad_kl is None else float(grad_kl)
-        want_mu = ctx.needs_input_grad[0] and (grad_kl is not None or use == DRAW)
-        grad_mu, grad_rho = native.sample_with_kl_backward(
-            grad,
-            ctx.saved_tensors,
-            use,
-            kl_grad,
-            kl_grad * inv_var,
-            loc,
-            min_scale,
-            (want_mu, ctx.needs_input_grad[1]),
-        )
-        return grad_mu, grad_rho, None, None, None, None, None
 
 
 def sample_with_kl(
@@ -394,7 +351,7 @@ def sample_with_kl(
     """
     if not (tracked(mu, rho) and native.applies_to(mu) and native.applies_to(rho)):
         return None
-    out, kl = _SampleWithKL.apply(mu, rho, use, tuple(sample_shape), min_scale, loc, scale)
-    slot = KLSlot(mu, rho, loc, scale, kl)
-    kl.grad_fn.slot = weakref.ref(slot)  # no cycle: kl -> node -> weak reference to the slot
-    return out, slot
+    out, kl, released = native.sample_with_kl_node(
+        mu, rho, use, tuple(sample_shape), min_scale, loc, scale
+    )
+    return out, KLSlot(mu, rho, loc, scale, kl, released)

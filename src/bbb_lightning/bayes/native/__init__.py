@@ -20,9 +20,9 @@ normal here). ``gaussian.cpp`` does the same work in fewer, vectorized passes:
 - :func:`softplus_scale`: sigma = softplus(rho) + min_scale, sigmoid(rho) and sum log sigma from
   one exp(-|rho|) per weight;
 - :func:`kl_rho_grad`: the rho-gradient of the Gaussian KL in one pass;
-- :func:`sample_with_kl` and :func:`sample_with_kl_backward`: one use of sigma (a draw, a
-  perturbation or the variance) and the Gaussian-prior KL in one pass over mu and rho, and the
-  gradients of both in one pass
+- :func:`sample_with_kl`: one use of sigma (a draw, a perturbation or the variance) and the
+  Gaussian-prior KL in one pass over mu and rho; :func:`sample_with_kl_node` makes it one
+  autograd node, written in C++, whose backward gives the gradients of both in one more pass
   (:func:`bbb_lightning.bayes.gaussian_ops.sample_with_kl`).
 
 They apply to contiguous float32 CPU tensors; everything else (float64, CUDA, where CUDA's own
@@ -67,7 +67,7 @@ __all__ = [
     "local_noise_backward",
     "random_signs",
     "sample_with_kl",
-    "sample_with_kl_backward",
+    "sample_with_kl_node",
     "scaled_normal",
     "softplus_scale",
     "standard_normal",
@@ -323,31 +323,18 @@ def sample_with_kl(
     )
 
 
-def sample_with_kl_backward(
-    grad: Tensor | None,
-    saved: tuple[Tensor, Tensor, Tensor],
+def sample_with_kl_node(
+    mu: Tensor,
+    rho: Tensor,
     use: int,
-    kl_grad: float,
-    kl_weight: float,
-    loc: float,
+    sample_shape: tuple[int, ...],
     min_scale: float,
-    want: tuple[bool, bool],
-) -> tuple[Tensor | None, Tensor | None]:
-    """(dL/dmu, dL/drho) for L = <grad, out> + kl_grad KL of :func:`sample_with_kl`, ``saved`` =
-    (eps, mu, rho), ``kl_weight`` = kl_grad / prior_scale^2; None where ``want`` says no. sigma
-    and sigmoid(rho) are computed again from rho, in the same pass."""
-    eps, mu, rho = saved
-    grad = rho.new_empty(0) if grad is None else grad.contiguous()
-    return _run(
-        "sample_with_kl_backward",
-        grad,
-        eps,
-        mu.detach(),
-        rho.detach(),
-        use,
-        kl_grad,
-        kl_weight,
-        loc,
-        min_scale,
-        *want,
-    )
+    loc: float,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, KL, released) of :func:`sample_with_kl` from one autograd node written in C++. It
+    saves eps, mu and rho; its backward gives dL/dmu and dL/drho of L = <G, out> + g KL in one
+    pass (the native ``sample_with_kl_backward``), and has no second derivative. ``released`` is a 0-dim bool that turns true once the backward has run. The
+    node records the two kernels under their names for ``torch.profiler`` itself. Only for
+    tensors :func:`applies_to`."""
+    return kernels().sample_with_kl_node(mu, rho, use, list(sample_shape), min_scale, loc, scale)

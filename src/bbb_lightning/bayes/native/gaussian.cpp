@@ -24,6 +24,8 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/record_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 
 #include <algorithm>
 #include <array>
@@ -775,6 +777,87 @@ std::tuple<torch::Tensor, torch::Tensor> sample_with_kl_backward(
   return {grad_mu, grad_rho};
 }
 
+// -- the autograd node of sample_with_kl ------------------------------------------------------
+// (out, KL, released) = the node's outputs: out and the KL as sample_with_kl computes them (the
+// noise key drawn here from torch's default generator), and a 0-dim bool, non-differentiable,
+// that the backward sets once it has run (and freed eps, mu and rho): a KL kept for the loss is
+// only valid while it is false. A node written in C++ costs no Python per forward and backward,
+// which for a network's few large tensors is most of what the posterior adds to a step besides
+// the kernels. Like Python's @once_differentiable, the backward's outputs raise if a second
+// derivative is taken through them (create_graph=True).
+struct SampleWithKLNode : public torch::autograd::Function<SampleWithKLNode> {
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const torch::Tensor& mu, const torch::Tensor& rho,
+      int64_t use, const std::vector<int64_t>& sample_shape, double min_scale, double loc,
+      double prior_scale) {
+    RECORD_FUNCTION("bbb_lightning::sample_with_kl", std::vector<c10::IValue>());
+    const int64_t seed = use != kVariance ? random_key() : 0;  // no noise: no key drawn
+    auto [out, eps, kl] = sample_with_kl(mu, rho, use, sample_shape, seed, min_scale, loc,
+                                         prior_scale);
+    auto released = torch::zeros({}, rho.options().dtype(torch::kBool));
+    ctx->save_for_backward({eps, mu, rho});
+    ctx->saved_data["use"] = use;
+    ctx->saved_data["min_scale"] = min_scale;
+    ctx->saved_data["loc"] = loc;
+    ctx->saved_data["inverse_variance"] = 1.0 / (prior_scale * prior_scale);
+    ctx->saved_data["released"] = released;
+    ctx->mark_non_differentiable({released});
+    ctx->set_materialize_grads(false);
+    return {out, kl, released};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    ctx->saved_data["released"].toTensor().fill_(true);
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor &grad = grads[0], &grad_kl = grads[1];
+    torch::autograd::variable_list result(7);
+    if (!grad.defined() && !grad_kl.defined()) return result;
+    const int64_t use = ctx->saved_data["use"].toInt();
+    const double kl_grad = grad_kl.defined() ? grad_kl.item<double>() : 0.0;
+    const bool want_mu = ctx->needs_input_grad(0) && (grad_kl.defined() || use == kDraw);
+    const bool want_rho = ctx->needs_input_grad(1);
+    {
+      RECORD_FUNCTION("bbb_lightning::sample_with_kl_backward", std::vector<c10::IValue>());
+      at::NoGradGuard no_grad;
+      auto [grad_mu, grad_rho] = sample_with_kl_backward(
+          grad.defined() ? grad.contiguous() : torch::empty({0}, saved[2].options()), saved[0],
+          saved[1], saved[2], use, kl_grad,
+          kl_grad * ctx->saved_data["inverse_variance"].toDouble(),
+          ctx->saved_data["loc"].toDouble(), ctx->saved_data["min_scale"].toDouble(), want_mu,
+          want_rho);
+      result[0] = grad_mu;
+      result[1] = grad_rho;
+    }
+    const bool second_order = at::GradMode::is_enabled() &&
+                              ((grad.defined() && grad.requires_grad()) ||
+                               (grad_kl.defined() && grad_kl.requires_grad()));
+    if (second_order) {  // as @once_differentiable: the outputs' backward raises
+      auto error = std::make_shared<torch::autograd::DelayedError>(
+          "trying to differentiate twice the posterior's sample_with_kl node, which has no "
+          "second derivative",
+          2);
+      torch::autograd::variable_list marked;
+      for (int k = 0; k < 2; ++k) {
+        marked.push_back(result[k].defined() ? result[k].detach().requires_grad_(true)
+                                             : torch::Tensor());
+      }
+      auto wrapped = error->apply(std::move(marked));
+      result[0] = wrapped[0];
+      result[1] = wrapped[1];
+    }
+    return result;
+  }
+};
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sample_with_kl_node(
+    const torch::Tensor& mu, const torch::Tensor& rho, int64_t use,
+    const std::vector<int64_t>& sample_shape, double min_scale, double loc, double prior_scale) {
+  auto outputs =
+      SampleWithKLNode::apply(mu, rho, use, sample_shape, min_scale, loc, prior_scale);
+  return {outputs[0], outputs[1], outputs[2]};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -797,4 +880,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out is mu + sigma eps (use 0), sigma eps (1) or sigma^2 (2).");
   m.def("sample_with_kl_backward", &sample_with_kl_backward,
         "(grad mu, grad rho) of <grad, out> + kl_grad KL, in one pass.");
+  m.def("sample_with_kl_node", &sample_with_kl_node,
+        "(out, KL, released) of sample_with_kl as one autograd node; released turns true "
+        "once its backward has run.");
 }
