@@ -111,7 +111,7 @@ def main() -> None:
             for x, y in batches:
                 start = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
-                nll = -likelihood.log_prob(sample_forward(net, x, 1), y).mean(0).sum()
+                nll = likelihood.expected_nll(sample_forward(net, x, 1), y)
                 kl = kl_divergence(net)
                 (nll / len(x) + kl / num_train).backward()
                 optimizer.step()

@@ -180,7 +180,7 @@ def ours_contestant(
     def step(x: Tensor, y: Tensor, outputs: Callable[[], Tensor]) -> None:
         optimizer.zero_grad(set_to_none=True)
         with FORWARD():
-            nll = -LIKELIHOOD.log_prob(outputs().float(), y).mean(0).sum()
+            nll = LIKELIHOOD.expected_nll(outputs().float(), y)
             kl = bayes.kl_divergence(model)
             loss = nll / x.shape[0] + kl_weight * kl / x.shape[0]
         loss.backward()

@@ -155,6 +155,35 @@ def test_outputs_and_targets_that_do_not_fit_are_named(likelihood, outputs, targ
         likelihood.log_prob(outputs, targets)
     with pytest.raises(ValueError, match=re.escape(message)):
         likelihood.predictive_nll(outputs, targets)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        likelihood.expected_nll(outputs, targets)
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.long, torch.int32, torch.uint8])
+def test_categorical_expected_nll_is_the_mean_over_samples_summed_over_the_batch(samples, dtype):
+    """sum_b (1/S) sum_s -log softmax(f_s,b)_y_b, value and gradient, against
+    torch.distributions.Categorical in float64."""
+    torch.manual_seed(2)
+    logits = (3 * torch.randn(samples, 7, 5)).requires_grad_()
+    targets = torch.randint(0, 5, (7,)).to(dtype)
+    CategoricalLikelihood(5).expected_nll(logits, targets).backward()
+    logits64 = logits.detach().double().requires_grad_()
+    log_p = torch.distributions.Categorical(logits=logits64).log_prob(targets.long())
+    expected = -log_p.mean(0).sum()
+    expected.backward()
+    got = CategoricalLikelihood(5).expected_nll(logits.detach(), targets)
+    assert got.shape == () and float(got) == pytest.approx(float(expected), rel=1e-6)
+    assert torch.allclose(logits.grad.double(), logits64.grad, atol=1e-6)
+
+
+def test_gaussian_expected_nll_is_the_mean_over_samples_summed_over_the_batch():
+    torch.manual_seed(3)
+    likelihood = GaussianLikelihood(target_dim=2, noise="fixed", noise_std=0.5)
+    outputs, targets = torch.randn(3, 4, 2, dtype=torch.float64), torch.randn(4, 2)
+    expected = -Normal(outputs, 0.5).log_prob(targets.double()).sum(-1).mean(0).sum()
+    got = likelihood.double().expected_nll(outputs, targets.double())
+    assert float(got) == pytest.approx(float(expected), rel=1e-6)
 
 
 @pytest.mark.parametrize("noise", ["fixed", "homoscedastic", "heteroscedastic"])

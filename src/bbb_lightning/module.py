@@ -241,7 +241,7 @@ class BayesByBackprop(LightningModule):
         x, y = batch
         batch_size = x.shape[0]
         outputs = _full_precision(sample_forward(self.net, x, self.num_samples))
-        nll = -self.likelihood.log_prob(outputs, y).mean(0).sum()
+        nll = self.likelihood.expected_nll(outputs, y)
         kl = kl_divergence(self.net, self.kl_term.reduction, self.kl_term.monte_carlo)
         accumulate = self.trainer.accumulate_grad_batches
         step_index, num_steps, group = self._optimizer_step_of(batch_idx)

@@ -81,7 +81,7 @@ def posterior_kl(posterior: VariationalPosterior, monte_carlo: bool = False) -> 
     try:
         return _kl(posterior, monte_carlo)
     finally:
-        posterior.last_sample = None
+        posterior.forget_last_sample()
 
 
 def _kl(posterior: VariationalPosterior, monte_carlo: bool) -> Tensor:
@@ -150,12 +150,23 @@ def kl_divergence(net: nn.Module, reduction: str = "sum", monte_carlo: bool = Fa
         raise ValueError(
             f"kl reduction must be one of {', '.join(KL_REDUCTIONS)}; got {reduction!r}"
         )
-    total: Tensor | None = None
+    terms: list[Tensor] = []
     count = 0
     for posterior in all_posteriors(net):
-        term = posterior_kl(posterior, monte_carlo)
-        total = term if total is None else total + term
+        terms.append(posterior_kl(posterior, monte_carlo))
         count += posterior.mean.numel()
-    if total is None:
+    if not terms:
         raise ValueError("the network has no variational parameters; call bayesianize() first")
+    total = _sum_of(terms)
     return total / count if reduction == "mean" else total
+
+
+def _sum_of(terms: list[Tensor]) -> Tensor:
+    """The sum of 0-dim tensors: one stack and one sum (two autograd nodes, not one per term)
+    where they share a device, else added one by one."""
+    if len(terms) == 1:
+        return terms[0]
+    device = terms[0].device
+    if all(term.device == device for term in terms):
+        return torch.stack(terms).sum()
+    return sum(terms[1:], terms[0])

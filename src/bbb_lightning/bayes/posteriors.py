@@ -125,6 +125,10 @@ class VariationalPosterior(nn.Module):
     def last_sample(self, sample: Tensor | None) -> None:
         self._remember(sample, None)
 
+    def forget_last_sample(self) -> None:
+        """``last_sample = None``, without Module.__setattr__ (the KL does this every step)."""
+        self._remember(None, None)
+
     def remember_perturbation(self, perturbation: Tensor) -> None:
         """Remember mean + ``perturbation`` (flipout's draw) as :attr:`last_sample` without
         computing it: only the Monte Carlo KL needs it, and it is a pass over S x the weights."""

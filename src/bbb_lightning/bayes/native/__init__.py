@@ -332,9 +332,11 @@ def sample_with_kl_node(
     loc: float,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(out, KL, released) of :func:`sample_with_kl` from one autograd node written in C++. It
-    saves eps, mu and rho; its backward gives dL/dmu and dL/drho of L = <G, out> + g KL in one
-    pass (the native ``sample_with_kl_backward``), and has no second derivative. ``released`` is a 0-dim bool that turns true once the backward has run. The
-    node records the two kernels under their names for ``torch.profiler`` itself. Only for
-    tensors :func:`applies_to`."""
+    """(out, KL, released) of :func:`sample_with_kl` from one autograd node written in C++.
+
+    The node saves eps, mu and rho; its backward gives dL/dmu and dL/drho of
+    L = <G, out> + g KL in one pass (the native ``sample_with_kl_backward``) and has no second
+    derivative. ``released`` is a 0-dim bool that turns true once the backward has run. The
+    node records both kernels under their names for ``torch.profiler`` itself. Only for tensors
+    :func:`applies_to`."""
     return kernels().sample_with_kl_node(mu, rho, use, list(sample_shape), min_scale, loc, scale)
