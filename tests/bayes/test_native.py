@@ -445,7 +445,9 @@ def test_the_layer_kl_comes_from_the_forward_node_until_it_is_used(estimator: st
     )
     out = net(torch.randn(8, 30))
     kl = kl_divergence(net)
-    nodes = {fn.name() for fn, _ in kl.grad_fn.next_functions if fn is not None}
+    ((stack, _),) = kl.grad_fn.next_functions  # kl_divergence sums the terms by one stack
+    assert (kl.grad_fn.name(), stack.name()) == ("SumBackward0", "StackBackward0")
+    nodes = {fn.name() for fn, _ in stack.next_functions if fn is not None}
     # both tensors' KLs come from their draw's node: no separate KL node
     assert nodes == {"torch::autograd::CppNode<(anonymous namespace)::SampleWithKLNode>"}
     expected = sum(
