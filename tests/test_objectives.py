@@ -177,6 +177,28 @@ def test_categorical_expected_nll_is_the_mean_over_samples_summed_over_the_batch
     assert torch.allclose(logits.grad.double(), logits64.grad, atol=1e-6)
 
 
+def test_categorical_expected_nll_skips_no_class_index(monkeypatch):
+    """cross_entropy's default ignore_index (-100) would drop such an example from the loss
+    where the range check does not run (on a GPU); without the check, it is an error here."""
+    likelihood = CategoricalLikelihood(5)
+    monkeypatch.setattr(likelihood, "_check_class_indices", lambda outputs, targets: None)
+    with pytest.raises((IndexError, RuntimeError), match="out of bounds"):
+        likelihood.expected_nll(torch.zeros(2, 3, 5), torch.tensor([0, -100, 1]))
+
+
+def test_a_subclass_redefining_log_prob_trains_on_its_own_log_prob():
+    class Tempered(CategoricalLikelihood):
+        def log_prob(self, outputs, targets):
+            return super().log_prob(outputs / 2.0, targets)
+
+    torch.manual_seed(4)
+    logits, targets = torch.randn(3, 6, 4), torch.randint(0, 4, (6,))
+    tempered = Tempered(4)
+    expected = -tempered.log_prob(logits, targets).mean(0).sum()
+    assert torch.equal(tempered.expected_nll(logits, targets), expected)
+    assert not torch.allclose(expected, CategoricalLikelihood(4).expected_nll(logits, targets))
+
+
 def test_gaussian_expected_nll_is_the_mean_over_samples_summed_over_the_batch():
     torch.manual_seed(3)
     likelihood = GaussianLikelihood(target_dim=2, noise="fixed", noise_std=0.5)

@@ -47,6 +47,7 @@ __all__ = [
 
 KL_WEIGHTINGS = ("uniform", "minibatch")
 NOISE_MODELS = ("fixed", "homoscedastic", "heteroscedastic")
+_NO_IGNORED_CLASS = torch.iinfo(torch.int64).min  # cross_entropy's ignore_index: none
 
 
 def log_mean_exp(values: Tensor, dim: int = 0) -> Tensor:
@@ -112,13 +113,21 @@ class CategoricalLikelihood(Likelihood):
 
     def expected_nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """sum_b (1/S) sum_s -log softmax(f_s,b)_y_b for outputs (S, B, C): one fused
-        cross-entropy over the S B rows (two autograd nodes instead of six)."""
-        if outputs.dim() != 3:
+        cross-entropy over the S B rows (two autograd nodes instead of six). A subclass that
+        redefines :meth:`log_prob` gets the generic mean of its ``log_prob`` instead."""
+        if outputs.dim() != 3 or type(self).log_prob is not CategoricalLikelihood.log_prob:
             return super().expected_nll(outputs, targets)
         self._check_class_indices(outputs, targets)
         samples = outputs.shape[0]
         rows = targets.long().expand(samples, -1).reshape(-1)
-        total = F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), rows, reduction="sum")
+        total = F.cross_entropy(
+            outputs.reshape(-1, outputs.shape[-1]),
+            rows,
+            reduction="sum",
+            # no class index is skipped (the default skips -100, which on a GPU, where the
+            # range is not checked here, would silently drop such an example from the loss)
+            ignore_index=_NO_IGNORED_CLASS,
+        )
         return total / samples
 
     def _check_class_indices(self, outputs: Tensor, targets: Tensor) -> None:
