@@ -139,8 +139,8 @@ class CategoricalLikelihood(Likelihood):
                 "integer dtype (e.g. torch.int64) is needed"
             )
         self._check_targets(targets, tuple(outputs.shape[-2:-1]), "one class index per example")
-        # gather() would fail with 'index out of bounds'; checked on the CPU only, where it costs
-        # no device synchronisation (a GPU stops at its device-side assert)
+        # gather() and cross_entropy would fail with 'out of bounds'; checked on the CPU only,
+        # where it costs no device synchronisation (a GPU stops at its device-side assert)
         if targets.device.type != "cpu" or not targets.numel():
             return
         low, high = (int(bound) for bound in torch.aminmax(targets))
