@@ -372,6 +372,41 @@ def test_sample_with_kl_matches_float64_autograd(
 
 
 @needs_native
+@pytest.mark.parametrize("trained", ["mu", "rho"])
+@pytest.mark.parametrize("use", list(USES))
+def test_sample_with_kl_with_only_mu_or_only_rho_trained_matches_float64(
+    trained: str, use: str
+) -> None:
+    """With rho frozen the forward stores no backward factors; the gradient of the tensor that
+    is trained is still that of float64 autograd."""
+    torch.manual_seed(16)
+    mu = (torch.randn(37, 53) * 0.3).requires_grad_(trained == "mu")
+    rho = torch.empty(37, 53).uniform_(-8, 3).requires_grad_(trained == "rho")
+    loc, scale, kl_grad = -0.2, 0.5, 1.7
+    sample_shape = () if use == "variance" else (2,)
+    state = torch.get_rng_state()
+    out, slot = gaussian_ops.sample_with_kl(mu, rho, USES[use], sample_shape, 0.0, loc, scale)
+    torch.set_rng_state(state)
+    eps = native.sample_with_kl(mu, rho, USES[use], sample_shape, 0.0, loc, scale)[1].double()
+    grad = torch.randn(out.shape)
+    (torch.sum(grad * out) + kl_grad * slot.kl).backward()
+
+    mu64 = mu.detach().double().requires_grad_()
+    rho64 = rho.detach().double().requires_grad_()
+    sigma64 = F.softplus(rho64)
+    expected = {
+        "draw": lambda: mu64 + sigma64 * eps,
+        "perturbation": lambda: sigma64 * eps,
+        "variance": lambda: sigma64.square(),
+    }[use]()
+    kl64 = torch.distributions.kl_divergence(Normal(mu64, sigma64), Normal(loc, scale)).sum()
+    (torch.sum(grad.double() * expected) + kl_grad * kl64).backward()
+    got, ref = (mu.grad, mu64.grad) if trained == "mu" else (rho.grad, rho64.grad)
+    assert (rho if trained == "mu" else mu).grad is None
+    assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+
+
+@needs_native
 def test_sample_with_kl_draws_independent_standard_normals_per_sample() -> None:
     torch.manual_seed(7)
     n = 200_003
