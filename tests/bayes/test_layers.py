@@ -27,6 +27,7 @@ from bbb_lightning.bayes import (
     ScaleMixturePrior,
     bayesianize,
     kl_divergence,
+    native,
     posterior_mean,
     posterior_mean_network,
     sample_forward,
@@ -466,6 +467,33 @@ def test_a_seed_gives_the_same_forward_with_and_without_gradients(
         next_draws.append(torch.rand(1))
     torch.testing.assert_close(outputs[0], outputs[1].detach())
     assert torch.equal(*next_draws)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_a_layer_draws_its_weight_and_bias_from_one_node(estimator: str, num_samples: int) -> None:
+    """Under every estimator a Gaussian layer's weight and bias (their draws, perturbations or
+    variances, and their KLs) come from one autograd node where the native kernels are built,
+    and every parameter gets a finite gradient from the ELBO; a frozen bias leaves the weight
+    to its own node."""
+    torch.manual_seed(0)
+    net = bayesianize(
+        nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)), estimator=estimator
+    )
+    (sample_forward(net, torch.randn(6, 5), num_samples).sum() + kl_divergence(net)).backward()
+    for parameter in net.parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all()
+    if native.kernels() is None:
+        return
+    sample_forward(net, torch.randn(6, 5), num_samples)
+    for layer in (net[0], net[2]):
+        weight_node = layer.weight_posterior.kl_from_forward().grad_fn
+        assert weight_node is layer.bias_posterior.kl_from_forward().grad_fn
+        assert "SampleWithKLNode" in weight_node.name()
+    net[0].bias_posterior.frozen = True
+    sample_forward(net, torch.randn(6, 5), num_samples)
+    assert len(net[0].weight_posterior.kl_from_forward().grad_fn.next_functions) == 2  # mu, rho
+    assert len(net[2].weight_posterior.kl_from_forward().grad_fn.next_functions) == 4
 
 
 class Siamese(nn.Module):

@@ -313,6 +313,23 @@ def test_training_steps_agree_with_and_without_the_kernels(
     assert abs(with_kernels - without) < 0.1
 
 
+def sample_with_kl_one(
+    mu: torch.Tensor,
+    rho: torch.Tensor,
+    use: int,
+    sample_shape: tuple[int, ...],
+    min_scale: float,
+    loc: float,
+    scale: float,
+) -> tuple[torch.Tensor, gaussian_ops.KLSlot]:
+    """gaussian_ops.sample_with_kl for one tensor: (out, its KL slot)."""
+    joint = gaussian_ops.sample_with_kl(
+        [mu], [rho], use, list(sample_shape), [min_scale], [loc], [scale]
+    )
+    assert joint is not None
+    return joint[0][0], joint[1][0]
+
+
 USES = {
     "draw": gaussian_ops.DRAW,
     "perturbation": gaussian_ops.PERTURBATION,
@@ -339,7 +356,7 @@ def test_sample_with_kl_matches_float64_autograd(
     rho.requires_grad_()
     loc, scale, kl_grad = 0.1, 0.7, 0.37
     state = torch.get_rng_state()
-    out, slot = gaussian_ops.sample_with_kl(mu, rho, USES[use], sample_shape, min_scale, loc, scale)
+    out, slot = sample_with_kl_one(mu, rho, USES[use], sample_shape, min_scale, loc, scale)
     torch.set_rng_state(state)  # the raw kernel draws the node's key again, and its eps
     eps = native.sample_with_kl(mu, rho, USES[use], sample_shape, min_scale, loc, scale)[1].double()
     grad = torch.randn(out.shape)
@@ -385,7 +402,7 @@ def test_sample_with_kl_with_only_mu_or_only_rho_trained_matches_float64(
     loc, scale, kl_grad = -0.2, 0.5, 1.7
     sample_shape = () if use == "variance" else (2,)
     state = torch.get_rng_state()
-    out, slot = gaussian_ops.sample_with_kl(mu, rho, USES[use], sample_shape, 0.0, loc, scale)
+    out, slot = sample_with_kl_one(mu, rho, USES[use], sample_shape, 0.0, loc, scale)
     torch.set_rng_state(state)
     eps = native.sample_with_kl(mu, rho, USES[use], sample_shape, 0.0, loc, scale)[1].double()
     grad = torch.randn(out.shape)
@@ -407,12 +424,64 @@ def test_sample_with_kl_with_only_mu_or_only_rho_trained_matches_float64(
 
 
 @needs_native
+@pytest.mark.parametrize("use", list(USES))
+def test_one_node_over_two_tensors_matches_float64_for_each(use: str) -> None:
+    """A layer's weight and bias from one node, each with its own min_scale and prior: each
+    value, KL and gradient is that of float64 autograd for that tensor alone, each tensor gets
+    its own noise, and both KLs are released by the one backward."""
+    torch.manual_seed(17)
+    shapes, min_scales, locs, scales = [(61, 33), (61,)], [0.0, 1e-3], [0.1, -0.3], [0.7, 2.0]
+    mus = [(torch.randn(shape) * 0.3).requires_grad_() for shape in shapes]
+    rhos = [torch.empty(shape).uniform_(-8, 3).requires_grad_() for shape in shapes]
+    sample_shape = [] if use == "variance" else [2]
+    state = torch.get_rng_state()
+    joint = gaussian_ops.sample_with_kl(
+        mus, rhos, USES[use], sample_shape, min_scales, locs, scales
+    )
+    assert joint is not None
+    outs, slots = joint
+    torch.set_rng_state(state)  # the node draws one key per tensor, in order
+    eps = [
+        native.sample_with_kl(mu, rho, USES[use], tuple(sample_shape), m, loc, scale)[1].double()
+        for mu, rho, m, loc, scale in zip(mus, rhos, min_scales, locs, scales, strict=True)
+    ]
+    grads = [torch.randn(out.shape) for out in outs]
+    kl_grads = [0.37, 1.9]
+    terms = zip(grads, outs, kl_grads, slots, strict=True)
+    loss = sum(torch.sum(grad * out) + weight * slot.kl for grad, out, weight, slot in terms)
+    assert slots[0].get(mus[0], rhos[0], locs[0], scales[0]) is not None
+    loss.backward()
+    assert slots[0].get(mus[0], rhos[0], locs[0], scales[0]) is None  # released by the backward
+    assert slots[1].get(mus[1], rhos[1], locs[1], scales[1]) is None
+    if use != "variance":  # independent streams: the bias's noise is not the weight's first row
+        assert not torch.equal(eps[1][:, :33], eps[0][:, 0, :])
+
+    for t in range(2):
+        mu64 = mus[t].detach().double().requires_grad_()
+        rho64 = rhos[t].detach().double().requires_grad_()
+        sigma64 = F.softplus(rho64) + min_scales[t]
+        expected = {
+            "draw": lambda mu64=mu64, sigma64=sigma64, t=t: mu64 + sigma64 * eps[t],
+            "perturbation": lambda sigma64=sigma64, t=t: sigma64 * eps[t],
+            "variance": lambda sigma64=sigma64: sigma64.square(),
+        }[use]()
+        kl64 = torch.distributions.kl_divergence(
+            Normal(mu64, sigma64), Normal(locs[t], scales[t])
+        ).sum()
+        assert math.isclose(float(slots[t].kl.detach()), float(kl64.detach()), rel_tol=1e-6)
+        assert torch.allclose(outs[t].detach().double(), expected.detach(), rtol=1e-5, atol=1e-6)
+        (torch.sum(grads[t].double() * expected) + kl_grads[t] * kl64).backward()
+        for got, ref in ((mus[t].grad, mu64.grad), (rhos[t].grad, rho64.grad)):
+            assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+
+
+@needs_native
 def test_sample_with_kl_draws_independent_standard_normals_per_sample() -> None:
     torch.manual_seed(7)
     n = 200_003
     mu = torch.zeros(n, requires_grad=True)
     rho = torch.full((n,), math.log(math.e - 1), requires_grad=True)  # sigma = 1: out = eps
-    out, _ = gaussian_ops.sample_with_kl(mu, rho, gaussian_ops.DRAW, (4,), 0.0, 0.0, 1.0)
+    out, _ = sample_with_kl_one(mu, rho, gaussian_ops.DRAW, (4,), 0.0, 0.0, 1.0)
     eps = out.detach().double()
     se = 1 / math.sqrt(n)
     for row in eps:
@@ -422,7 +491,7 @@ def test_sample_with_kl_draws_independent_standard_normals_per_sample() -> None:
         for b in range(a + 1, 4):
             assert abs(float((eps[a] * eps[b]).mean())) < 5 * se
     draws = draws_on_one_and_two_threads(
-        8, lambda: gaussian_ops.sample_with_kl(mu, rho, 0, (2,), 0.0, 0.0, 1.0)[0]
+        8, lambda: sample_with_kl_one(mu, rho, 0, (2,), 0.0, 0.0, 1.0)[0]
     )
     assert torch.equal(draws[0], draws[1])
 
@@ -512,10 +581,10 @@ def test_the_joint_node_refuses_a_second_derivative_as_once_differentiable_does(
     rho = torch.full((40,), -3.0, requires_grad=True)
     x = torch.randn(40, requires_grad=True)
     state = torch.get_rng_state()
-    out, slot = gaussian_ops.sample_with_kl(mu, rho, gaussian_ops.DRAW, (), 0.0, 0.0, 1.0)
+    out, slot = sample_with_kl_one(mu, rho, gaussian_ops.DRAW, (), 0.0, 0.0, 1.0)
     grads = torch.autograd.grad((out * x).sum() + slot.kl, (mu, rho), create_graph=True)
     torch.set_rng_state(state)  # the same eps
-    out, slot = gaussian_ops.sample_with_kl(mu, rho, gaussian_ops.DRAW, (), 0.0, 0.0, 1.0)
+    out, slot = sample_with_kl_one(mu, rho, gaussian_ops.DRAW, (), 0.0, 0.0, 1.0)
     plain = torch.autograd.grad((out * x.detach()).sum() + slot.kl, (mu, rho))
     for got, want in zip(grads, plain, strict=True):
         assert got.requires_grad and torch.equal(got.detach(), want)

@@ -20,7 +20,9 @@ adds to a deterministic one. Here:
   six passes and autograd adding their gradients), computing sigma and sigmoid(rho) again
   rather than keeping them (less memory traffic than storing and reading them back). That node
   is written in C++ (:func:`bbb_lightning.bayes.native.sample_with_kl_node`), so its forward
-  and backward run no Python. The KL is kept in a :class:`KLSlot` until the loss asks for it
+  and backward run no Python, and it serves several tensors at once: a layer's weight and bias
+  are one node (:func:`~bbb_lightning.bayes.posteriors.joint_uses`). The KL is kept in a
+  :class:`KLSlot` until the loss asks for it
   (:meth:`~bbb_lightning.bayes.posteriors.MeanFieldNormal.kl_from_forward`).
 
 The functions (``eps`` ~ N(0, I) of shape ``sample_shape + mu.shape``; sums over the sample
@@ -29,7 +31,8 @@ dimensions in the gradients):
 - :func:`draw`: w = mu + sigma * eps;  dL/dmu = sum_s G_s,  dL/drho = sum_s G_s eps_s sigmoid(rho)
 - :func:`perturbation`: sigma * eps;  dL/drho as for :func:`draw`
 - :func:`variance`: sigma^2;  dL/drho = 2 G sigma sigmoid(rho)
-- :func:`sample_with_kl`: one of the three above and :func:`gaussian_kl`, from one node;
+- :func:`sample_with_kl`: one of the three above and :func:`gaussian_kl`, for one or several
+  tensors, from one node;
 - :func:`gaussian_kl`: KL(N(mu, sigma^2) || N(m, s^2)) summed,
   sum_i [log s_i - log sigma_i + (sigma_i^2 + (mu_i - m_i)^2) / (2 s_i^2) - 1/2];
   dKL/dmu = (mu - m) / s^2,  dKL/drho = (sigma / s^2 - 1 / sigma) sigmoid(rho).
@@ -333,25 +336,32 @@ class KLSlot:
 
 
 def sample_with_kl(
-    mu: Tensor,
-    rho: Tensor,
+    mus: list[Tensor],
+    rhos: list[Tensor],
     use: int,
-    sample_shape: tuple[int, ...],
-    min_scale: float,
-    loc: float,
-    scale: float,
-) -> tuple[Tensor, KLSlot] | None:
-    """One use of sigma and KL(N(mu, sigma^2) || N(loc, scale^2)) summed, from one node.
+    sample_shape: list[int],
+    min_scales: list[float],
+    locs: list[float],
+    scales: list[float],
+) -> tuple[list[Tensor], list[KLSlot]] | None:
+    """One use of sigma and KL(N(mu, sigma^2) || N(loc, scale^2)) summed, for each tensor t
+    (``mus[t]``, ``rhos[t]``, ``min_scales[t]``, ``locs[t]``, ``scales[t]``), from one node.
 
     ``use`` is :data:`DRAW` (mu + sigma eps), :data:`PERTURBATION` (sigma eps) or
     :data:`VARIANCE` (sigma^2, no ``sample_shape``); eps ~ N(0, I) of shape
-    ``sample_shape + mu.shape``. Returns that tensor and the :class:`KLSlot` holding the KL, or
-    None where the node does not apply: autograd records nothing, or the native kernels do not
-    apply to ``mu`` and ``rho`` (:func:`bbb_lightning.bayes.native.applies_to`).
+    ``sample_shape + mu.shape``. Returns those tensors and the :class:`KLSlot` holding each KL,
+    or None where the node does not apply: the native kernels are not built, autograd records
+    nothing, or a tensor is not a contiguous float32 CPU tensor
+    (:func:`bbb_lightning.bayes.native.sample_with_kl_node`).
     """
-    if not (tracked(mu, rho) and native.applies_to(mu) and native.applies_to(rho)):
+    if native.kernels() is None:
         return None
-    out, kl, released = native.sample_with_kl_node(
-        mu, rho, use, tuple(sample_shape), min_scale, loc, scale
-    )
-    return out, KLSlot(mu, rho, loc, scale, kl, released)
+    joint = native.sample_with_kl_node(mus, rhos, use, sample_shape, min_scales, locs, scales)
+    if joint is None:
+        return None
+    outs, kls, released = joint
+    slots = [
+        KLSlot(mu, rho, loc, scale, kl, released)
+        for mu, rho, loc, scale, kl in zip(mus, rhos, locs, scales, kls, strict=True)
+    ]
+    return outs, slots

@@ -47,10 +47,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import native
-from .gaussian_ops import ScaleValues
+from .gaussian_ops import DRAW, PERTURBATION, VARIANCE, ScaleValues
 from .local_reparameterization import linear_moments, sample_preactivations
 from .mixed_precision import autocast_inputs
-from .posteriors import MeanFieldNormal, VariationalPosterior
+from .posteriors import MeanFieldNormal, VariationalPosterior, joint_uses
 from .priors import Prior
 
 __all__ = [
@@ -260,6 +260,20 @@ class BayesianLayer(nn.Module):
     def _bias_mean(self) -> Tensor | None:
         return self.bias if self.bias_posterior is None else self.bias_posterior.mean
 
+    def _joint_uses(self, use: int, sample_shape: tuple[int, ...] = ()) -> list[Tensor] | None:
+        """[weight's, bias's] ``use`` of sigma (``DRAW``, ``PERTURBATION`` or ``VARIANCE``) and
+        their KLs from one autograd node (:func:`~bbb_lightning.bayes.posteriors.joint_uses`)
+        when both posteriors are Gaussian and trained; None where that does not apply, and the
+        caller asks each posterior in turn."""
+        weight_q, bias_q = self.weight_posterior, self.bias_posterior
+        if not (
+            isinstance(weight_q, MeanFieldNormal)
+            and isinstance(bias_q, MeanFieldNormal)
+            and not bias_q.frozen
+        ):
+            return None
+        return joint_uses((weight_q, bias_q), use, sample_shape)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.weight_posterior.frozen:
             return self._affine(x, self.weight_posterior.mean, self._bias_mean())
@@ -280,8 +294,14 @@ class BayesianLayer(nn.Module):
                 return self._affine(x, weight, bias)
             return self._affine_per_sample(x, weight, bias)
         if num_samples == 1:
-            bias = self.bias if self.bias_posterior is None else self.bias_posterior()
-            weight = self.weight_posterior()
+            joint = self._joint_uses(DRAW)
+            if joint is None:  # in the same order as the joint node: the same noise
+                weight = self.weight_posterior()
+                bias = self.bias if self.bias_posterior is None else self.bias_posterior()
+            else:
+                weight, bias = joint
+                self.weight_posterior.remember_sample(weight)
+                self.bias_posterior.remember_sample(bias)
             if forward_pass is not None:
                 forward_pass[key] = (weight, bias)
             return self._affine(x, weight, bias)
@@ -343,8 +363,12 @@ class BayesianLayer(nn.Module):
 
         chunk = max(1, _MAX_DRAWN_WEIGHTS // weight_q.mean.numel())
         if torch.is_grad_enabled() or chunk >= num_samples:
-            weight = draw(weight_q, num_samples)
-            bias = plain_bias(num_samples) if bias_q is None else draw(bias_q, num_samples)
+            joint = self._joint_uses(PERTURBATION if perturbation else DRAW, (num_samples,))
+            if joint is None:
+                weight = draw(weight_q, num_samples)
+                bias = plain_bias(num_samples) if bias_q is None else draw(bias_q, num_samples)
+            else:
+                weight, bias = joint
             for q, drawn in ((weight_q, weight), (bias_q, bias)):
                 if q is not None and drawn is not None:
                     if perturbation:
@@ -403,12 +427,16 @@ class BayesianLayer(nn.Module):
         assert isinstance(weight_q, MeanFieldNormal)
         rows = _distinct_rows(x)
         distinct = x if rows is None else x[:rows]
-        bias_var = None
+        joint = self._joint_uses(VARIANCE)
+        if joint is not None:
+            weight_var, bias_var = joint
+        else:
+            bias_var = bias_q.variance() if isinstance(bias_q, MeanFieldNormal) else None
+            weight_var = weight_q.variance()
         if isinstance(bias_q, MeanFieldNormal):
-            bias_var = bias_q.variance()
             bias_q.last_sample = None
         mean, variance = self._moments(
-            distinct, weight_q.mu, weight_q.variance(), self._bias_mean(), bias_var
+            distinct, weight_q.mu, weight_var, self._bias_mean(), bias_var
         )
         weight_q.last_sample = None
         # One mean and variance for the S copies of each row, independent noise for each copy.
@@ -428,11 +456,14 @@ class BayesianLayer(nn.Module):
         if num_samples > 1:
             perturbation = self._per_sample_affine(signed, num_samples, perturbation=True)
         else:
-            weight_noise = weight_q.perturbation()
+            joint = self._joint_uses(PERTURBATION)
+            if joint is not None:
+                weight_noise, bias_noise = joint
+            else:
+                weight_noise = weight_q.perturbation()
+                bias_noise = bias_q.perturbation() if isinstance(bias_q, MeanFieldNormal) else None
             weight_q.remember_perturbation(weight_noise)
-            bias_noise = None
-            if isinstance(bias_q, MeanFieldNormal):
-                bias_noise = bias_q.perturbation()
+            if bias_noise is not None:
                 bias_q.remember_perturbation(bias_noise)
             perturbation = self._affine(signed, weight_noise, bias_noise)
         perturbation = perturbation * _random_signs(perturbation, self.CHANNEL_DIM)

@@ -36,6 +36,7 @@ __all__ = [
     "SoftplusNormal",
     "VariationalPosterior",
     "all_posteriors",
+    "joint_uses",
     "log_softplus",
     "named_posteriors",
     "posterior_scales",
@@ -123,6 +124,11 @@ class VariationalPosterior(nn.Module):
 
     @last_sample.setter
     def last_sample(self, sample: Tensor | None) -> None:
+        self._remember(sample, None)
+
+    def remember_sample(self, sample: Tensor) -> None:
+        """``last_sample = sample``, without Module.__setattr__ (a layer that drew its weight
+        and bias together does this every step)."""
         self._remember(sample, None)
 
     def forget_last_sample(self) -> None:
@@ -275,19 +281,9 @@ class MeanFieldNormal(VariationalPosterior):
 
     def _with_kl(self, use: int, sample_shape: Sequence[int] = ()) -> Tensor | None:
         """The forward's use of sigma from the node that also computes the KL against a scalar
-        Gaussian prior (:func:`~bbb_lightning.bayes.gaussian_ops.sample_with_kl`), which keeps
-        the KL for :meth:`fused_kl`; None where that node does not apply."""
-        self.__dict__["_kl_slot"] = None  # a plain attribute: skip Module.__setattr__
-        prior = self._scalar_gaussian_prior()
-        if prior is None:
-            return None
-        joint = gaussian_ops.sample_with_kl(
-            self.mu, self.rho, use, tuple(sample_shape), self.min_scale, *prior
-        )
-        if joint is None:
-            return None
-        out, self.__dict__["_kl_slot"] = joint
-        return out
+        Gaussian prior (:func:`joint_uses`); None where that node does not apply."""
+        drawn = joint_uses((self,), use, sample_shape)
+        return None if drawn is None else drawn[0]
 
     def rsample(
         self,
@@ -370,6 +366,42 @@ def _tensor_name(module_path: str) -> str:
         owner, tensor = match.groups()
         return f"{owner}.{tensor}" if owner else tensor
     return module_path.removesuffix("_posterior")
+
+
+def joint_uses(
+    posteriors: Sequence[MeanFieldNormal], use: int, sample_shape: Sequence[int] = ()
+) -> list[Tensor] | None:
+    """One use of sigma for each of several Gaussian posteriors (a layer's weight and bias),
+    together with their KLs against scalar Gaussian priors, from one autograd node
+    (:func:`~bbb_lightning.bayes.gaussian_ops.sample_with_kl`): mu + sigma eps
+    (``gaussian_ops.DRAW``), sigma eps (``PERTURBATION``) or sigma^2 (``VARIANCE``), eps ~ N(0, I)
+    of shape ``sample_shape + mu.shape`` drawn independently for each posterior.
+
+    Each posterior keeps its KL for :meth:`~MeanFieldNormal.kl_from_forward`. Returns None, and
+    keeps no KL, where the node does not apply to all of them: a prior other than a constant
+    scalar ``GaussianPrior``, nothing recorded by autograd, or tensors the native kernels do not
+    serve. The caller remembers the draws (:meth:`VariationalPosterior.forward` does).
+    """
+    mus, rhos, min_scales, locs, scales = [], [], [], [], []
+    for posterior in posteriors:
+        posterior.__dict__["_kl_slot"] = None  # a plain attribute: skip Module.__setattr__
+        prior = posterior._scalar_gaussian_prior()
+        if prior is None:
+            return None
+        mus.append(posterior.mu)
+        rhos.append(posterior.rho)
+        min_scales.append(posterior.min_scale)
+        locs.append(prior[0])
+        scales.append(prior[1])
+    joint = gaussian_ops.sample_with_kl(
+        mus, rhos, use, list(sample_shape), min_scales, locs, scales
+    )
+    if joint is None:
+        return None
+    outs, slots = joint
+    for posterior, slot in zip(posteriors, slots, strict=True):
+        posterior.__dict__["_kl_slot"] = slot
+    return outs
 
 
 def all_posteriors(net: nn.Module) -> Iterator[VariationalPosterior]:

@@ -324,19 +324,24 @@ def sample_with_kl(
 
 
 def sample_with_kl_node(
-    mu: Tensor,
-    rho: Tensor,
+    mus: list[Tensor],
+    rhos: list[Tensor],
     use: int,
-    sample_shape: tuple[int, ...],
-    min_scale: float,
-    loc: float,
-    scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(out, KL, released) of :func:`sample_with_kl` from one autograd node written in C++.
+    sample_shape: list[int],
+    min_scales: list[float],
+    locs: list[float],
+    scales: list[float],
+) -> tuple[list[Tensor], list[Tensor], Tensor] | None:
+    """([out_t], [KL_t], released): :func:`sample_with_kl` for each tensor t of (``mus[t]``,
+    ``rhos[t]``), with its own ``min_scales[t]`` and prior N(``locs[t]``, ``scales[t]``^2), from
+    one autograd node written in C++ (one node per layer: weight and bias); None where the node
+    does not apply: autograd records nothing (grad mode off, or no tensor requires grad), or a
+    tensor is not a contiguous float32 CPU tensor (checked in C++: in Python these checks cost
+    more than the node). The kernels must be built (:func:`kernels`).
 
-    The node saves eps, mu and rho; its backward gives dL/dmu and dL/drho of
-    L = <G, out> + g KL in one pass (the native ``sample_with_kl_backward``) and has no second
-    derivative. ``released`` is a 0-dim bool that turns true once the backward has run. The
-    node records both kernels under their names for ``torch.profiler`` itself. Only for tensors
-    :func:`applies_to`."""
-    return kernels().sample_with_kl_node(mu, rho, use, list(sample_shape), min_scale, loc, scale)
+    The node saves eps, mu and rho; its backward gives dL/dmu_t and dL/drho_t of
+    L = sum_t <G_t, out_t> + g_t KL_t in one pass per tensor (the native
+    ``sample_with_kl_backward``) and has no second derivative. ``released`` is a 0-dim bool that
+    turns true once the backward has run. The node records both kernels under their names for
+    ``torch.profiler`` itself, once per tensor."""
+    return kernels().sample_with_kl_node(mus, rhos, use, sample_shape, min_scales, locs, scales)

@@ -32,6 +32,7 @@
 #include <cfloat>
 #include <cmath>
 #include <mutex>
+#include <optional>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -777,85 +778,135 @@ std::tuple<torch::Tensor, torch::Tensor> sample_with_kl_backward(
   return {grad_mu, grad_rho};
 }
 
-// -- the autograd node of sample_with_kl ------------------------------------------------------
-// (out, KL, released) = the node's outputs: out and the KL as sample_with_kl computes them (the
-// noise key drawn here from torch's default generator), and a 0-dim bool, non-differentiable,
-// that the backward sets once it has run (and freed eps, mu and rho): a KL kept for the loss is
-// only valid while it is false. A node written in C++ costs no Python per forward and backward,
-// which for a network's few large tensors is most of what the posterior adds to a step besides
-// the kernels. Like Python's @once_differentiable, the backward's outputs raise if a second
-// derivative is taken through them (create_graph=True).
+// -- the autograd node of sample_with_kl, for several tensors ---------------------------------
+// The node's outputs: out_t and KL_t for every tensor t, as sample_with_kl computes them (each
+// with its own noise key drawn here from torch's default generator, in order), then a 0-dim
+// bool, non-differentiable, that the backward sets once it has run (and freed the saved eps,
+// mu and rho): a KL kept for the loss is only valid while it is false. One node serves the
+// tensors of one layer (weight and bias): a node written in C++ costs no Python per forward
+// and backward, and one node per layer instead of one per tensor halves the autograd nodes,
+// their backward calls and the Python around them, which for a network's few large tensors is
+// most of what the posterior adds to a step besides the kernels. Like Python's
+// @once_differentiable, the backward's outputs raise if a second derivative is taken through
+// them (create_graph=True).
 struct SampleWithKLNode : public torch::autograd::Function<SampleWithKLNode> {
+  // mus and rhos are TensorLists, which autograd counts as one input per tensor (in this order,
+  // then the five other arguments): needs_input_grad(t) is mu_t's, needs_input_grad(N + t) rho_t's.
   static torch::autograd::variable_list forward(
-      torch::autograd::AutogradContext* ctx, const torch::Tensor& mu, const torch::Tensor& rho,
-      int64_t use, const std::vector<int64_t>& sample_shape, double min_scale, double loc,
-      double prior_scale) {
-    RECORD_FUNCTION("bbb_lightning::sample_with_kl", std::vector<c10::IValue>());
-    const int64_t seed = use != kVariance ? random_key() : 0;  // no noise: no key drawn
-    auto [out, eps, kl] = sample_with_kl(mu, rho, use, sample_shape, seed, min_scale, loc,
-                                         prior_scale);
-    auto released = torch::zeros({}, rho.options().dtype(torch::kBool));
-    ctx->save_for_backward({eps, mu, rho});
+      torch::autograd::AutogradContext* ctx, at::TensorList mus, at::TensorList rhos,
+      int64_t use, const std::vector<int64_t>& sample_shape,
+      const std::vector<double>& min_scales, const std::vector<double>& locs,
+      const std::vector<double>& prior_scales) {
+    const size_t count = mus.size();
+    TORCH_CHECK(rhos.size() == count && min_scales.size() == count && locs.size() == count &&
+                    prior_scales.size() == count,
+                "sample_with_kl_node needs one rho, min_scale, loc and scale per mu");
+    torch::autograd::variable_list outputs(2 * count + 1), saved(3 * count);
+    std::vector<double> inverse_variances(count);
+    for (size_t t = 0; t < count; ++t) {
+      RECORD_FUNCTION("bbb_lightning::sample_with_kl", std::vector<c10::IValue>());
+      const int64_t seed = use != kVariance ? random_key() : 0;  // no noise: no key drawn
+      auto [out, eps, kl] = sample_with_kl(mus[t], rhos[t], use, sample_shape, seed,
+                                           min_scales[t], locs[t], prior_scales[t]);
+      outputs[t] = out;
+      outputs[count + t] = kl;
+      saved[t] = eps;
+      saved[count + t] = mus[t];
+      saved[2 * count + t] = rhos[t];
+      inverse_variances[t] = 1.0 / (prior_scales[t] * prior_scales[t]);
+    }
+    auto released = torch::zeros({}, mus[0].options().dtype(torch::kBool));
+    outputs[2 * count] = released;
+    ctx->save_for_backward(saved);
     ctx->saved_data["use"] = use;
-    ctx->saved_data["min_scale"] = min_scale;
-    ctx->saved_data["loc"] = loc;
-    ctx->saved_data["inverse_variance"] = 1.0 / (prior_scale * prior_scale);
+    ctx->saved_data["min_scales"] = min_scales;
+    ctx->saved_data["locs"] = locs;
+    ctx->saved_data["inverse_variances"] = inverse_variances;
     ctx->saved_data["released"] = released;
     ctx->mark_non_differentiable({released});
     ctx->set_materialize_grads(false);
-    return {out, kl, released};
+    return outputs;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     ctx->saved_data["released"].toTensor().fill_(true);
     const auto saved = ctx->get_saved_variables();
-    const torch::Tensor &grad = grads[0], &grad_kl = grads[1];
-    torch::autograd::variable_list result(7);
-    if (!grad.defined() && !grad_kl.defined()) return result;
+    const size_t count = saved.size() / 3;
+    torch::autograd::variable_list result(2 * count + 5);  // + use, shape, scales, locs, scales
     const int64_t use = ctx->saved_data["use"].toInt();
-    const double kl_grad = grad_kl.defined() ? grad_kl.item<double>() : 0.0;
-    const bool want_mu = ctx->needs_input_grad(0) && (grad_kl.defined() || use == kDraw);
-    const bool want_rho = ctx->needs_input_grad(1);
-    {
+    const auto min_scales = ctx->saved_data["min_scales"].toDoubleVector();
+    const auto locs = ctx->saved_data["locs"].toDoubleVector();
+    const auto inverse_variances = ctx->saved_data["inverse_variances"].toDoubleVector();
+    bool second_order = false;
+    for (size_t t = 0; t < count; ++t) {
+      const torch::Tensor &grad = grads[t], &grad_kl = grads[count + t];
+      if (!grad.defined() && !grad_kl.defined()) continue;
+      second_order = second_order || (grad.defined() && grad.requires_grad()) ||
+                     (grad_kl.defined() && grad_kl.requires_grad());
+      const double kl_grad = grad_kl.defined() ? grad_kl.item<double>() : 0.0;
+      const bool want_mu = ctx->needs_input_grad(t) && (grad_kl.defined() || use == kDraw);
+      const bool want_rho = ctx->needs_input_grad(count + t);
       RECORD_FUNCTION("bbb_lightning::sample_with_kl_backward", std::vector<c10::IValue>());
       at::NoGradGuard no_grad;
+      const torch::Tensor& rho = saved[2 * count + t];
       auto [grad_mu, grad_rho] = sample_with_kl_backward(
-          grad.defined() ? grad.contiguous() : torch::empty({0}, saved[2].options()), saved[0],
-          saved[1], saved[2], use, kl_grad,
-          kl_grad * ctx->saved_data["inverse_variance"].toDouble(),
-          ctx->saved_data["loc"].toDouble(), ctx->saved_data["min_scale"].toDouble(), want_mu,
-          want_rho);
-      result[0] = grad_mu;
-      result[1] = grad_rho;
+          grad.defined() ? grad.contiguous() : torch::empty({0}, rho.options()), saved[t],
+          saved[count + t], rho, use, kl_grad, kl_grad * inverse_variances[t], locs[t],
+          min_scales[t], want_mu, want_rho);
+      result[t] = grad_mu;
+      result[count + t] = grad_rho;
     }
-    const bool second_order = at::GradMode::is_enabled() &&
-                              ((grad.defined() && grad.requires_grad()) ||
-                               (grad_kl.defined() && grad_kl.requires_grad()));
-    if (second_order) {  // as @once_differentiable: the outputs' backward raises
+    if (second_order && at::GradMode::is_enabled()) {  // as @once_differentiable: they raise
       auto error = std::make_shared<torch::autograd::DelayedError>(
           "trying to differentiate twice the posterior's sample_with_kl node, which has no "
           "second derivative",
-          2);
+          static_cast<int>(2 * count));
       torch::autograd::variable_list marked;
-      for (int k = 0; k < 2; ++k) {
+      for (size_t k = 0; k < 2 * count; ++k) {
         marked.push_back(result[k].defined() ? result[k].detach().requires_grad_(true)
                                              : torch::Tensor());
       }
       auto wrapped = error->apply(std::move(marked));
-      result[0] = wrapped[0];
-      result[1] = wrapped[1];
+      for (size_t k = 0; k < 2 * count; ++k) result[k] = wrapped[k];
     }
     return result;
   }
 };
 
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sample_with_kl_node(
-    const torch::Tensor& mu, const torch::Tensor& rho, int64_t use,
-    const std::vector<int64_t>& sample_shape, double min_scale, double loc, double prior_scale) {
-  auto outputs =
-      SampleWithKLNode::apply(mu, rho, use, sample_shape, min_scale, loc, prior_scale);
-  return {outputs[0], outputs[1], outputs[2]};
+// Whether the node applies: autograd records (grad mode on, some tensor requiring grad) and
+// every tensor is a contiguous float32 CPU tensor, as the kernels need. Checked here rather than
+// in Python, where these few attribute reads per tensor cost more than the node itself.
+bool node_applies(const std::vector<torch::Tensor>& mus, const std::vector<torch::Tensor>& rhos) {
+  if (!at::GradMode::is_enabled() || mus.empty()) return false;
+  bool recorded = false;
+  for (const auto* tensors : {&mus, &rhos}) {
+    for (const auto& t : *tensors) {
+      if (!t.defined() || !t.device().is_cpu() || t.scalar_type() != at::kFloat ||
+          t.layout() != at::kStrided || !t.is_contiguous()) {
+        return false;
+      }
+      recorded = recorded || t.requires_grad();
+    }
+  }
+  return recorded;
+}
+
+// (outs, KLs, released) of one SampleWithKLNode over the tensors (mus[t], rhos[t]), or None
+// where it does not apply (node_applies).
+std::optional<std::tuple<std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor>>
+sample_with_kl_node(const std::vector<torch::Tensor>& mus, const std::vector<torch::Tensor>& rhos,
+                    int64_t use, const std::vector<int64_t>& sample_shape,
+                    const std::vector<double>& min_scales, const std::vector<double>& locs,
+                    const std::vector<double>& prior_scales) {
+  if (!node_applies(mus, rhos)) return std::nullopt;
+  auto outputs = SampleWithKLNode::apply(at::TensorList(mus), at::TensorList(rhos), use,
+                                         sample_shape, min_scales, locs, prior_scales);
+  const auto count = static_cast<std::ptrdiff_t>(mus.size());
+  return std::make_tuple(
+      std::vector<torch::Tensor>(outputs.begin(), outputs.begin() + count),
+      std::vector<torch::Tensor>(outputs.begin() + count, outputs.begin() + 2 * count),
+      outputs[2 * count]);
 }
 
 }  // namespace
@@ -881,6 +932,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample_with_kl_backward", &sample_with_kl_backward,
         "(grad mu, grad rho) of <grad, out> + kl_grad KL, in one pass.");
   m.def("sample_with_kl_node", &sample_with_kl_node,
-        "(out, KL, released) of sample_with_kl as one autograd node; released turns true "
-        "once its backward has run.");
+        "([out_t], [KL_t], released) of sample_with_kl for tensors (mu_t, rho_t) as one autograd "
+        "node, or None unless autograd records and all are contiguous float32 CPU tensors; "
+        "released turns true once its backward has run.");
 }
