@@ -330,6 +330,28 @@ def sample_with_kl_one(
     return joint[0][0], joint[1][0]
 
 
+@needs_native
+def test_the_generator_is_philox4x32_10(
+    philox: Callable[[tuple[int, int, int, int], tuple[int, int]], list[int]],
+    philox_signs: Callable[[int, int, int], torch.Tensor],
+) -> None:
+    """The Python reference gives Random123's known answers, and the signs (one Philox bit
+    each) are exactly that reference's bits for this build's lane count."""
+    word = 0xFFFFFFFF
+    assert philox((0, 0, 0, 0), (0, 0)) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert philox((word,) * 4, (word, word)) == [
+        0x408F276D,
+        0x41C83B0E,
+        0xA20BC7C6,
+        0x6D5451FD,
+    ]
+    lanes = 16 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 8
+    seed = 0x0123456789ABCDEF
+    expected = philox_signs(seed, lanes, 3)
+    got = native.kernels().random_signs_(torch.empty(len(expected) - 7), seed)
+    assert torch.equal(got, expected[: len(expected) - 7])
+
+
 USES = {
     "draw": gaussian_ops.DRAW,
     "perturbation": gaussian_ops.PERTURBATION,

@@ -4,13 +4,15 @@ its own bit-field code for the exponent and mantissa of sigma) and portable code
 `native.kernels()` builds only the widest set torch uses here, so without these tests the code
 that users of other CPUs run would never execute in CI. Each build is checked against
 independent references, as `test_native.py` checks the default one: N(0, 1) moments, fair
-signs, float64 softplus, sigmoid, sum log sigma and KL, the default build's gradients, and local
-reparameterization's pre-activations and their gradients.
+signs that are exactly the bits of Philox4x32-10, float64 softplus, sigmoid, sum log sigma and
+KL, the default build's gradients, and local reparameterization's pre-activations and their
+gradients.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from types import ModuleType
 
 import pytest
@@ -52,6 +54,14 @@ def test_normals_signs_and_one_pass_draws(build: ModuleType) -> None:
     mu, sigma = torch.randn(n), torch.rand(n) + 0.1
     draws = build.scaled_normal_(torch.empty(2, n), sigma, mu, 7)
     standard_normal_ok((draws - mu) / sigma)
+
+
+def test_the_generator_is_philox4x32_10_on_8_lanes(
+    build: ModuleType, philox_signs: Callable[[int, int, int], torch.Tensor]
+) -> None:
+    seed = 0x7EDCBA9876543210
+    expected = philox_signs(seed, 8, 3)
+    assert torch.equal(build.random_signs_(torch.empty(len(expected) - 5), seed), expected[:-5])
 
 
 def test_softplus_sigmoid_and_sum_log_sigma_match_float64(build: ModuleType) -> None:

@@ -62,7 +62,10 @@ def sample_forward(net: nn.Module, x: Tensor, num_samples: int) -> Tensor:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     num_samples = int(num_samples)
     if num_samples == 1:
-        return tree_map(lambda out: out.unsqueeze(0), net(x))
+        out = net(x)
+        if isinstance(out, Tensor):  # the common case, without tree_map's walk (every step)
+            return out.unsqueeze(0)
+        return tree_map(lambda output: output.unsqueeze(0), out)
     if _has_parametrized_posteriors(net) or _normalizes_by_batch_statistics(net):
         outputs = [net(x) for _ in range(num_samples)]
         return tree_map(lambda *samples: torch.stack(samples), *outputs)

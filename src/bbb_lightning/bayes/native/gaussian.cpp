@@ -68,12 +68,12 @@ inline IVec lane_index() {
 }
 // (w >> 8) as a float, lane by lane: the top 24 bits of w, exactly.
 inline Vec top_bits(IVec w) { return Vec(_mm512_cvtepi32_ps(_mm512_srli_epi32(w, 8))); }
-// The high and low 32 bits of a * m, lane by lane.
-inline void mul_hi_lo(IVec a, IVec m, IVec& hi, IVec& lo) {
-  const IVec even = _mm512_mul_epu32(a, m);
-  const IVec odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
-  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+// In each 64-bit lane: the product of the low 32 bits of a and m; the upper 32 bits moved to
+// the lower (zeros above); a's lower 32 bits below and b's lower 32 bits above.
+inline IVec mul_even(IVec a, IVec m) { return _mm512_mul_epu32(a, m); }
+inline IVec high_words(IVec a) { return _mm512_srli_epi64(a, 32); }
+inline IVec merge_halves(IVec a, IVec b) {
+  return _mm512_mask_blend_epi32(0xAAAA, a, _mm512_slli_epi64(b, 32));
 }
 #else
 using IVec = __m256i;
@@ -85,11 +85,10 @@ inline IVec bit_xor(IVec a, IVec b) { return _mm256_xor_si256(a, b); }
 inline IVec add_words(IVec a, IVec b) { return _mm256_add_epi32(a, b); }
 inline IVec lane_index() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
 inline Vec top_bits(IVec w) { return Vec(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 8))); }
-inline void mul_hi_lo(IVec a, IVec m, IVec& hi, IVec& lo) {
-  const IVec even = _mm256_mul_epu32(a, m);
-  const IVec odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
-  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+inline IVec mul_even(IVec a, IVec m) { return _mm256_mul_epu32(a, m); }
+inline IVec high_words(IVec a) { return _mm256_srli_epi64(a, 32); }
+inline IVec merge_halves(IVec a, IVec b) {
+  return _mm256_blend_epi32(a, _mm256_slli_epi64(b, 32), 0xAA);
 }
 #endif
 
@@ -107,19 +106,30 @@ inline void store_block(const Block& x, uint32_t* out) {
   for (int w = 0; w < 4; ++w) store_words(out + w * kLanes, x[w]);
 }
 
-inline void philox(Block& x, uint32_t k0, uint32_t k1) {
+// The rounds run on the even and the odd lanes separately, each word of each half in the low 32
+// bits of a 64-bit lane: there one 32 x 32 -> 64-bit multiply gives a product's low word in
+// place and its high word one shift away, where a 32-bit layout needs two multiplies, three
+// shifts and two blends per product. The upper 32 bits of a 64-bit lane then hold garbage that
+// no multiply or shift of a product reads; the halves are merged back at the end.
+inline void philox_half(std::array<IVec, 4>& x, uint32_t k0, uint32_t k1) {
   const IVec m0 = broadcast(kM0), m1 = broadcast(kM1);
   for (int round = 0; round < 10; ++round) {
-    IVec hi0, lo0, hi1, lo1;
-    mul_hi_lo(x[0], m0, hi0, lo0);
-    mul_hi_lo(x[2], m1, hi1, lo1);
-    x[0] = bit_xor(bit_xor(hi1, x[1]), broadcast(k0));
-    x[2] = bit_xor(bit_xor(hi0, x[3]), broadcast(k1));
-    x[1] = lo1;
-    x[3] = lo0;
+    const IVec p0 = mul_even(x[0], m0), p1 = mul_even(x[2], m1);
+    x[0] = bit_xor(bit_xor(high_words(p1), x[1]), broadcast(k0));
+    x[2] = bit_xor(bit_xor(high_words(p0), x[3]), broadcast(k1));
+    x[1] = p1;
+    x[3] = p0;
     k0 += kW0;
     k1 += kW1;
   }
+}
+
+inline void philox(Block& x, uint32_t k0, uint32_t k1) {
+  Block odd;
+  for (int w = 0; w < 4; ++w) odd[w] = high_words(x[w]);
+  philox_half(x, k0, k1);
+  philox_half(odd, k0, k1);
+  for (int w = 0; w < 4; ++w) x[w] = merge_halves(x[w], odd[w]);
 }
 #else
 using Words = std::array<uint32_t, kLanes>;
