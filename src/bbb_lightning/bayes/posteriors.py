@@ -382,14 +382,18 @@ def joint_uses(
     scalar ``GaussianPrior``, nothing recorded by autograd, or tensors the native kernels do not
     serve. The caller remembers the draws (:meth:`VariationalPosterior.forward` does).
     """
+    # Past Module.__getattr__ and __setattr__ (microseconds per tensor, every step).
     mus, rhos, min_scales, locs, scales = [], [], [], [], []
     for posterior in posteriors:
-        posterior.__dict__["_kl_slot"] = None  # a plain attribute: skip Module.__setattr__
+        attributes = posterior.__dict__
+        attributes["_kl_slot"] = None
         prior = posterior._scalar_gaussian_prior()
         if prior is None:
             return None
-        mus.append(posterior.mu)
-        rhos.append(posterior.rho)
+        parameters = attributes["_parameters"]
+        mu, rho = parameters.get("mu"), parameters.get("rho")
+        mus.append(posterior.mu if mu is None else mu)  # mu or rho replaced by a plain tensor
+        rhos.append(posterior.rho if rho is None else rho)
         min_scales.append(posterior.min_scale)
         locs.append(prior[0])
         scales.append(prior[1])

@@ -812,7 +812,7 @@ struct SampleWithKLNode : public torch::autograd::Function<SampleWithKLNode> {
                     prior_scales.size() == count,
                 "sample_with_kl_node needs one rho, min_scale, loc and scale per mu");
     torch::autograd::variable_list outputs(2 * count + 1), saved(3 * count);
-    std::vector<double> inverse_variances(count);
+    std::vector<double> constants(3 * count);  // min_scale_t, loc_t, 1 / s_t^2 for the backward
     for (size_t t = 0; t < count; ++t) {
       RECORD_FUNCTION("bbb_lightning::sample_with_kl", std::vector<c10::IValue>());
       const int64_t seed = use != kVariance ? random_key() : 0;  // no noise: no key drawn
@@ -823,15 +823,16 @@ struct SampleWithKLNode : public torch::autograd::Function<SampleWithKLNode> {
       saved[t] = eps;
       saved[count + t] = mus[t];
       saved[2 * count + t] = rhos[t];
-      inverse_variances[t] = 1.0 / (prior_scales[t] * prior_scales[t]);
+      constants[3 * t] = min_scales[t];
+      constants[3 * t + 1] = locs[t];
+      constants[3 * t + 2] = 1.0 / (prior_scales[t] * prior_scales[t]);
     }
-    auto released = torch::zeros({}, mus[0].options().dtype(torch::kBool));
+    auto released = torch::empty({}, mus[0].options().dtype(torch::kBool));
+    *released.mutable_data_ptr<bool>() = false;  // written directly: no operator dispatch
     outputs[2 * count] = released;
     ctx->save_for_backward(saved);
     ctx->saved_data["use"] = use;
-    ctx->saved_data["min_scales"] = min_scales;
-    ctx->saved_data["locs"] = locs;
-    ctx->saved_data["inverse_variances"] = inverse_variances;
+    ctx->saved_data["constants"] = std::move(constants);
     ctx->saved_data["released"] = released;
     ctx->mark_non_differentiable({released});
     ctx->set_materialize_grads(false);
@@ -840,21 +841,22 @@ struct SampleWithKLNode : public torch::autograd::Function<SampleWithKLNode> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    ctx->saved_data["released"].toTensor().fill_(true);
+    *ctx->saved_data["released"].toTensor().mutable_data_ptr<bool>() = true;
     const auto saved = ctx->get_saved_variables();
     const size_t count = saved.size() / 3;
     torch::autograd::variable_list result(2 * count + 5);  // + use, shape, scales, locs, scales
     const int64_t use = ctx->saved_data["use"].toInt();
-    const auto min_scales = ctx->saved_data["min_scales"].toDoubleVector();
-    const auto locs = ctx->saved_data["locs"].toDoubleVector();
-    const auto inverse_variances = ctx->saved_data["inverse_variances"].toDoubleVector();
+    const auto constants = ctx->saved_data["constants"].toDoubleList();
     bool second_order = false;
     for (size_t t = 0; t < count; ++t) {
       const torch::Tensor &grad = grads[t], &grad_kl = grads[count + t];
       if (!grad.defined() && !grad_kl.defined()) continue;
       second_order = second_order || (grad.defined() && grad.requires_grad()) ||
                      (grad_kl.defined() && grad_kl.requires_grad());
-      const double kl_grad = grad_kl.defined() ? grad_kl.item<double>() : 0.0;
+      const double kl_grad = !grad_kl.defined() ? 0.0
+                             : grad_kl.scalar_type() == at::kFloat && grad_kl.is_cpu()
+                                 ? static_cast<double>(*grad_kl.const_data_ptr<float>())
+                                 : grad_kl.item<double>();
       const bool want_mu = ctx->needs_input_grad(t) && (grad_kl.defined() || use == kDraw);
       const bool want_rho = ctx->needs_input_grad(count + t);
       RECORD_FUNCTION("bbb_lightning::sample_with_kl_backward", std::vector<c10::IValue>());
@@ -862,8 +864,8 @@ struct SampleWithKLNode : public torch::autograd::Function<SampleWithKLNode> {
       const torch::Tensor& rho = saved[2 * count + t];
       auto [grad_mu, grad_rho] = sample_with_kl_backward(
           grad.defined() ? grad.contiguous() : torch::empty({0}, rho.options()), saved[t],
-          saved[count + t], rho, use, kl_grad, kl_grad * inverse_variances[t], locs[t],
-          min_scales[t], want_mu, want_rho);
+          saved[count + t], rho, use, kl_grad, kl_grad * constants.get(3 * t + 2),
+          constants.get(3 * t + 1), constants.get(3 * t), want_mu, want_rho);
       result[t] = grad_mu;
       result[count + t] = grad_rho;
     }
