@@ -498,6 +498,22 @@ def test_one_node_over_two_tensors_matches_float64_for_each(use: str) -> None:
 
 
 @needs_native
+@pytest.mark.parametrize("use", list(USES))
+def test_the_kl_of_a_million_equal_terms_keeps_float64_accuracy(use: str) -> None:
+    """Sums of equal terms round the same way at every float addition: sigma = min_scale and
+    mu - m equal everywhere, with a prior as narrow as sigma so that the sums of sigma^2 and
+    (mu - m)^2 carry the KL (0.5 per weight)."""
+    n = 1_000_003
+    mu = torch.full((n,), 2e-3, requires_grad=True)
+    rho = torch.full((n,), -60.0, requires_grad=True)  # sigma = min_scale + e^-60
+    _, slot = sample_with_kl_one(mu, rho, USES[use], (), 1e-3, 1e-3, 1e-3)
+    kl64 = n * (0.5 * (1e-6 + 1e-6) / 1e-6 - 0.5)  # log(s / sigma) = 0
+    # float32(1e-3) and float32(2e-3) alone move each term by 1.0e-7 of itself; summing a
+    # million of them adds at most as much again
+    assert math.isclose(float(slot.kl.detach()), kl64, rel_tol=2e-7)
+
+
+@needs_native
 def test_sample_with_kl_draws_independent_standard_normals_per_sample() -> None:
     torch.manual_seed(7)
     n = 200_003
