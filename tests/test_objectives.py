@@ -238,11 +238,19 @@ def test_noise_std_sets_sigma_also_for_targets_in_large_units(noise_std):
     torch.testing.assert_close(likelihood.log_prob(outputs, y)[0], expected, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("noise_std", [None, "0.1", math.inf, math.nan, 1e-5])
+@pytest.mark.parametrize("noise_std", [None, "0.1", math.inf, math.nan, 1e-5, True])
 def test_bad_noise_std_is_named(noise_std):
     message = f"likelihood noise_std must be a finite number > min_std=0.0001, got {noise_std!r}"
     with pytest.raises(ValueError, match=re.escape(message)):
         GaussianLikelihood(noise_std=noise_std)
+
+
+@pytest.mark.parametrize("min_std", [None, -1e-3, math.inf, False])
+def test_bad_min_std_is_named(min_std):
+    """A bool is not a standard deviation (False was taken as 0.0)."""
+    message = f"likelihood min_std must be a finite number >= 0, got {min_std!r}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GaussianLikelihood(min_std=min_std)
 
 
 def test_sizes_take_numpy_integers_and_refuse_bools():

@@ -26,7 +26,6 @@ p(y | x) ~= (1/S) sum_s p(y | x, w_s), so its NLL is a log-mean-exp over samples
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -182,11 +181,9 @@ class GaussianLikelihood(Likelihood):
             raise ValueError(
                 f"likelihood noise must be one of {', '.join(NOISE_MODELS)}; got {noise!r}"
             )
-        if not (isinstance(min_std, numbers.Real) and math.isfinite(min_std) and min_std >= 0):
+        if not (is_real(min_std) and math.isfinite(min_std) and min_std >= 0):
             raise ValueError(f"likelihood min_std must be a finite number >= 0, got {min_std!r}")
-        if not (
-            isinstance(noise_std, numbers.Real) and math.isfinite(noise_std) and noise_std > min_std
-        ):
+        if not (is_real(noise_std) and math.isfinite(noise_std) and noise_std > min_std):
             raise ValueError(
                 f"likelihood noise_std must be a finite number > min_std={min_std!r}, "
                 f"got {noise_std!r}"
