@@ -496,6 +496,30 @@ def test_a_layer_draws_its_weight_and_bias_from_one_node(estimator: str, num_sam
     assert len(net[2].weight_posterior.kl_from_forward().grad_fn.next_functions) == 4
 
 
+def test_a_posteriors_forward_hooks_run_when_the_layer_draws_one_sample() -> None:
+    """Where a layer draws one weight (reparameterization, S = 1) it calls its posteriors, as
+    it did before the weight and bias shared one node: their forward hooks run. Pruning a
+    posterior's mu (``torch.nn.utils.prune``, a forward pre-hook recomputing mu = mu_orig *
+    mask) must give each step's draw the current mu, not the one of the step before, whose
+    graph a backward has freed."""
+    torch.manual_seed(0)
+    layer = bayesianize(nn.Sequential(nn.Linear(5, 3)))[0]
+    calls = []
+    layer.bias_posterior.register_forward_hook(lambda *_: calls.append("bias"))
+    torch.nn.utils.prune.l1_unstructured(layer.weight_posterior, "mu", amount=0.5)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(4, 5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (layer(x).square().sum() + kl_divergence(layer)).backward()
+        optimizer.step()
+    q = layer.weight_posterior
+    layer(x)
+    assert calls == ["bias"] * 4
+    assert torch.equal(q.mu, q.mu_orig * q.mu_mask)  # the current step's mu
+    assert q.mu_orig.grad is not None and torch.isfinite(q.mu_orig.grad).all()
+
+
 class Siamese(nn.Module):
     """One Linear layer applied to two inputs in one forward pass: its weights are shared."""
 

@@ -45,6 +45,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_hooks
 
 from . import native
 from .gaussian_ops import DRAW, PERTURBATION, VARIANCE, ScaleValues
@@ -150,6 +151,22 @@ def _distinct_rows(x: Tensor) -> int | None:
         and x.is_contiguous()
     )
     return x.shape[0] // fold.num_samples if same else None
+
+
+def _has_call_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks besides its ``forward`` (its own or global ones,
+    as ``nn.Module.__call__`` checks), e.g. ``torch.nn.utils.prune``'s pre-hook that recomputes
+    a pruned tensor."""
+    return bool(
+        module._forward_pre_hooks
+        or module._forward_hooks
+        or module._backward_pre_hooks
+        or module._backward_hooks
+        or _module_hooks._global_forward_pre_hooks
+        or _module_hooks._global_forward_hooks
+        or _module_hooks._global_backward_pre_hooks
+        or _module_hooks._global_backward_hooks
+    )
 
 
 def check_estimator(estimator: str) -> str:
@@ -260,17 +277,22 @@ class BayesianLayer(nn.Module):
     def _bias_mean(self) -> Tensor | None:
         return self.bias if self.bias_posterior is None else self.bias_posterior.mean
 
-    def _joint_uses(self, use: int, sample_shape: tuple[int, ...] = ()) -> list[Tensor] | None:
+    def _joint_uses(
+        self, use: int, sample_shape: tuple[int, ...] = (), called: bool = False
+    ) -> list[Tensor] | None:
         """[weight's, bias's] ``use`` of sigma (``DRAW``, ``PERTURBATION`` or ``VARIANCE``) and
         their KLs from one autograd node (:func:`~bbb_lightning.bayes.posteriors.joint_uses`)
         when both posteriors are Gaussian and trained; None where that does not apply, and the
-        caller asks each posterior in turn."""
+        caller asks each posterior in turn. ``called``: the caller would otherwise call the
+        posteriors (``posterior()``), which runs their hooks: not where one has any."""
         weight_q, bias_q = self.weight_posterior, self.bias_posterior
         if not (
             isinstance(weight_q, MeanFieldNormal)
             and isinstance(bias_q, MeanFieldNormal)
             and not bias_q.frozen
         ):
+            return None
+        if called and (_has_call_hooks(weight_q) or _has_call_hooks(bias_q)):
             return None
         return joint_uses((weight_q, bias_q), use, sample_shape)
 
@@ -294,7 +316,7 @@ class BayesianLayer(nn.Module):
                 return self._affine(x, weight, bias)
             return self._affine_per_sample(x, weight, bias)
         if num_samples == 1:
-            joint = self._joint_uses(DRAW)
+            joint = self._joint_uses(DRAW, called=True)
             if joint is None:  # in the same order as the joint node: the same noise
                 weight = self.weight_posterior()
                 bias = self.bias if self.bias_posterior is None else self.bias_posterior()
