@@ -520,6 +520,36 @@ def test_a_posteriors_forward_hooks_run_when_the_layer_draws_one_sample() -> Non
     assert q.mu_orig.grad is not None and torch.isfinite(q.mu_orig.grad).all()
 
 
+class _MeanOnly(MeanFieldNormal):
+    """A Gaussian posterior whose draws, perturbations and variances are those of sigma = 0."""
+
+    def rsample(self, sample_shape: tuple[int, ...] = (), scale_values: object = None) -> Tensor:
+        return self.mu.expand(*sample_shape, *self.mu.shape)
+
+    def perturbation(
+        self, sample_shape: tuple[int, ...] = (), scale_values: object = None
+    ) -> Tensor:
+        return torch.zeros(*sample_shape, *self.mu.shape)
+
+    def variance(self) -> Tensor:
+        return torch.zeros_like(self.mu)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_a_layer_asks_a_posterior_subclass_for_its_draws(estimator: str, num_samples: int) -> None:
+    """A subclass of MeanFieldNormal that defines its own rsample, perturbation or variance is
+    asked for them, as before the weight and bias shared one node: the node is only for the
+    methods of MeanFieldNormal itself."""
+    torch.manual_seed(0)
+    net = bayesianize(nn.Sequential(nn.Linear(5, 3)), posterior=_MeanOnly, estimator=estimator)
+    x = torch.randn(4, 5)
+    layer = net[0]
+    mean = x @ layer.weight_posterior.mu.T + layer.bias_posterior.mu
+    out = sample_forward(net, x, num_samples)
+    torch.testing.assert_close(out, mean.expand(num_samples, -1, -1))
+
+
 class Siamese(nn.Module):
     """One Linear layer applied to two inputs in one forward pass: its weights are shared."""
 

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, ClassVar
 
 import torch
@@ -151,6 +152,17 @@ def _distinct_rows(x: Tensor) -> int | None:
         and x.is_contiguous()
     )
     return x.shape[0] // fold.num_samples if same else None
+
+
+@cache
+def _draws_as_mean_field_normal(posterior: type) -> bool:
+    """Whether a posterior of this class draws as MeanFieldNormal itself does, so that the
+    joint node may stand in for its forward, rsample, perturbation and variance: not a class
+    without them, or a subclass that defines any of them (or ``_with_kl``) anew."""
+    return issubclass(posterior, MeanFieldNormal) and all(
+        getattr(posterior, name) is getattr(MeanFieldNormal, name)
+        for name in ("forward", "rsample", "perturbation", "variance", "_with_kl")
+    )
 
 
 def _has_call_hooks(module: nn.Module) -> bool:
@@ -287,8 +299,8 @@ class BayesianLayer(nn.Module):
         posteriors (``posterior()``), which runs their hooks: not where one has any."""
         weight_q, bias_q = self.weight_posterior, self.bias_posterior
         if not (
-            isinstance(weight_q, MeanFieldNormal)
-            and isinstance(bias_q, MeanFieldNormal)
+            _draws_as_mean_field_normal(type(weight_q))
+            and _draws_as_mean_field_normal(type(bias_q))
             and not bias_q.frozen
         ):
             return None
