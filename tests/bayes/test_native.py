@@ -359,6 +359,34 @@ USES = {
 }
 
 
+def float64_reference(
+    mu: torch.Tensor,
+    rho: torch.Tensor,
+    eps: torch.Tensor,
+    use: str,
+    min_scale: float,
+    loc: float,
+    scale: float,
+    grad: torch.Tensor,
+    kl_grad: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mu64, rho64, out64, kl64): the use of sigma (with the node's ``eps``) and the KL of
+    torch.distributions in float64 torch ops, after the backward of <grad, out> + kl_grad KL
+    (the gradients in ``mu64.grad`` and ``rho64.grad``)."""
+    mu64 = mu.detach().double().requires_grad_()
+    rho64 = rho.detach().double().requires_grad_()
+    sigma64 = F.softplus(rho64) + min_scale
+    if use == "draw":
+        out64 = mu64 + sigma64 * eps
+    elif use == "perturbation":
+        out64 = sigma64 * eps
+    else:
+        out64 = sigma64.square()
+    kl64 = torch.distributions.kl_divergence(Normal(mu64, sigma64), Normal(loc, scale)).sum()
+    (torch.sum(grad.double() * out64) + kl_grad * kl64).backward()
+    return mu64, rho64, out64.detach(), kl64.detach()
+
+
 @needs_native
 @pytest.mark.parametrize(
     ("use", "sample_shape"),
@@ -385,26 +413,20 @@ def test_sample_with_kl_matches_float64_autograd(
     kl = slot.kl
     (torch.sum(grad * out) + kl_grad * kl).backward()
 
-    mu64 = mu.detach().double().requires_grad_()
-    rho64 = rho.detach().double().requires_grad_()
-    sigma64 = F.softplus(rho64) + min_scale
-    expected = {
-        "draw": lambda: mu64 + sigma64 * eps,
-        "perturbation": lambda: sigma64 * eps,
-        "variance": lambda: sigma64.square(),
-    }[use]()
-    kl64 = torch.distributions.kl_divergence(Normal(mu64, sigma64), Normal(loc, scale)).sum()
-    (torch.sum(grad.double() * expected) + kl_grad * kl64).backward()
+    mu64, rho64, expected, kl64 = float64_reference(
+        mu, rho, eps, use, min_scale, loc, scale, grad, kl_grad
+    )
 
     assert out.shape == (*sample_shape, *shape)
     # float32 rounding of each term: a few ulps of |mu| + |sigma eps| (the sum may cancel). sigma
     # carries up to 3 ulps (test_softplus_scale_matches_float64), which sigma^2 doubles.
-    size = (mu64.abs() if use == "draw" else 0) + (expected - (mu64 if use == "draw" else 0)).abs()
-    error = (out.detach().double() - expected.detach()).abs()
+    mean = mu64.detach() if use == "draw" else torch.zeros((), dtype=torch.float64)
+    size = mean.abs() + (expected - mean).abs()
+    error = (out.detach().double() - expected).abs()
     ulps = 6 if use == "variance" else 4
-    assert bool((error <= ulps * F32_ULP * size.detach() + 1e-44).all())
+    assert bool((error <= ulps * F32_ULP * size + 1e-44).all())
     # The KL is a sum of 56,211 terms of magnitude up to 60: a few ulps of the largest partial.
-    assert math.isclose(float(kl.detach()), float(kl64.detach()), rel_tol=1e-6)
+    assert math.isclose(float(kl.detach()), float(kl64), rel_tol=1e-6)
     for got, ref in ((mu.grad, mu64.grad), (rho.grad, rho64.grad)):
         assert torch.isfinite(got).all()
         assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
@@ -416,8 +438,8 @@ def test_sample_with_kl_matches_float64_autograd(
 def test_sample_with_kl_with_only_mu_or_only_rho_trained_matches_float64(
     trained: str, use: str
 ) -> None:
-    """With rho frozen the forward stores no backward factors; the gradient of the tensor that
-    is trained is still that of float64 autograd."""
+    """With only one of mu and rho requiring grad, the node's backward computes only that
+    gradient, still that of float64 autograd, and leaves the other None."""
     torch.manual_seed(16)
     mu = (torch.randn(37, 53) * 0.3).requires_grad_(trained == "mu")
     rho = torch.empty(37, 53).uniform_(-8, 3).requires_grad_(trained == "rho")
@@ -430,16 +452,7 @@ def test_sample_with_kl_with_only_mu_or_only_rho_trained_matches_float64(
     grad = torch.randn(out.shape)
     (torch.sum(grad * out) + kl_grad * slot.kl).backward()
 
-    mu64 = mu.detach().double().requires_grad_()
-    rho64 = rho.detach().double().requires_grad_()
-    sigma64 = F.softplus(rho64)
-    expected = {
-        "draw": lambda: mu64 + sigma64 * eps,
-        "perturbation": lambda: sigma64 * eps,
-        "variance": lambda: sigma64.square(),
-    }[use]()
-    kl64 = torch.distributions.kl_divergence(Normal(mu64, sigma64), Normal(loc, scale)).sum()
-    (torch.sum(grad.double() * expected) + kl_grad * kl64).backward()
+    mu64, rho64, _, _ = float64_reference(mu, rho, eps, use, 0.0, loc, scale, grad, kl_grad)
     got, ref = (mu.grad, mu64.grad) if trained == "mu" else (rho.grad, rho64.grad)
     assert (rho if trained == "mu" else mu).grad is None
     assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
@@ -479,20 +492,11 @@ def test_one_node_over_two_tensors_matches_float64_for_each(use: str) -> None:
         assert not torch.equal(eps[1][:, :33], eps[0][:, 0, :])
 
     for t in range(2):
-        mu64 = mus[t].detach().double().requires_grad_()
-        rho64 = rhos[t].detach().double().requires_grad_()
-        sigma64 = F.softplus(rho64) + min_scales[t]
-        expected = {
-            "draw": lambda mu64=mu64, sigma64=sigma64, t=t: mu64 + sigma64 * eps[t],
-            "perturbation": lambda sigma64=sigma64, t=t: sigma64 * eps[t],
-            "variance": lambda sigma64=sigma64: sigma64.square(),
-        }[use]()
-        kl64 = torch.distributions.kl_divergence(
-            Normal(mu64, sigma64), Normal(locs[t], scales[t])
-        ).sum()
-        assert math.isclose(float(slots[t].kl.detach()), float(kl64.detach()), rel_tol=1e-6)
-        assert torch.allclose(outs[t].detach().double(), expected.detach(), rtol=1e-5, atol=1e-6)
-        (torch.sum(grads[t].double() * expected) + kl_grads[t] * kl64).backward()
+        mu64, rho64, expected, kl64 = float64_reference(
+            mus[t], rhos[t], eps[t], use, min_scales[t], locs[t], scales[t], grads[t], kl_grads[t]
+        )
+        assert math.isclose(float(slots[t].kl.detach()), float(kl64), rel_tol=1e-6)
+        assert torch.allclose(outs[t].detach().double(), expected, rtol=1e-5, atol=1e-6)
         for got, ref in ((mus[t].grad, mu64.grad), (rhos[t].grad, rho64.grad)):
             assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
 
