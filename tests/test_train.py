@@ -219,6 +219,17 @@ BAD_INPUTS = [  # docs/errors.md, row by row
         "trainer.check_val_every_n_epoch=0",
         "trainer.check_val_every_n_epoch=0 is not allowed: an integer >= 1",
     ),
+    (
+        "trainer.log_every_n_steps=-1",
+        "trainer.log_every_n_steps=-1 is not allowed: an integer >= 1",
+    ),
+    (
+        "trainer.min_epochs=5 trainer.max_epochs=2",
+        "trainer.min_epochs=5 is not allowed: at most trainer.max_epochs=2",
+    ),
+    ("trainer.min_epochs=-1", "trainer.min_epochs=-1 is not allowed: null or an integer >= 0"),
+    ("trainer.deterministic=maybe", "trainer.deterministic='maybe' is not allowed: true, false"),
+    ("trainer.enable_model_summary=3", "trainer.enable_model_summary=3 is not allowed: true or"),
     ("+trainer.val_check_interval=1.5", "trainer.val_check_interval=1.5 is not allowed: null"),
     (
         "+trainer.val_check_interval=100",

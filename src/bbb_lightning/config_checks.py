@@ -186,8 +186,23 @@ def check_config(cfg: DictConfig) -> None:
         lambda v: v is None or (_is_positive(v) and math.isfinite(v)),
         "null (no clipping) or a finite number > 0 (Lightning skips clipping at <= 0)",
     )
-    for key in ("accumulate_grad_batches", "check_val_every_n_epoch"):
+    _require(
+        cfg,
+        "trainer.min_epochs",
+        lambda v: v is None or _is_int(0)(v),
+        "null or an integer >= 0",
+    )
+    _check_min_epochs_within_max(cfg)
+    for key in ("accumulate_grad_batches", "check_val_every_n_epoch", "log_every_n_steps"):
         _require(cfg, f"trainer.{key}", lambda v: v is None or _is_int(1)(v), "an integer >= 1")
+    for key in ("enable_model_summary", "enable_progress_bar", "enable_checkpointing"):
+        _require(cfg, f"trainer.{key}", lambda v: v is None or isinstance(v, bool), "true or false")
+    _require(
+        cfg,
+        "trainer.deterministic",
+        lambda v: v is None or isinstance(v, bool) or v == "warn",
+        "true, false or 'warn'",
+    )
     _require(
         cfg,
         "trainer.val_check_interval",
@@ -206,6 +221,16 @@ def check_config(cfg: DictConfig) -> None:
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:
         check_checkpoint(Path(ckpt_path))
+
+
+def _check_min_epochs_within_max(cfg: DictConfig) -> None:
+    """Lightning stops at ``max_epochs`` even when ``min_epochs`` asks for more, silently."""
+    trainer = cfg.get("trainer") or {}
+    low, high = trainer.get("min_epochs"), trainer.get("max_epochs")
+    if low is not None and high is not None and high != -1 and low > high:
+        raise UserError(
+            f"trainer.min_epochs={low!r} is not allowed: at most trainer.max_epochs={high!r}"
+        )
 
 
 def check_no_missing_values(cfg: DictConfig) -> None:
