@@ -172,6 +172,11 @@ def test_empirical_prior_has_no_density_of_its_own() -> None:
         (lambda v: ScaleMixturePrior(pi=v), -0.1),
         (lambda v: ScaleMixturePrior(sigma1=v), 0.0),
         (lambda v: ScaleMixturePrior(sigma2=v), -0.003),
+        (lambda v: ScaleMixturePrior(sigma2=v), 1e-23),  # sigma^2 underflows: NaN at w = 0
+        (lambda v: GaussianPrior(0.0, v), 1e20),  # sigma^2 overflows
+        (lambda v: LaplacePrior(0.0, v), 1e-20),
+        (lambda v: ScaleMixturePrior(pi=v), 1.0 - 1e-8),  # float32 rounds it to 1
+        (lambda v: ScaleMixturePrior(pi=v), 1e-40),  # below the smallest normal float32
     ],
 )
 def test_invalid_hyperparameters_raise_naming_the_value(
@@ -183,5 +188,26 @@ def test_invalid_hyperparameters_raise_naming_the_value(
 
 def test_a_tensor_scale_must_be_finite() -> None:
     """As a float scale: an infinite one would make every KL infinite."""
-    with pytest.raises(ValueError, match="prior scale must be finite and > 0"):
+    with pytest.raises(ValueError, match=r"prior scale must be in \[1e-19, 1e\+19\] everywhere"):
         GaussianPrior(0.0, torch.tensor([1.0, float("inf")]))
+    with pytest.raises(ValueError, match=r"prior scale must be in \[1e-19, 1e\+19\] everywhere"):
+        GaussianPrior(0.0, torch.tensor([1.0, 1e-25]))
+
+
+@pytest.mark.parametrize(
+    ("pi", "sigma1", "sigma2"),
+    [(1.0 - 2.0**-24, 1.0, 1e-3), (1e-30, 1.0, 1e-3), (0.5, 1e19, 1e-19)],
+)
+def test_extreme_accepted_hyperparameters_keep_both_components(
+    pi: float, sigma1: float, sigma2: float
+) -> None:
+    """At the ends of the accepted ranges the float32 log density is finite and matches the
+    float64 mixture of both components, at w = 0 (where sigma^2 used to underflow) and beyond."""
+    weights = [0.0, 1e-20, 1e-3, 1.0]
+    prior = ScaleMixturePrior(pi=pi, sigma1=sigma1, sigma2=sigma2)
+    ours = prior.log_prob(torch.tensor(weights))
+    reference = torch.tensor(
+        [scale_mixture_reference(w, pi, sigma1, sigma2) for w in weights], dtype=torch.float64
+    )
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours.double(), reference, rtol=1e-5, atol=1e-5)

@@ -35,9 +35,23 @@ __all__ = [
 ]
 
 
+# A prior's density divides by scale^2 in float32: below 1e-19 the square underflows to zero
+# (NaN at w = loc), above 1e19 it overflows to inf.
+SCALE_RANGE = (1e-19, 1e19)
+# pi is kept in float32, which rounds any pi within 2^-24 of 1 to 1, losing the second
+# component; far below the smallest normal float32 it loses its digits.
+PI_RANGE = (1e-30, 1.0 - 2.0**-24)
+
+
 def _check_positive(name: str, value: float) -> None:
     if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
         raise ValueError(f"prior {name} must be a finite number > 0, got {value!r}")
+    low, high = SCALE_RANGE
+    if not low <= value <= high:
+        raise ValueError(
+            f"prior {name} must be in [{low:g}, {high:g}] (its square must be a normal float32), "
+            f"got {value!r}"
+        )
 
 
 def _as_buffer(value: float | Tensor) -> Tensor:
@@ -79,8 +93,11 @@ class GaussianPrior(Prior):
         super().__init__()
         if not isinstance(scale, Tensor):
             _check_positive("scale", scale)
-        elif not bool(((scale > 0) & torch.isfinite(scale)).all()):
-            raise ValueError("prior scale must be finite and > 0 everywhere")
+        elif not bool(((scale >= SCALE_RANGE[0]) & (scale <= SCALE_RANGE[1])).all()):
+            raise ValueError(
+                f"prior scale must be in [{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}] everywhere "
+                "(finite, > 0, and its square a normal float32)"
+            )
         if not bool(torch.isfinite(torch.as_tensor(loc)).all()):
             raise ValueError(f"prior loc must be finite, got {loc!r}")
         self.register_buffer("loc", _as_buffer(loc))
@@ -127,7 +144,10 @@ class ScaleMixtureNormal(MixtureSameFamily):
     """
 
     def __init__(self, pi: Tensor, sigma1: Tensor, sigma2: Tensor) -> None:
-        mixture = Categorical(probs=torch.stack([pi, 1 - pi]), validate_args=False)
+        # Logits log(pi), log(1 - pi) rather than probs: Categorical clamps probs to
+        # [eps, 1 - eps] (1.2e-7 in float32), which would change a weight below eps.
+        logits = torch.stack([pi.log(), torch.log1p(-pi)])
+        mixture = Categorical(logits=logits, validate_args=False)
         components = Normal(
             torch.zeros_like(sigma1).expand(2), torch.stack([sigma1, sigma2]), validate_args=False
         )
@@ -155,6 +175,11 @@ class ScaleMixturePrior(Prior):
         super().__init__()
         if not (isinstance(pi, int | float) and 0 < pi < 1):
             raise ValueError(f"prior pi (mixture weight) must be in (0, 1), got {pi!r}")
+        if not PI_RANGE[0] <= pi <= PI_RANGE[1]:
+            raise ValueError(
+                f"prior pi (mixture weight) must be in [{PI_RANGE[0]:g}, 1 - 2^-24] (float32 "
+                f"rounds a pi closer to 0 or 1 and loses a component), got {pi!r}"
+            )
         _check_positive("sigma1", sigma1)
         _check_positive("sigma2", sigma2)
         self.register_buffer("pi", torch.tensor(float(pi)))
