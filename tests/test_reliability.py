@@ -185,6 +185,52 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_an_uninterrupted_run(tmp_pat
     )
 
 
+@pytest.mark.parametrize(
+    ("overrides", "last_step"),
+    [
+        # the best val/nll (here, with mode=max, the worst: epoch 0) is not the last epoch
+        (["trainer.max_epochs=3", "callbacks.model_checkpoint.mode=max"], 12),
+        # max_steps ends the run mid-epoch, after the last validation
+        (["trainer.max_epochs=3", "+trainer.max_steps=6"], 6),
+    ],
+)
+def test_last_checkpoint_is_the_latest_state(tmp_path, overrides, last_step):
+    """Lightning 2.6 rewrites last.ckpt only when it saves a top-k file: it stayed at the best
+    epoch, and a resume from it repeated every later epoch. Ours is the run's final state."""
+    train(compose_config(tmp_path, *overrides, *QUIET))
+    folder = tmp_path / "checkpoints"
+    last = torch.load(folder / "last.ckpt", weights_only=False)
+    assert last["global_step"] == last_step  # 4 minibatches per epoch
+    best = [path for path in folder.glob("epoch*.ckpt")]
+    assert len(best) == 1  # top-1 by val/nll, as configured
+    assert torch.load(best[0], weights_only=False)["global_step"] == 4  # epoch 0
+
+
+@pytest.mark.parametrize(
+    ("change", "expected_group", "keeps_state"),
+    [
+        (["optimizer.lr=0.1"], {"lr": 0.1, "fused": True}, True),
+        (["optimizer=sgd", "optimizer.lr=0.05"], {"lr": 0.05, "momentum": 0.9}, False),
+    ],
+)
+def test_a_resumed_run_trains_with_the_configured_optimizer(
+    tmp_path, change, expected_group, keeps_state
+):
+    """Lightning restored the checkpoint's optimizer over the configured one: a resume with a
+    new learning rate kept the old one, and one with another optimizer failed at its first
+    step (KeyError: 'momentum'). Adam's moments and step counts carry over to Adam."""
+    train(compose_config(tmp_path / "first", "trainer.max_epochs=1", *QUIET))
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    overrides = ["trainer.max_epochs=2", f"ckpt_path={last}", *change, *QUIET]
+    train(compose_config(tmp_path / "resumed", *overrides))
+    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    (optimizer,) = resumed["optimizer_states"]
+    (group,) = optimizer["param_groups"]
+    assert {key: group[key] for key in expected_group} == expected_group
+    steps = {float(state["step"]) for state in optimizer["state"].values() if "step" in state}
+    assert steps == ({8.0} if keeps_state else set())  # 4 minibatches per epoch
+
+
 def _epoch_scalars(run_dir) -> dict[str, float]:
     """The per-epoch training scalars a run logged to TensorBoard: "name@step" -> value."""
     accumulator = events(run_dir)

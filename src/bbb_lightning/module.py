@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch import LightningModule
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanSquaredError, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
@@ -47,6 +49,7 @@ from .guard import (
     stop_message,
 )
 from .objectives import CategoricalLikelihood, GaussianLikelihood, KLTerm, Likelihood
+from .optimizer_state import with_configured_settings
 from .seeding import derive_seed
 from .step_logging import WeightedMeans, logs_this_step
 
@@ -368,8 +371,19 @@ class BayesByBackprop(LightningModule):
         checkpoint["train_epoch_metrics"] = {"epoch": self.current_epoch, "states": states}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the step counters and epoch metrics; when training resumes, the saved
+        optimizer state takes this config's optimizer settings (:mod:`.optimizer_state`)."""
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
         self._resumed_epoch_metrics = checkpoint.get("train_epoch_metrics")
+        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        if not fitting or not checkpoint.get("optimizer_states"):
+            return
+        (saved,) = checkpoint["optimizer_states"]  # configure_optimizers builds one
+        configured = self.optimizer_factory(self.parameters()).state_dict()
+        state, changes = with_configured_settings(saved, configured)
+        checkpoint["optimizer_states"] = [state]
+        if changes:
+            rank_zero_info(f"Resuming with the configured optimizer settings: {changes}")
 
     def on_train_start(self) -> None:
         """A run resumed within an epoch continues that epoch's training metrics (on rank 0,
