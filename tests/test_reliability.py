@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import signal
 import subprocess
@@ -263,6 +264,34 @@ def test_the_entry_point_refuses_before_hydra_writes_over_an_earlier_run(tmp_pat
     assert "Traceback" not in again.stderr
     after = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in after} == before
+
+
+def test_a_multirun_refuses_a_sweep_dir_that_holds_an_earlier_one_before_writing(tmp_path):
+    """Hydra writes multirun.yaml and each job's .hydra/ and train.log before the task runs,
+    and SweepSummary rewrites summary.md after it: the refusal must come before all of them."""
+    sweep = tmp_path / "sweep"
+    run = ["-m", "prior=gaussian,laplace", f"hydra.sweep.dir={sweep}", *QUIET]
+    fast = ["trainer.max_epochs=1", "trainer.limit_train_batches=1"]
+    first = run_cli(*run, *fast, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    files = [p for p in sweep.rglob("*") if p.is_file()]
+    assert {sweep / "multirun.yaml", sweep / "summary.md", sweep / "0" / "train.log"} <= set(files)
+
+    def state(paths):
+        return {p: (p.stat().st_mtime_ns, hashlib.md5(p.read_bytes()).hexdigest()) for p in paths}
+
+    before = state(files)
+    again = run_cli(*run, *fast, "trainer.max_epochs=2", cwd=tmp_path)
+    assert again.returncode == 1
+    errors = [line for line in again.stderr.splitlines() if "already holds a multirun" in line]
+    assert errors == [
+        f"[bbb_lightning.config_checks][ERROR] - hydra.sweep.dir={str(sweep)!r} is not allowed: "
+        "it already holds a multirun (multirun.yaml, 0/, 1/); choose a new hydra.sweep.dir (or "
+        "leave it to its default multirun/<date>/<time>), or resume one of its jobs with "
+        "hydra.run.dir=<its job dir> ckpt_path=<its checkpoints/last.ckpt>"
+    ], again.stderr[-2000:]
+    assert "Traceback" not in again.stderr
+    assert state(p for p in sweep.rglob("*") if p.is_file()) == before
 
 
 def test_resuming_into_its_own_directory_keeps_the_runs_network_and_data(tmp_path):

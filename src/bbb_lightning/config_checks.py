@@ -41,6 +41,7 @@ __all__ = [
     "check_config",
     "check_finite_numbers",
     "check_fresh_output_dir",
+    "check_fresh_sweep_dir",
     "check_input_fits",
     "check_no_missing_values",
     "check_optimized_metric",
@@ -360,10 +361,14 @@ def check_input_fits(model: torch.nn.Module, batch: Any) -> None:
 
 
 class RefuseEarlierRunDirectory(Callback):
-    """Hydra callback: a single run pointed at a directory that already holds a run stops
-    before Hydra writes its config there (``.hydra/``, ``train.log``), so the earlier run's
-    files are left as they were (:func:`check_fresh_output_dir` in ``train`` comes too late for
-    them). Multiruns give every job a new subdirectory."""
+    """Hydra callback: a run pointed at a directory that already holds a run stops before Hydra
+    writes anything there, so the earlier run's files are left as they were
+    (:func:`check_fresh_output_dir` in ``train`` comes too late for them).
+
+    A single run checks ``hydra.run.dir`` (its ``.hydra/``, ``train.log``); a multirun checks
+    ``hydra.sweep.dir`` before the sweeper writes ``multirun.yaml`` and its jobs their
+    ``0/.hydra/``, ``0/train.log``, ... and :class:`~bbb_lightning.summary.SweepSummary` its
+    ``summary.md`` (see :func:`check_fresh_sweep_dir`)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         # A run.dir with ${now:...} resolves to a new directory here as later; a literal one,
@@ -377,6 +382,45 @@ class RefuseEarlierRunDirectory(Callback):
         except UserError as error:  # on stderr only: that run's train.log is not ours to touch
             print(f"[{__name__}][ERROR] - {error}", file=sys.stderr)
             sys.exit(1)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Hydra calls this before the sweeper writes multirun.yaml or any job directory. A
+        # sweep.dir with ${now:...} resolves to a new directory (the resolver caches its value).
+        try:
+            check_fresh_sweep_dir(Path(str(config.hydra.sweep.dir)))
+        except UserError as error:  # on stderr only: the sweep's files are not ours to touch
+            print(f"[{__name__}][ERROR] - {error}", file=sys.stderr)
+            sys.exit(1)
+
+
+def check_fresh_sweep_dir(sweep_dir: Path) -> None:
+    """Refuse to start a multirun in a sweep directory that already holds an earlier one: its
+    ``multirun.yaml``, or a job directory (``0/``, ``1/``, ...) with a ``.hydra/`` folder,
+    ``metrics.json`` or checkpoints. The new jobs, numbered from 0 again, would write their
+    config and ``train.log`` over the earlier jobs' and rewrite ``summary.md``. A job of it is
+    resumed as a single run: ``hydra.run.dir=<its job dir> ckpt_path=<its last.ckpt>``."""
+    if not sweep_dir.is_dir():
+        return
+    earlier = [sweep_dir / "multirun.yaml"] if (sweep_dir / "multirun.yaml").exists() else []
+    earlier += [
+        job
+        for job in sorted(sweep_dir.iterdir())
+        if job.is_dir()
+        and (
+            (job / ".hydra").is_dir()
+            or (job / "metrics.json").exists()
+            or any(job.glob("checkpoints/*.ckpt"))
+        )
+    ]
+    if earlier:
+        held = ", ".join(path.name + ("/" if path.is_dir() else "") for path in earlier[:3])
+        held += ", ..." if len(earlier) > 3 else ""
+        raise UserError(
+            f"hydra.sweep.dir={str(sweep_dir)!r} is not allowed: it already holds a multirun "
+            f"({held}); choose a new hydra.sweep.dir (or leave it to its default "
+            "multirun/<date>/<time>), or resume one of its jobs with "
+            "hydra.run.dir=<its job dir> ckpt_path=<its checkpoints/last.ckpt>"
+        )
 
 
 def check_same_model_and_data(run_dir: Path, cfg: DictConfig) -> None:
