@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+import weakref
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
+from types import FunctionType
 from typing import Any
 
 from torch import Tensor, nn
@@ -77,6 +81,52 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+# ``<anything>.<child>.weight`` / ``.bias``: a module that reads a child's tensors itself, as
+# ``nn.TransformerEncoderLayer.forward`` does (``self.linear1.weight``, for its fast path) and
+# ``nn.TransformerEncoder.forward`` through a local (``first_layer.linear1.weight``).
+_TENSOR_READ = re.compile(r"\.\s*([A-Za-z_][A-Za-z0-9_]*)\s*\.\s*(?:weight|bias)\b")
+_tensor_reads: weakref.WeakKeyDictionary[type, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+def _construction_only(method_name: str) -> bool:
+    """Methods that run before ``bayesianize`` (building, initialising, unpickling, printing),
+    where ``nn.init.normal_(self.fc.weight)`` and the like are no reason to keep a layer."""
+    lowered = method_name.lower()
+    return method_name in ("__setstate__", "extra_repr") or "init" in lowered or "reset" in lowered
+
+
+def _children_whose_tensors_are_read(cls: type) -> frozenset[str]:
+    """The names ``n`` such that a method of ``cls`` (or of a class it inherits from, short of
+    ``nn.Module``) reads ``<...>.n.weight`` or ``<...>.n.bias``, from the methods' source. A
+    class without source (built in, made at run time) reads none that we can see."""
+    names = _tensor_reads.get(cls)
+    if names is None:
+        found: set[str] = set()
+        for base in cls.__mro__:
+            if base in (nn.Module, object):
+                continue
+            for method_name, method in vars(base).items():
+                if not isinstance(method, FunctionType) or _construction_only(method_name):
+                    continue
+                try:
+                    found.update(_TENSOR_READ.findall(inspect.getsource(method)))
+                except (OSError, TypeError):
+                    continue
+        names = _tensor_reads[cls] = frozenset(found)
+    return names
+
+
+def _tensors_read_directly(net: nn.Module, prefix: str, child_name: str) -> bool:
+    """Whether the module at ``prefix`` or one of the modules above it reads the ``weight`` or
+    ``bias`` of its child ``child_name`` itself (rather than only calling it): that child must
+    keep its class and attributes, so it gets parametrized tensors instead of becoming a
+    Bayesian layer (which has no ``weight``, and a ``bias`` of ``None`` when it is variational).
+    Reading too much here costs speed, never correctness."""
+    parts = prefix.split(".") if prefix else []
+    above = (net.get_submodule(".".join(parts[:depth])) for depth in range(len(parts) + 1))
+    return any(child_name in _children_whose_tensors_are_read(type(m)) for m in above)
+
+
 def bayesianize(
     net: nn.Module,
     prior: Prior | None = None,
@@ -88,11 +138,14 @@ def bayesianize(
     """Make the parameters of ``net`` variational, in place, and return ``net``.
 
     Every ``nn.Linear`` and ``nn.Conv{1,2,3}d`` child (exact type) becomes a
-    :class:`~bbb_lightning.bayes.layers.BayesianLayer` with the chosen ``estimator``; every other
-    parameter (norm layers, embeddings, raw ``nn.Parameter`` attributes, a bare root layer) is
-    backed by a posterior through ``torch.nn.utils.parametrize`` and drawn by weight
-    reparameterization once per forward pass of ``net`` (``parametrize.cached``). The current
-    values become the posterior means, so a pretrained network starts where it was.
+    :class:`~bbb_lightning.bayes.layers.BayesianLayer` with the chosen ``estimator``, unless
+    its parent or a module above reads its ``weight`` or ``bias`` outside construction (as
+    ``nn.TransformerEncoderLayer`` reads ``self.linear1.weight``, seen in the methods' source);
+    every other parameter (such kept layers, norm layers, embeddings, raw ``nn.Parameter``
+    attributes, a bare root layer) is backed by a posterior through ``torch.nn.utils.parametrize``
+    and drawn by weight reparameterization once per forward pass of ``net``
+    (``parametrize.cached``). The current values become the posterior means, so a pretrained
+    network starts where it was.
 
     Args:
         net: any module.
@@ -136,7 +189,11 @@ def bayesianize(
         for child_name, child in list(module.named_children()):
             layer_type = BAYESIAN_LAYERS.get(type(child))
             path = _join(prefix, child_name)
-            if layer_type is not None and selected(_join(path, "weight")):
+            if (
+                layer_type is not None
+                and selected(_join(path, "weight"))
+                and not _tensors_read_directly(net, prefix, child_name)
+            ):
                 bias_selected = child.bias is not None and selected(_join(path, "bias"))
                 layer = layer_type.__new__(layer_type)
                 BayesianLayer.__init__(layer, child, make_posterior, estimator, bias_selected)
