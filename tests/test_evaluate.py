@@ -4,6 +4,7 @@ figure, TensorBoard image and export, and the one-line errors."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -267,6 +268,50 @@ def test_resolve_checkpoint_of_a_run_without_the_checkpoint_callback(tmp_path):
     (tmp_path / "checkpoints").mkdir()  # our own callback's folder comes first
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
     assert resolve_checkpoint(tmp_path)[0] == tmp_path / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.parametrize(
+    ("names", "latest"),
+    [
+        (["epoch=8-step=36.ckpt", "epoch=11-step=48.ckpt"], "epoch=11-step=48.ckpt"),
+        (["epoch=3-step=9.ckpt", "epoch=3-step=10.ckpt"], "epoch=3-step=10.ckpt"),
+        (
+            ["epoch=2-step=9.ckpt", "epoch=10-step=10.ckpt", "epoch=9-step=99.ckpt"],
+            "epoch=10-step=10.ckpt",
+        ),
+        (["epoch=8-step=36-v1.ckpt", "epoch=8-step=36.ckpt"], "epoch=8-step=36-v1.ckpt"),
+        (["epoch=8-step=36-v2.ckpt", "epoch=8-step=36-v10.ckpt"], "epoch=8-step=36-v10.ckpt"),
+        (
+            ["epoch=9-val_loss=0.50.ckpt", "epoch=10-val_loss=0.90.ckpt"],
+            "epoch=10-val_loss=0.90.ckpt",
+        ),
+        (["step=9.ckpt", "step=10.ckpt"], "step=10.ckpt"),
+        (["epoch999.ckpt", "epoch1000.ckpt"], "epoch1000.ckpt"),
+        (["manual.ckpt", "epoch=1-step=4.ckpt"], "epoch=1-step=4.ckpt"),
+    ],
+)
+def test_resolve_checkpoint_takes_the_latest_by_the_numbers_in_the_names(tmp_path, names, latest):
+    """After an in-place resume of a callbacks=none run, Lightning's folder holds the checkpoint
+    of both runs: the later epoch (then step, then -vN) is taken, not the last name as text
+    ('epoch=8' sorts after 'epoch=11' as text, so evaluate and predict took the stale one)."""
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("{}\n")
+    folder = tmp_path / "tensorboard" / "checkpoints"
+    folder.mkdir(parents=True)
+    for name in names:
+        (folder / name).write_bytes(b"")
+    assert resolve_checkpoint(tmp_path) == (folder / latest, tmp_path)
+
+
+def test_resolve_checkpoint_orders_names_without_numbers_by_modification_time(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name, mtime in (("b.ckpt", 2_000_000), ("a.ckpt", 1_000_000), ("c.ckpt", 3_000_000)):
+        (folder / name).write_bytes(b"")
+        os.utime(folder / name, (mtime, mtime))
+    assert resolve_checkpoint(tmp_path)[0] == folder / "c.ckpt"
+    os.utime(folder / "a.ckpt", (4_000_000, 4_000_000))
+    assert resolve_checkpoint(tmp_path)[0] == folder / "a.ckpt"
 
 
 def test_corrupt_checkpoint_is_one_user_error(tmp_path, toy_run):

@@ -5,6 +5,7 @@ Shared by ``python -m bbb_lightning.evaluate`` and ``python -m bbb_lightning.pre
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,12 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
 
     A run directory gives its best checkpoint (``checkpoints/epochNNN.ckpt``; with several, the
     one ``last.ckpt`` records as best, else the latest) or else ``checkpoints/last.ckpt``; a run
-    without our checkpoint callback (``callbacks=none``) gives the one Lightning wrote under its
-    logger's folder (``tensorboard/checkpoints/``). A ``.ckpt`` file is taken as is; its run
+    without our checkpoint callback (``callbacks=none``) gives the latest one Lightning wrote under
+    its logger's folder (``tensorboard/checkpoints/``; several after an in-place resume). The
+    latest is decided by the epoch, then the step, then the ``-vN`` suffix parsed from the file
+    names as numbers, not by their text (``epoch=11-step=48.ckpt`` is later than
+    ``epoch=8-step=36.ckpt``); names without an epoch or step number come before numbered ones
+    and are ordered among themselves by modification time. A ``.ckpt`` file is taken as is; its run
     directory is the nearest folder above it that holds the run's ``.hydra/config.yaml``, else
     the parent of ``checkpoints/``.
     """
@@ -45,9 +50,47 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     raise UserError(f"ckpt_path={str(path)!r}: no such run directory or checkpoint file")
 
 
+_EPOCH = re.compile(r"(?<![a-z])epoch=?(\d+)", re.IGNORECASE)
+_STEP = re.compile(r"(?<![a-z])step=?(\d+)", re.IGNORECASE)
+_VERSION = re.compile(r"-v(\d+)$")
+
+
+def _checkpoint_order(path: Path) -> tuple[int, int, int, int, float, str]:
+    """Sort key of a checkpoint file: the latest sorts last.
+
+    Files are ordered by the numbers in their names, not by their text (as text,
+    ``epoch=8-step=36.ckpt`` sorts after ``epoch=11-step=48.ckpt``, and ``epoch999.ckpt`` after
+    ``epoch1000.ckpt``): first the epoch (``epoch=E`` as Lightning writes it, or ``epochNNN`` as
+    our checkpoint callback does), then the step (``step=S``), then the ``-vN`` suffix Lightning
+    adds when a name is taken again (a ``-vN`` file is newer than the one without; other parts of
+    the name, such as metrics, do not count). A name without an epoch or a step counts that number
+    as -1, so a name with neither sorts before every numbered one (it is not a file a checkpoint
+    callback wrote per epoch or step); ties are broken by the modification time, then by the name,
+    so that among names without numbers the file written last is the latest.
+    """
+    stem = path.name.removesuffix(".ckpt")
+    epoch, step, version = (_EPOCH.search(stem), _STEP.search(stem), _VERSION.search(stem))
+    numbered = epoch is not None or step is not None
+    try:
+        modified = path.stat().st_mtime
+    except OSError:  # vanished since the listing: order it by its name alone
+        modified = float("-inf")
+    return (
+        int(numbered),
+        int(epoch.group(1)) if epoch else -1,
+        int(step.group(1)) if step else -1,
+        int(version.group(1)) if version else 0,
+        modified,
+        path.name,
+    )
+
+
 def _best_checkpoint(folder: Path) -> Path | None:
     last = folder / "last.ckpt"
-    candidates = sorted(p for p in folder.glob("*.ckpt") if not p.name.startswith("last"))
+    candidates = sorted(
+        (p for p in folder.glob("*.ckpt") if not p.name.startswith("last")),
+        key=_checkpoint_order,
+    )
     if len(candidates) > 1 and last.is_file():
         try:
             state = torch.load(last, map_location="cpu", weights_only=False)
