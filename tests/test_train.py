@@ -252,6 +252,10 @@ BAD_INPUTS = [  # docs/errors.md, row by row
         "bbb_lightning.callbacks.PosteriorHistograms: every_n_epochs must be an integer >= 1",
     ),
     ("posterior.rho_init=abc", "posterior rho_init must be a number or [low, high]"),
+    (  # was a traceback from inside training (a tensor of 0 elements)
+        "model.net.hidden=[0]",
+        "bbb_lightning.nets.MLP: hidden must be a list of integers >= 1, got [0]",
+    ),
 ]
 
 

@@ -7,10 +7,13 @@ machinery turns into Bayesian networks by replacing their parameters.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from itertools import pairwise
+from typing import Any
 
 from torch import Tensor, nn
+
+from .bayes._arguments import is_integer
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -30,6 +33,27 @@ def make_activation(name: str) -> nn.Module:
         raise ValueError(f"unknown activation {name!r}; allowed: {allowed}") from None
 
 
+def _sizes(name: str, value: Any) -> list[int]:
+    """``value`` as a list of ``int`` (numpy's integers included, bools not), each at least 1.
+
+    Any ordered collection passes (a list, a tuple, an omegaconf ``ListConfig``, a
+    ``torch.Size``); an empty one is returned as ``[]`` (its meaning is the caller's). A size of
+    0 or less would build a layer with no units, which fails only inside training, or not at all.
+    """
+    ordered = isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping, Set))
+    items = tuple(value) if ordered else ()
+    if not ordered or not all(is_integer(item) and item >= 1 for item in items):
+        raise ValueError(f"{name} must be a list of integers >= 1, got {value!r}")
+    return [int(item) for item in items]
+
+
+def _size(name: str, value: Any) -> int:
+    """``value`` as an ``int`` (numpy's integers included, bools not), at least 1."""
+    if not (is_integer(value) and value >= 1):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
 class MLP(nn.Module):
     """Fully connected network on the flattened input.
 
@@ -39,6 +63,10 @@ class MLP(nn.Module):
         hidden: Width of each hidden layer; empty for a linear model.
         activation: Non-linearity between layers, one of ``relu``, ``leaky_relu``, ``tanh``,
             ``gelu``, ``silu``.
+
+    Raises:
+        ValueError: ``input_shape`` or ``hidden`` is not a list of integers >= 1 (``hidden`` may
+            be empty), or ``num_outputs`` is not an integer >= 1 (bools are not integers here).
 
     Example:
         >>> import torch
@@ -55,6 +83,9 @@ class MLP(nn.Module):
         activation: str = "relu",
     ) -> None:
         super().__init__()
+        input_shape = _sizes("input_shape", input_shape)
+        num_outputs = _size("num_outputs", num_outputs)
+        hidden = _sizes("hidden", hidden)
         widths = [math.prod(input_shape), *hidden]
         layers: list[nn.Module] = [nn.Flatten()]
         for width_in, width_out in pairwise(widths):
@@ -77,8 +108,13 @@ class CNN(nn.Module):
     Args:
         input_shape: Per-example input shape ``(C, H, W)``.
         num_outputs: Size of the final layer.
-        channels: Output channels of each convolutional block.
+        channels: Output channels of each convolutional block; empty for none.
         hidden: Width of the fully connected hidden layer.
+
+    Raises:
+        ValueError: ``input_shape`` is not three integers >= 1 or is too small for the pooling
+            blocks, ``channels`` is not a list of integers >= 1, or ``num_outputs`` or ``hidden``
+            is not an integer >= 1 (bools are not integers here).
 
     Example:
         >>> import torch
@@ -95,9 +131,13 @@ class CNN(nn.Module):
         hidden: int = 128,
     ) -> None:
         super().__init__()
-        if len(input_shape) != 3:
-            raise ValueError(f"CNN input_shape must be (C, H, W), got {tuple(input_shape)}")
-        in_channels, height, width = (int(d) for d in input_shape)
+        shape = _sizes("input_shape", input_shape)
+        if len(shape) != 3:
+            raise ValueError(f"CNN input_shape must be (C, H, W), got {tuple(shape)}")
+        num_outputs = _size("num_outputs", num_outputs)
+        channels = _sizes("channels", channels)
+        hidden = _size("hidden", hidden)
+        in_channels, height, width = shape
         blocks: list[nn.Module] = []
         for out_channels in channels:
             blocks += [
@@ -108,7 +148,7 @@ class CNN(nn.Module):
             in_channels, height, width = out_channels, height // 2, width // 2
         if height < 1 or width < 1:
             raise ValueError(
-                f"input_shape {tuple(input_shape)} is too small for {len(channels)} pooling blocks"
+                f"input_shape {tuple(shape)} is too small for {len(channels)} pooling blocks"
             )
         self.features = nn.Sequential(*blocks)
         self.classifier = nn.Sequential(
