@@ -374,23 +374,28 @@ class RefuseEarlierRunDirectory(Callback):
         # A run.dir with ${now:...} resolves to a new directory here as later; a literal one,
         # the only kind that can hold an earlier run, resolves to itself.
         run_dir = Path(str(config.hydra.run.dir))
-        try:
+        with _refused_on_stderr():
             ckpt_path = config.get("ckpt_path")
             check_fresh_output_dir(run_dir, ckpt_path)
             if _resumes_in(run_dir, ckpt_path):
                 check_same_model_and_data(run_dir, config)
-        except UserError as error:  # on stderr only: that run's train.log is not ours to touch
-            print(f"[{__name__}][ERROR] - {error}", file=sys.stderr)
-            sys.exit(1)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Hydra calls this before the sweeper writes multirun.yaml or any job directory. A
         # sweep.dir with ${now:...} resolves to a new directory (the resolver caches its value).
-        try:
+        with _refused_on_stderr():
             check_fresh_sweep_dir(Path(str(config.hydra.sweep.dir)))
-        except UserError as error:  # on stderr only: the sweep's files are not ours to touch
-            print(f"[{__name__}][ERROR] - {error}", file=sys.stderr)
-            sys.exit(1)
+
+
+@contextmanager
+def _refused_on_stderr() -> Iterator[None]:
+    """A UserError becomes one line on stderr and exit status 1: not in a log file, since the
+    directory's ``train.log`` (or the sweep's files) belongs to the earlier run."""
+    try:
+        yield
+    except UserError as error:
+        print(f"[{__name__}][ERROR] - {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 def check_fresh_sweep_dir(sweep_dir: Path) -> None:

@@ -37,7 +37,7 @@ from torchmetrics import MeanSquaredError, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from .bayes import bayesianize, is_bayesian, kl_divergence, sample_forward
-from .bayes._arguments import is_integer
+from .bayes._arguments import positive_integer
 from .bayes.posteriors import VariationalPosterior
 from .bayes.priors import Prior
 from .guard import (
@@ -89,13 +89,6 @@ def _state_copy(value: Tensor | list[Tensor]) -> Tensor:
     if isinstance(value, list):
         return torch.cat(value) if value else torch.zeros(0)
     return value.detach().clone()
-
-
-def _check_samples(name: str, value: int) -> int:
-    """``value`` as an int if it is an integral number >= 1 (numpy's included; not a bool)."""
-    if not (is_integer(value) and value >= 1):
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
 
 
 class BayesByBackprop(LightningModule):
@@ -161,8 +154,8 @@ class BayesByBackprop(LightningModule):
         self.on_nonfinite = on_nonfinite
         self.seed = seed
         self.skipped_steps = 0
-        self.num_samples = _check_samples("num_samples", num_samples)
-        self.eval_samples = _check_samples("eval_samples", eval_samples)
+        self.num_samples = positive_integer("num_samples", num_samples)
+        self.eval_samples = positive_integer("eval_samples", eval_samples)
         self.kl_term = kl if isinstance(kl, KLTerm) else KLTerm(**(kl or {}))
         self.likelihood = _build(likelihood)
         self.optimizer_factory = _build(optimizer)
@@ -379,7 +372,7 @@ class BayesByBackprop(LightningModule):
         if not fitting or not checkpoint.get("optimizer_states"):
             return
         (saved,) = checkpoint["optimizer_states"]  # configure_optimizers builds one
-        configured = self.optimizer_factory(self.parameters()).state_dict()
+        configured = self.configure_optimizers().state_dict()
         state, changes = with_configured_settings(saved, configured)
         checkpoint["optimizer_states"] = [state]
         if changes:

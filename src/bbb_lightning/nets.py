@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .bayes._arguments import is_integer
+from .bayes._arguments import is_integer, positive_integer
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -47,13 +47,6 @@ def _sizes(name: str, value: Any) -> list[int]:
     return [int(item) for item in items]
 
 
-def _size(name: str, value: Any) -> int:
-    """``value`` as an ``int`` (numpy's integers included, bools not), at least 1."""
-    if not (is_integer(value) and value >= 1):
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
 class MLP(nn.Module):
     """Fully connected network on the flattened input.
 
@@ -84,7 +77,7 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         input_shape = _sizes("input_shape", input_shape)
-        num_outputs = _size("num_outputs", num_outputs)
+        num_outputs = positive_integer("num_outputs", num_outputs)
         hidden = _sizes("hidden", hidden)
         widths = [math.prod(input_shape), *hidden]
         layers: list[nn.Module] = [nn.Flatten()]
@@ -134,9 +127,9 @@ class CNN(nn.Module):
         shape = _sizes("input_shape", input_shape)
         if len(shape) != 3:
             raise ValueError(f"CNN input_shape must be (C, H, W), got {tuple(shape)}")
-        num_outputs = _size("num_outputs", num_outputs)
+        num_outputs = positive_integer("num_outputs", num_outputs)
         channels = _sizes("channels", channels)
-        hidden = _size("hidden", hidden)
+        hidden = positive_integer("hidden", hidden)
         in_channels, height, width = shape
         blocks: list[nn.Module] = []
         for out_channels in channels:

@@ -43,7 +43,7 @@ SCALE_RANGE = (1e-19, 1e19)
 PI_RANGE = (1e-30, 1.0 - 2.0**-24)
 
 
-def _check_positive(name: str, value: float) -> None:
+def _check_scale(name: str, value: float) -> None:
     if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
         raise ValueError(f"prior {name} must be a finite number > 0, got {value!r}")
     low, high = SCALE_RANGE
@@ -92,7 +92,7 @@ class GaussianPrior(Prior):
     def __init__(self, loc: float | Tensor = 0.0, scale: float | Tensor = 1.0) -> None:
         super().__init__()
         if not isinstance(scale, Tensor):
-            _check_positive("scale", scale)
+            _check_scale("scale", scale)
         elif not bool(((scale >= SCALE_RANGE[0]) & (scale <= SCALE_RANGE[1])).all()):
             raise ValueError(
                 f"prior scale must be in [{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}] everywhere "
@@ -123,7 +123,7 @@ class LaplacePrior(Prior):
 
     def __init__(self, loc: float = 0.0, scale: float = 1.0) -> None:
         super().__init__()
-        _check_positive("scale", scale)
+        _check_scale("scale", scale)
         if not (isinstance(loc, int | float) and math.isfinite(loc)):
             raise ValueError(f"prior loc must be a finite number, got {loc!r}")
         self.register_buffer("loc", torch.tensor(float(loc)))
@@ -180,8 +180,8 @@ class ScaleMixturePrior(Prior):
                 f"prior pi (mixture weight) must be in [{PI_RANGE[0]:g}, 1 - 2^-24] (float32 "
                 f"rounds a pi closer to 0 or 1 and loses a component), got {pi!r}"
             )
-        _check_positive("sigma1", sigma1)
-        _check_positive("sigma2", sigma2)
+        _check_scale("sigma1", sigma1)
+        _check_scale("sigma2", sigma2)
         self.register_buffer("pi", torch.tensor(float(pi)))
         self.register_buffer("sigma1", torch.tensor(float(sigma1)))
         self.register_buffer("sigma2", torch.tensor(float(sigma2)))
@@ -205,7 +205,7 @@ class EmpiricalPrior(Prior):
 
     def __init__(self, scale: float = 1.0) -> None:
         super().__init__()
-        _check_positive("scale", scale)
+        _check_scale("scale", scale)
         self.scale = float(scale)
 
     def for_parameter(self, initial_value: Tensor) -> GaussianPrior:
