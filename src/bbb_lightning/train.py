@@ -207,18 +207,18 @@ def _relaunch_as_this_job() -> Iterator[None]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, write ``metrics.json``; return the metrics."""
+    with user_errors():
+        native.check_setting()  # a bad BBB_LIGHTNING_NATIVE fails here, before any work
     check_config(cfg)
     check_fresh_output_dir(Path(cfg.paths.output_dir), cfg.get("ckpt_path"))
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.retain_freed_memory:
         retain_freed_memory()
     with user_errors():
-        native.kernels()  # a bad BBB_LIGHTNING_NATIVE fails here; a first build happens here
         datamodule = instantiate(cfg.dataset)
         datamodule.prepare_data()
         datamodule.setup("fit")
         model = build_model(cfg, datamodule)
-        check_input_fits(model, next(iter(datamodule.train_dataloader())))
         check_optimized_metric(cfg.optimized_metric, model.metrics["val_"].keys())
         check_resumable(model, cfg.get("ckpt_path"))
         _check_optimizer(model)
@@ -226,6 +226,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         loggers = _instantiate_all(cfg.get("logger"))
         trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         check_epoch_length(trainer, datamodule)
+        # Everything is validated: only now the one slow step a first run has (the kernels'
+        # build, 30 to 100 s once), then one forward pass that checks the data fits the net.
+        native.kernels()
+        check_input_fits(model, next(iter(datamodule.train_dataloader())))
 
     with _relaunch_as_this_job():
         metrics = _fit_and_test(cfg, trainer, model, datamodule)

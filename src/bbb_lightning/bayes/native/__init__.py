@@ -28,21 +28,26 @@ normal here). ``gaussian.cpp`` does the same work in fewer, vectorized passes:
 They apply to contiguous float32 CPU tensors; everything else (float64, CUDA, where CUDA's own
 Philox is already fast) keeps the torch ops, and so does every tensor when the kernels cannot
 be built. The build uses ``torch.utils.cpp_extension`` (a C++ compiler with OpenMP and
-``ninja``), takes about 30 s once, and is cached per torch and Python version under
-``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``; :func:`build_directory`).
-``BBB_LIGHTNING_NATIVE=0`` turns the kernels off; a failed build warns once and falls back.
-:func:`status` says which is in use.
+``ninja``), takes 30 to 100 s once (it says so in one line), and is cached under
+``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) in a folder of its own per
+torch installation, Python version, source and compiler flags (:func:`build_key`): two virtual
+environments on one machine, or two clones with different sources, never rebuild each other's
+kernels. ``BBB_LIGHTNING_NATIVE=0`` turns the kernels off (:func:`check_setting` validates the
+switch without building); a failed build warns once and falls back. :func:`status` says which
+is in use.
 
-Processes that build at once (the ranks of a DDP job) take turns under an operating-system lock,
-which a killed process releases. torch's own lock is a plain file that a build interrupted by
-Ctrl-C or a kill leaves behind, after which every later build in that directory waits forever;
-under our lock such a file can only be stale, and is removed.
+Processes that build at once (the ranks of a DDP job, two runs started together) take turns
+under an operating-system lock, which a killed process releases; one that has to wait says so
+in one line naming the holder's pid. torch's own lock is a plain file that a build interrupted
+by Ctrl-C or a kill leaves behind, after which every later build in that directory waits
+forever; under our lock such a file can only be stale, and is removed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -61,6 +66,8 @@ __all__ = [
     "applies_to",
     "build",
     "build_directory",
+    "build_key",
+    "check_setting",
     "kernels",
     "kl_rho_grad",
     "local_noise",
@@ -86,7 +93,10 @@ _ISA_FLAGS = {
 log = logging.getLogger(__name__)
 
 
-def _enabled() -> bool:
+def check_setting() -> bool:
+    """Whether ``BBB_LIGHTNING_NATIVE`` asks for the kernels (the default); raises ``ValueError``
+    naming the value and what is allowed for anything but 0/1, false/true, off/on. Builds
+    nothing: the entry points call it before any other work."""
     value = os.environ.get(ENV_VAR, "1").strip().lower()
     if value not in ("0", "1", "false", "true", "off", "on"):
         raise ValueError(f"{ENV_VAR} must be 0 or 1 (or false/true, off/on), got {value!r}")
@@ -97,30 +107,69 @@ def _extension_name(isa: str) -> str:
     return "bbb_lightning_gaussian_" + (isa.lower() if isa in _ISA_FLAGS else "portable")
 
 
+def _flags(isa: str) -> list[str]:
+    # No contraction of a * b + c into a fused multiply-add at the compiler's discretion: it
+    # decides per inlined copy of a loop, and at::parallel_for runs the serial and the threaded
+    # copy of each kernel, so the rounding (and the draws) would depend on the thread count.
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    if isa in _ISA_FLAGS:
+        flags += [*_ISA_FLAGS[isa], f"-DCPU_CAPABILITY_{isa}", f"-DCPU_CAPABILITY={isa}"]
+    return flags
+
+
+def build_key(isa: str) -> str:
+    """What a build depends on, as 16 hex digits: the torch installation (its directory and
+    version: a module compiled against one torch does not load in another, and two virtual
+    environments hold two installations even of one version), the Python version, the kernels'
+    source and the compiler flags for ``isa``."""
+    parts = [
+        str(Path(torch.__file__).resolve().parent),
+        torch.__version__,
+        f"py{sys.version_info.major}.{sys.version_info.minor}",
+        hashlib.sha256(SOURCE.read_bytes()).hexdigest(),
+        " ".join(_flags(isa)),
+    ]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
 def build_directory(isa: str) -> Path:
-    """Where :func:`build` compiles and caches the kernels for ``isa``: one folder per torch and
-    Python version (a module compiled against one torch does not load in another) under
-    ``TORCH_EXTENSIONS_DIR``, or torch's default extensions root."""
+    """Where :func:`build` compiles and caches the kernels for ``isa``: one folder per
+    :func:`build_key` under ``TORCH_EXTENSIONS_DIR``, or torch's default extensions root."""
     from torch.utils import cpp_extension
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    versions = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
-    return Path(root) / f"bbb_lightning-{versions}" / _extension_name(isa)
+    return Path(root) / "bbb_lightning" / f"{_extension_name(isa)}-{build_key(isa)}"
 
 
 @contextlib.contextmanager
 def _exclusive_build(directory: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``directory/build.flock`` (released by the OS if this
-    process dies) and remove torch's ``lock`` file there, which only an interrupted build can
-    have left while we hold ours. Without ``fcntl`` (Windows), torch's lock alone."""
+    process dies; the holder writes its pid there), saying in one line when another process
+    holds it, and remove torch's ``lock`` file there, which only an interrupted build can have
+    left while we hold ours. Without ``fcntl`` (Windows), torch's lock alone."""
     directory.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:
         yield
         return
-    with open(directory / "build.flock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with open(directory / "build.flock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            log.warning(
+                "waiting for the native kernels' build in %s (held by pid %s; once it is done "
+                "this run loads the result)",
+                directory,
+                holder,
+            )
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
         stale = directory / "lock"
         if stale.exists():
             log.warning("removing %s, left by an interrupted build", stale)
@@ -139,28 +188,25 @@ def build(isa: str) -> ModuleType:
     that check them here."""
     from torch.utils import cpp_extension
 
-    # No contraction of a * b + c into a fused multiply-add at the compiler's discretion: it
-    # decides per inlined copy of a loop, and at::parallel_for runs the serial and the threaded
-    # copy of each kernel, so the rounding (and the draws) would depend on the thread count.
-    flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
-    if isa in _ISA_FLAGS:
-        flags += [*_ISA_FLAGS[isa], f"-DCPU_CAPABILITY_{isa}", f"-DCPU_CAPABILITY={isa}"]
     name, directory = _extension_name(isa), build_directory(isa)
-    built = directory / f"{name}.so"
-    if not built.is_file() or built.stat().st_mtime < SOURCE.stat().st_mtime:
-        log.info("compiling native kernels %s into %s (once, about 30 s)", name, directory)
-    else:
-        log.debug("loading native kernels %s from %s", name, directory)
     with _exclusive_build(directory):
+        if (directory / f"{name}.so").is_file():
+            log.debug("loading native kernels %s from %s", name, directory)
+        else:
+            log.warning(
+                "compiling the native CPU kernels into %s (once per torch installation; "
+                "30 to 100 s)",
+                directory,
+            )
         return cpp_extension.load(
-            name, [str(SOURCE)], extra_cflags=flags, build_directory=str(directory)
+            name, [str(SOURCE)], extra_cflags=_flags(isa), build_directory=str(directory)
         )
 
 
 @functools.cache
 def kernels() -> ModuleType | None:
     """The compiled kernels (built on the first call), or None if disabled or unbuildable."""
-    if not _enabled():
+    if not check_setting():
         return None
     try:
         return build(torch.backends.cpu.get_cpu_capability())
