@@ -129,6 +129,7 @@ def build_model(cfg: DictConfig, datamodule: pl.LightningDataModule) -> BayesByB
         exclude=_container(cfg.model.get("exclude")),
         seed=cfg.seed,
         on_nonfinite=cfg.on_nonfinite,
+        compile=cfg.compile,
     )
 
 

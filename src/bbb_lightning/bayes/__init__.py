@@ -44,6 +44,7 @@ from .sampling import (
     posterior_mean,
     posterior_mean_network,
     sample_forward,
+    sample_forward_with_kl,
     sample_network,
     unfreeze,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "posterior_mean_network",
     "posterior_scales",
     "sample_forward",
+    "sample_forward_with_kl",
     "sample_network",
     "signal_to_noise",
     "unfreeze",

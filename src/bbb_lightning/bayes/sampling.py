@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,9 @@ from torch.utils._pytree import tree_map
 
 from ._arguments import is_integer
 from .convert import remove_forward_pass_hooks
-from .layers import BayesianLayer, folded_samples
+from .forward_pass import KLRecord, forward_passes
+from .kl import kl_divergence
+from .layers import BayesianLayer
 from .posteriors import VariationalPosterior
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "posterior_mean",
     "posterior_mean_network",
     "sample_forward",
+    "sample_forward_with_kl",
     "sample_network",
     "unfreeze",
 ]
@@ -70,20 +73,10 @@ def sample_forward(net: nn.Module, x: Tensor, num_samples: int) -> Tensor:
         outputs = [net(x) for _ in range(num_samples)]
         return tree_map(lambda *samples: torch.stack(samples), *outputs)
     batch = x.shape[0]
-
-    def fold() -> Tensor:
-        return (
-            x.unsqueeze(0).expand(num_samples, *x.shape).reshape(num_samples * batch, *x.shape[1:])
-        )
-
-    if torch.is_inference_mode_enabled():
-        # An inference tensor has no version counter, and the layers need one to know that the
-        # copies were not modified in place: build them as a normal tensor (without a graph).
-        with torch.inference_mode(False), torch.no_grad():
-            folded = fold()
-    else:
-        folded = fold()
-    with folded_samples(num_samples, copies=folded):
+    folded = x.unsqueeze(0).expand(num_samples, *x.shape).reshape(num_samples * batch, *x.shape[1:])
+    with ExitStack() as stack:
+        for forward_pass in forward_passes(net):
+            stack.enter_context(forward_pass.folded(num_samples, copies=folded))
         out = net(folded)
 
     def unfold(output: Tensor) -> Tensor:
@@ -97,6 +90,39 @@ def sample_forward(net: nn.Module, x: Tensor, num_samples: int) -> Tensor:
         return output.reshape(num_samples, batch, *output.shape[1:])
 
     return tree_map(unfold, out)
+
+
+def sample_forward_with_kl(
+    net: nn.Module,
+    x: Tensor,
+    num_samples: int,
+    reduction: str = "sum",
+    monte_carlo: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """(:func:`sample_forward`'s outputs, KL(q || p)) for one training step, the KL computed
+    with the forward pass's own draws.
+
+    The forward pass records (:class:`~bbb_lightning.bayes.forward_pass.KLRecord`) the weights
+    it used and, where the fused fast path drew them, the closed-form KL it computed with them;
+    :func:`~bbb_lightning.bayes.kl_divergence` then takes those KLs as they are and evaluates
+    the Monte Carlo KL (Blundell et al. 2015, eq. 2) at those weights, averaged over the S
+    samples. The same value as ``sample_forward`` then ``kl_divergence`` in expectation, with
+    less work and, for a Monte Carlo KL, lower variance (the S draws rather than one fresh one).
+
+    Example:
+        >>> import torch
+        >>> from bbb_lightning.bayes import bayesianize
+        >>> net = bayesianize(nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)))
+        >>> out, kl = sample_forward_with_kl(net, torch.randn(5, 3), num_samples=4)
+        >>> out.shape, kl.shape
+        (torch.Size([4, 5, 2]), torch.Size([]))
+    """
+    record = KLRecord()
+    with ExitStack() as stack:
+        for forward_pass in forward_passes(net):
+            stack.enter_context(forward_pass.recording(record))
+        out = sample_forward(net, x, num_samples)
+    return out, kl_divergence(net, reduction, monte_carlo, record=record)
 
 
 def _has_parametrized_posteriors(net: nn.Module) -> bool:
