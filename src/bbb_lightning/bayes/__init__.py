@@ -39,6 +39,7 @@ from .priors import (
     ScaleMixtureNormal,
     ScaleMixturePrior,
 )
+from .radial import RadialPosterior
 from .sampling import (
     freeze,
     posterior_mean,
@@ -61,6 +62,7 @@ __all__ = [
     "LaplacePrior",
     "MeanFieldNormal",
     "Prior",
+    "RadialPosterior",
     "ScaleMixtureNormal",
     "ScaleMixturePrior",
     "VariationalPosterior",
