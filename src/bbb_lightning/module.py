@@ -48,6 +48,7 @@ from .guard import (
     scaler_handles_nonfinite_gradients,
     stop_message,
 )
+from .metrics import raw_log_likelihood
 from .objectives import CategoricalLikelihood, GaussianLikelihood, KLTerm, Likelihood
 from .optimizer_state import with_configured_settings
 from .seeding import derive_seed
@@ -91,6 +92,21 @@ def _state_copy(value: Tensor | list[Tensor]) -> Tensor:
     return value.detach().clone()
 
 
+def _target_scales(target_std: Sequence[float] | None, likelihood: Likelihood) -> Tensor | None:
+    """``target_std`` as a float32 tensor of one finite scale > 0 per target dimension."""
+    if target_std is None:
+        return None
+    scales = torch.as_tensor(list(target_std), dtype=torch.float32).reshape(-1)
+    dims = getattr(likelihood, "target_dim", None)
+    valid = bool((scales > 0).all() & scales.isfinite().all())
+    if dims is None or scales.numel() != dims or not valid:
+        raise ValueError(
+            f"target_std must be one finite scale > 0 per target dimension of a regression "
+            f"likelihood (target_dim={dims}), got {list(target_std)!r}"
+        )
+    return scales
+
+
 class BayesByBackprop(LightningModule):
     """Train any network as a Bayesian neural network by Bayes by Backprop.
 
@@ -123,6 +139,10 @@ class BayesByBackprop(LightningModule):
             when resuming mid-epoch, and a shuffling one draws its order from the global RNG.
         on_nonfinite: ``stop`` or ``skip`` a step whose loss or gradients are not finite
             (see :mod:`bbb_lightning.guard`).
+        target_std: for regression on targets standardised as y' = (y - m) / s, the scales s
+            (one per target dimension): validation and test then also log ``raw_rmse`` and
+            ``raw_ll``, the RMSE and the predictive log-likelihood per example in the target's
+            own units (:func:`~bbb_lightning.metrics.raw_log_likelihood`).
     """
 
     def __init__(
@@ -139,6 +159,7 @@ class BayesByBackprop(LightningModule):
         exclude: Sequence[str] | None = None,
         seed: int | None = None,
         on_nonfinite: str = "stop",
+        target_std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         objects = {"net": net, "likelihood": likelihood, "prior": prior, "posterior": posterior}
@@ -173,6 +194,7 @@ class BayesByBackprop(LightningModule):
                 exclude=exclude,
             )
         self.net = net
+        self.target_std = _target_scales(target_std, self.likelihood)
         self.metrics = nn.ModuleDict(
             {stage: self._make_metrics() for stage in ("train_", "val_", "test_")}
         )
@@ -192,7 +214,11 @@ class BayesByBackprop(LightningModule):
                     "ece": MulticlassCalibrationError(num_classes, n_bins=15, norm="l1"),
                 }
             )
-        return MetricCollection({"rmse": MeanSquaredError(squared=False)})
+        metrics = {"rmse": MeanSquaredError(squared=False)}
+        if self.target_std is not None:
+            metrics["raw_rmse"] = MeanSquaredError(squared=False)
+        # no compute groups: raw_rmse is updated with other values than rmse
+        return MetricCollection(metrics, compute_groups=False)
 
     # -- forward and loss ---------------------------------------------------------------------
     def forward(self, x: Tensor, num_samples: int | None = None) -> Tensor:
@@ -401,7 +427,10 @@ class BayesByBackprop(LightningModule):
         else:
             assert isinstance(self.likelihood, GaussianLikelihood)
             mean, _, _ = self.likelihood.predictive_moments(outputs)
-            metrics.update(mean, y)
+            metrics["rmse"].update(mean, y)
+            if self.target_std is not None:
+                scale = self.target_std.to(mean)
+                metrics["raw_rmse"].update(mean * scale, y * scale)
         return metrics
 
     def _evaluate(self, stage: str, batch: tuple[Tensor, Tensor]) -> None:
@@ -409,6 +438,9 @@ class BayesByBackprop(LightningModule):
         outputs = self(x, self.eval_samples)
         nll = self.likelihood.predictive_nll(outputs, y).mean()
         self.log(f"{stage}/nll", nll, batch_size=x.shape[0], sync_dist=True, prog_bar=True)
+        if self.target_std is not None and not self.is_classifier:
+            raw_ll = raw_log_likelihood(nll, self.target_std)
+            self.log(f"{stage}/raw_ll", raw_ll, batch_size=x.shape[0], sync_dist=True)
         metrics = self._update_metrics(f"{stage}_", outputs, y)
         self.log_dict(
             {f"{stage}/{key}": metric for key, metric in metrics.items()},
