@@ -92,8 +92,11 @@ def test_missing_files_name_the_path(uci_dir):
         dm.setup()
     message = str(error.value)
     assert "\n" not in message and str(uci_dir / "toyset" / "index_test_1.txt") in message
-    with pytest.raises(ValueError, match=r"dataset split must be in \[0, 2\) for toyset"):
-        UCIDataModule("toyset", split=2, data_dir=uci_dir).setup()
+    for download in (True, False):  # refused before a download of the split's files
+        split = UCIDataModule("toyset", split=2, data_dir=uci_dir, download=download)
+        with pytest.raises(ValueError, match=r"dataset split must be in \[0, 2\) for toyset"):
+            split.prepare_data()
+            split.setup()
     cfg = compose_config(
         uci_dir / "run", "dataset=uci", "dataset.name=nosuchset", f"dataset.data_dir={uci_dir}",
         "dataset.download=false", *QUIET,

@@ -103,17 +103,27 @@ class UCIDataModule(BBBDataModule):
         self.val_fraction = float(val_fraction)
         self.download = download
 
-    def _files(self) -> list[str]:
-        split_files = [f"index_train_{self.split}.txt", f"index_test_{self.split}.txt"]
-        return [*_COMMON_FILES, *_PROTOCOL_FILES, *split_files]
-
     def prepare_data(self) -> None:
-        """Download the set's missing files (those of this split) when ``download`` is set."""
+        """Download the set's missing files (those of this split) when ``download`` is set;
+        a split beyond ``n_splits.txt`` is refused before its files are looked for."""
         if not self.download:
             return
-        for file in self._files():
+        split_files = (f"index_train_{self.split}.txt", f"index_test_{self.split}.txt")
+        for file in (*_COMMON_FILES, *_PROTOCOL_FILES, *split_files):
+            if file in split_files:
+                self._check_split()
             if not (self.folder / file).is_file():
                 self._download(file)
+
+    def _check_split(self) -> int:
+        """The set's number of splits; a ValueError unless ``split`` is below it."""
+        n_splits = self._number("n_splits.txt")
+        if self.split >= n_splits:
+            raise ValueError(
+                f"dataset split must be in [0, {n_splits}) for {self.name} "
+                f"({self.folder / 'n_splits.txt'}), got {self.split}"
+            )
+        return n_splits
 
     def _download(self, file: str) -> None:
         url = UCI_URL.format(name=self.name, file=file)
@@ -162,12 +172,7 @@ class UCIDataModule(BBBDataModule):
         """Read the split, carve out validation, standardise (once; later calls return)."""
         if self.test_set is not None:
             return
-        self.n_splits = self._number("n_splits.txt")
-        if self.split >= self.n_splits:
-            raise ValueError(
-                f"dataset split must be in [0, {self.n_splits}) for {self.name} "
-                f"({self.folder / 'n_splits.txt'}), got {self.split}"
-            )
+        self.n_splits = self._check_split()
         self.n_hidden = self._number("n_hidden.txt")
         self.n_epochs = self._number("n_epochs.txt")
         self.net_defaults = {"hidden": [self.n_hidden]}
