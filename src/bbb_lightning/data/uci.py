@@ -70,6 +70,7 @@ class UCIDataModule(BBBDataModule):
         net_defaults: ``{"hidden": [n_hidden]}``, what the protocol's network takes where the
             config leaves ``model.net.hidden`` null.
         feature_mean, feature_std, target_mean, target_std: The standardisation.
+        features, target: The input and target columns, named ``data.txt column <j>``.
     """
 
     task = "regression"
@@ -205,6 +206,8 @@ class UCIDataModule(BBBDataModule):
         x = torch.from_numpy(data[:, features])
         y = torch.from_numpy(data[:, target])
         self.input_shape = (x.shape[1],)
+        self.features = [f"data.txt column {column}" for column in features.tolist()]
+        self.target = f"data.txt column {int(target[0])}"
         self.feature_mean, self.feature_std = column_stats(x[fit], standardize=True)
         self.target_mean, self.target_std = column_stats(y[fit], standardize=True)
         x = ((x - self.feature_mean) / self.feature_std).float()
