@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from hydra import compose, initialize_config_module
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -120,3 +121,26 @@ def fit_briefly(
     )
     trainer.fit(model, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=4))
     return trainer
+
+
+def write_uci_set(root: Path, name: str = "toyset", rows: int = 80, splits: int = 2) -> Path:
+    """A small set in the layout of the UCI splits: 3 inputs (columns 0, 1, 3), the target in
+    column 2, ``splits`` random 90 % / 10 % splits, a 7-unit protocol net. Every value is
+    distinct, so each standardised row can be traced back to its row of ``data.txt``."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(loc=[5.0, -3.0, 100.0], scale=[2.0, 0.5, 30.0], size=(rows, 3))
+    y = 40.0 + 12.0 * np.sin(x[:, 0]) + 0.1 * x[:, 2] + rng.normal(0.0, 1.5, rows)
+    data = np.column_stack([x[:, 0], x[:, 1], y, x[:, 2]])
+    folder = root / name
+    folder.mkdir(parents=True)
+    np.savetxt(folder / "data.txt", data, fmt="%.10f", delimiter=" \t")
+    np.savetxt(folder / "index_features.txt", [0, 1, 3], fmt="%d")
+    np.savetxt(folder / "index_target.txt", [2], fmt="%d")
+    for split in range(splits):
+        order = rng.permutation(rows)
+        num_test = rows // 10
+        np.savetxt(folder / f"index_train_{split}.txt", order[num_test:], fmt="%d")
+        np.savetxt(folder / f"index_test_{split}.txt", order[:num_test], fmt="%d")
+    for file, value in (("n_splits.txt", splits), ("n_hidden.txt", 7), ("n_epochs.txt", 40)):
+        (folder / file).write_text(f"{value}\n")
+    return folder

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from bbb_lightning.bayes import native
+from bbb_testing import write_uci_set
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -157,3 +158,24 @@ def test_bench_lightning_step_runs_the_composed_config(tmp_path, mnist_dir):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Lightning / plain" in done.stdout
+
+
+def test_uci_benchmark_writes_the_table_beside_the_reference(tmp_path):
+    """Two sets in the UCI layout (one named as a real set, so it meets its reference row),
+    two jobs at once, one epoch: the table has a row per set with the reference's numbers."""
+    for name in ("toyset", "energy"):
+        write_uci_set(tmp_path / "UCI", name)
+    result = _run(
+        "uci.py", "--data-dir", str(tmp_path / "UCI"), "--out", str(tmp_path / "out"),
+        "--sets", "toyset", "energy", "--splits", "2", "--splits", "energy=1", "--epochs", "1",
+        "--jobs", "2", "logger=none",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (tmp_path / "out" / "uci.md").read_text()
+    assert "| toyset | 2 | 1 |" in table and "| energy | 1 | 1 |" in table
+    assert "0.54 ± 0.06" in table and "-1.21 ± 0.01" in table  # energy's reference row
+    rows = json.loads((tmp_path / "out" / "uci.json").read_text())["rows"]
+    assert [row["set"] for row in rows] == ["toyset", "energy"]
+    assert all(math.isfinite(row["test/raw_ll"]) and row["wall_s"] > 0 for row in rows)
+    assert (tmp_path / "out" / "toyset" / "1" / "metrics.json").is_file()

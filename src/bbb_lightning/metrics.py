@@ -41,6 +41,7 @@ __all__ = [
     "nll_from_samples",
     "ood_scores",
     "predictive_entropy",
+    "raw_log_likelihood",
     "regression_metrics",
     "reliability_bins",
 ]
@@ -245,6 +246,24 @@ def gaussian_nll(mean: Tensor, var: Tensor, targets: Tensor) -> Tensor:
         tensor([0.9189])
     """
     return (0.5 * torch.log(2 * math.pi * var) + (targets - mean).square() / (2 * var)).sum(-1)
+
+
+def raw_log_likelihood(nll: Tensor, target_std: Tensor) -> Tensor:
+    """Log-likelihood in the target's own units from the NLL of standardised targets.
+
+    With y' = (y - m) / s per target dimension d, the densities differ by the Jacobian:
+    p(y) = p(y') / prod_d s_d, so log p(y) = -nll' - sum_d log s_d, for each of the S mixture
+    components alike and so for their mean (the predictive, a log-mean-exp).
+
+    Args:
+        nll: -log p(y') per example (B,) or its mean (a 0-dim tensor).
+        target_std: the scales s (D,).
+
+    Example:
+        >>> raw_log_likelihood(torch.tensor(1.0), torch.tensor([2.0]))  # -1 - log 2
+        tensor(-1.6931)
+    """
+    return -nll - target_std.to(nll).log().sum()
 
 
 def regression_metrics(

@@ -48,6 +48,7 @@ from .guard import (
     scaler_handles_nonfinite_gradients,
     stop_message,
 )
+from .metrics import raw_log_likelihood
 from .objectives import CategoricalLikelihood, GaussianLikelihood, KLTerm, Likelihood
 from .optimizer_state import with_configured_settings
 from .seeding import derive_seed
@@ -89,6 +90,21 @@ def _state_copy(value: Tensor | list[Tensor]) -> Tensor:
     if isinstance(value, list):
         return torch.cat(value) if value else torch.zeros(0)
     return value.detach().clone()
+
+
+def _target_scales(target_std: Sequence[float] | None, likelihood: Likelihood) -> Tensor | None:
+    """``target_std`` as a float32 tensor of one finite scale > 0 per target dimension."""
+    if target_std is None:
+        return None
+    scales = torch.as_tensor(list(target_std), dtype=torch.float32).reshape(-1)
+    dims = getattr(likelihood, "target_dim", None)
+    valid = bool((scales > 0).all() & scales.isfinite().all())
+    if dims is None or scales.numel() != dims or not valid:
+        raise ValueError(
+            f"target_std must be one finite scale > 0 per target dimension of a regression "
+            f"likelihood (target_dim={dims}), got {list(target_std)!r}"
+        )
+    return scales
 
 
 def compile_backends() -> list[str]:
@@ -140,6 +156,10 @@ class BayesByBackprop(LightningModule):
             when resuming mid-epoch, and a shuffling one draws its order from the global RNG.
         on_nonfinite: ``stop`` or ``skip`` a step whose loss or gradients are not finite
             (see :mod:`bbb_lightning.guard`).
+        target_std: for regression on targets standardised as y' = (y - m) / s, the scales s
+            (one per target dimension): validation and test then also log ``raw_rmse`` and
+            ``raw_ll``, the RMSE and the predictive log-likelihood per example in the target's
+            own units (:func:`~bbb_lightning.metrics.raw_log_likelihood`).
         compile: ``torch.compile`` the network in place (``nn.Module.compile``): False, True
             (the default backend) or a backend name (:func:`compile_backends`). Compiled, the
             layers take the reference path (:mod:`bbb_lightning.bayes.functional`), which the
@@ -160,6 +180,7 @@ class BayesByBackprop(LightningModule):
         exclude: Sequence[str] | None = None,
         seed: int | None = None,
         on_nonfinite: str = "stop",
+        target_std: Sequence[float] | None = None,
         compile: bool | str = False,
     ) -> None:
         super().__init__()
@@ -197,6 +218,7 @@ class BayesByBackprop(LightningModule):
         if compile is not False:
             net.compile(backend=_compile_backend(compile))
         self.net = net
+        self.target_std = _target_scales(target_std, self.likelihood)
         self.metrics = nn.ModuleDict(
             {stage: self._make_metrics() for stage in ("train_", "val_", "test_")}
         )
@@ -216,7 +238,11 @@ class BayesByBackprop(LightningModule):
                     "ece": MulticlassCalibrationError(num_classes, n_bins=15, norm="l1"),
                 }
             )
-        return MetricCollection({"rmse": MeanSquaredError(squared=False)})
+        metrics = {"rmse": MeanSquaredError(squared=False)}
+        if self.target_std is not None:
+            metrics["raw_rmse"] = MeanSquaredError(squared=False)
+        # no compute groups: raw_rmse is updated with other values than rmse
+        return MetricCollection(metrics, compute_groups=False)
 
     # -- forward and loss ---------------------------------------------------------------------
     def forward(self, x: Tensor, num_samples: int | None = None) -> Tensor:
@@ -426,7 +452,10 @@ class BayesByBackprop(LightningModule):
         else:
             assert isinstance(self.likelihood, GaussianLikelihood)
             mean, _, _ = self.likelihood.predictive_moments(outputs)
-            metrics.update(mean, y)
+            metrics["rmse"].update(mean, y)
+            if self.target_std is not None:
+                scale = self.target_std.to(mean)
+                metrics["raw_rmse"].update(mean * scale, y * scale)
         return metrics
 
     def _evaluate(self, stage: str, batch: tuple[Tensor, Tensor]) -> None:
@@ -434,6 +463,9 @@ class BayesByBackprop(LightningModule):
         outputs = self(x, self.eval_samples)
         nll = self.likelihood.predictive_nll(outputs, y).mean()
         self.log(f"{stage}/nll", nll, batch_size=x.shape[0], sync_dist=True, prog_bar=True)
+        if self.target_std is not None and not self.is_classifier:
+            raw_ll = raw_log_likelihood(nll, self.target_std)
+            self.log(f"{stage}/raw_ll", raw_ll, batch_size=x.shape[0], sync_dist=True)
         metrics = self._update_metrics(f"{stage}_", outputs, y)
         self.log_dict(
             {f"{stage}/{key}": metric for key, metric in metrics.items()},

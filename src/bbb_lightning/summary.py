@@ -4,6 +4,10 @@
 ``summary.csv`` and ``summary.md`` into that directory and prints the markdown. During a
 multirun the :class:`SweepSummary` Hydra callback rewrites both after every job, so a failed
 job shows up (status ``failed`` and its one-line error) while the others go on.
+
+A sweep over ``dataset.split`` (the UCI protocol's fixed splits) also gets, in ``summary.md``
+and ``summary_splits.csv``, each metric's mean ± standard error over the finished splits of
+every other combination of overrides (:func:`over_splits`).
 """
 
 from __future__ import annotations
@@ -22,11 +26,21 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-__all__ = ["HIGHER_IS_BETTER", "SweepSummary", "collect", "main", "metric_mode", "write_summary"]
+__all__ = [
+    "HIGHER_IS_BETTER",
+    "SweepSummary",
+    "collect",
+    "main",
+    "mean_and_standard_error",
+    "metric_mode",
+    "over_splits",
+    "write_summary",
+]
 
 ERROR_FILE = "error.txt"
 # Metrics where a larger value is better; every other one (nll, ece, rmse, ...) is minimised.
-HIGHER_IS_BETTER = frozenset({"accuracy"})
+HIGHER_IS_BETTER = frozenset({"accuracy", "raw_ll"})
+SPLIT_KEY = "dataset.split"
 
 
 def metric_mode(name: str) -> str:
@@ -82,6 +96,77 @@ def _cell(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value if value is not None else "")
 
 
+def mean_and_standard_error(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error sqrt(sum (v - mean)^2 / (n - 1)) / sqrt(n) (0 for one value).
+
+    Example:
+        >>> mean_and_standard_error([1.0, 2.0, 3.0, 4.0])  # sample std 1.291, / sqrt(4)
+        (2.5, 0.6454972243679028)
+    """
+    n = len(values)
+    mean = math.fsum(values) / n
+    if n == 1:
+        return mean, 0.0
+    variance = math.fsum((value - mean) ** 2 for value in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def _without_split(overrides: str) -> str:
+    return " ".join(item for item in overrides.split() if not item.startswith(f"{SPLIT_KEY}="))
+
+
+def over_splits(rows: list[dict]) -> list[dict[str, Any]]:
+    """Per combination of the overrides other than ``dataset.split``: ``splits`` (how many
+    finished), then ``<metric>`` and ``<metric>_se``, the mean and standard error over them of
+    every numeric metric. Empty unless some job overrides ``dataset.split``."""
+    if not any(f"{SPLIT_KEY}=" in row["overrides"] for row in rows):
+        return []
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["status"] == "ok":
+            groups.setdefault(_without_split(row["overrides"]), []).append(row)
+    table = []
+    for overrides, members in groups.items():
+        entry: dict[str, Any] = {"overrides": overrides, "splits": len(members)}
+        names = sorted({name for row in members for name in row if name not in entry})
+        for name in names:
+            values = [row.get(name) for row in members]
+            if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+                entry[name], entry[f"{name}_se"] = mean_and_standard_error(
+                    [float(v) for v in values]
+                )
+        table.append(entry)
+    return table
+
+
+def _splits_markdown(table: list[dict[str, Any]]) -> list[str]:
+    """The test metrics (and training time) of :func:`over_splits` as mean ± SE cells."""
+    metrics = sorted(
+        {name for entry in table for name in entry if name.startswith("test/")}
+        - {name for entry in table for name in entry if name.endswith("_se")}
+    )
+    metrics.append("fit_seconds")
+    cells = [
+        " | ".join(
+            f"{entry[name]:.4g} ± {entry[f'{name}_se']:.2g}" if name in entry else ""
+            for name in metrics
+        )
+        for entry in table
+    ]
+    return [
+        "",
+        f"Mean ± standard error over the finished values of `{SPLIT_KEY}` (also in "
+        "summary_splits.csv):",
+        "",
+        "| overrides | splits | " + " | ".join(metrics) + " |",
+        "|" + "---|" * (len(metrics) + 2),
+        *(
+            f"| {entry['overrides']} | {entry['splits']} | {row} |"
+            for entry, row in zip(table, cells, strict=True)
+        ),
+    ]
+
+
 def write_summary(sweep_dir: Path, sort_by: str = "val/nll", descending: bool = False) -> str:
     """Write ``summary.csv`` and ``summary.md`` in ``sweep_dir``; return the markdown."""
     rows = collect(sweep_dir, sort_by, descending)
@@ -98,6 +183,14 @@ def write_summary(sweep_dir: Path, sort_by: str = "val/nll", descending: bool = 
         "|" + "---|" * len(columns),
         *("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows),
     ]
+    splits = over_splits(rows)
+    if splits:
+        with (sweep_dir / "summary_splits.csv").open("w", newline="") as handle:
+            names = list(dict.fromkeys(name for entry in splits for name in entry))
+            writer = csv.DictWriter(handle, fieldnames=names)
+            writer.writeheader()
+            writer.writerows(splits)
+        lines += _splits_markdown(splits)
     markdown = "\n".join(lines) + "\n"
     (sweep_dir / "summary.md").write_text(markdown)
     return markdown

@@ -73,6 +73,8 @@ def _fill_sizes(cfg: DictConfig, datamodule: pl.LightningDataModule) -> tuple[di
     num_outputs = instantiate(likelihood).num_outputs
     net = _container(cfg.model.net)
     sizes = {"input_shape": list(datamodule.input_shape), "num_outputs": num_outputs}
+    # what a dataset's protocol prescribes for its network (UCI: the hidden units)
+    sizes |= getattr(datamodule, "net_defaults", {})
     for key, value in sizes.items():
         if key in net and net[key] is None:
             net[key] = value
@@ -129,8 +131,17 @@ def build_model(cfg: DictConfig, datamodule: pl.LightningDataModule) -> BayesByB
         exclude=_container(cfg.model.get("exclude")),
         seed=cfg.seed,
         on_nonfinite=cfg.on_nonfinite,
+        target_std=_target_std(datamodule, likelihood),
         compile=cfg.compile,
     )
+
+
+def _target_std(datamodule: pl.LightningDataModule, likelihood: dict) -> list[float] | None:
+    """The scales a datamodule divided its regression targets by (CSV, UCI), else None."""
+    target_std = getattr(datamodule, "target_std", None)
+    if target_std is None or "target_dim" not in likelihood:
+        return None
+    return [float(value) for value in torch.as_tensor(target_std).reshape(-1)]
 
 
 def _flat_hparams(cfg: DictConfig, model: BayesByBackprop) -> dict[str, Any]:

@@ -4,10 +4,12 @@ from bbb_lightning.data.base import BBBDataModule
 from bbb_lightning.data.csv import CSVDataModule
 from bbb_lightning.data.mnist import MNISTDataModule
 from bbb_lightning.data.toy_regression import ToyRegressionDataModule
+from bbb_lightning.data.uci import UCIDataModule
 
 __all__ = [
     "BBBDataModule",
     "CSVDataModule",
     "MNISTDataModule",
     "ToyRegressionDataModule",
+    "UCIDataModule",
 ]

@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 
 from bbb_lightning.data.base import TASKS, BBBDataModule
 
-__all__ = ["CSVDataModule", "Table", "numeric_columns", "read_table"]
+__all__ = ["CSVDataModule", "Table", "column_stats", "numeric_columns", "read_table"]
 
 
 class CSVDataModule(BBBDataModule):
@@ -86,7 +86,7 @@ class CSVDataModule(BBBDataModule):
         self.input_shape = (len(self.features),)
         x = numeric_columns(self.path, table, self.features)
         train_idx, val_idx, test_idx = self._split(len(rows), val_fraction, test_fraction)
-        self.feature_mean, self.feature_std = _stats(x[train_idx], standardize)
+        self.feature_mean, self.feature_std = column_stats(x[train_idx], standardize)
         x = (x - self.feature_mean) / self.feature_std
 
         self.classes: list[str] | list[int] | None = None
@@ -101,7 +101,7 @@ class CSVDataModule(BBBDataModule):
         else:
             y = numeric_columns(self.path, table, [target])
             self.target_dim = 1
-            self.target_mean, self.target_std = _stats(y[train_idx], standardize)
+            self.target_mean, self.target_std = column_stats(y[train_idx], standardize)
             y = (y - self.target_mean) / self.target_std
         self.train_set = TensorDataset(x[train_idx], y[train_idx])
         self.val_set = TensorDataset(x[val_idx], y[val_idx])
@@ -272,7 +272,7 @@ def _encode_labels(values: list[str]) -> tuple[list[str] | list[int], Tensor]:
     return classes, torch.tensor([index[key] for key in keys], dtype=torch.int64)
 
 
-def _stats(values: Tensor, standardize: bool) -> tuple[Tensor, Tensor]:
+def column_stats(values: Tensor, standardize: bool) -> tuple[Tensor, Tensor]:
     """Per-column mean and standard deviation (0 and 1 when not standardizing)."""
     if not standardize:
         width = values.shape[1:]
