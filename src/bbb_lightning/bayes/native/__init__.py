@@ -25,9 +25,11 @@ normal here). ``gaussian.cpp`` does the same work in fewer, vectorized passes:
   autograd node, written in C++, whose backward gives the gradients of both in one more pass
   (:func:`bbb_lightning.bayes.gaussian_ops.sample_with_kl`).
 
-They apply to contiguous float32 CPU tensors; everything else (float64, CUDA, where CUDA's own
-Philox is already fast) keeps the torch ops, and so does every tensor when the kernels cannot
-be built. The build uses ``torch.utils.cpp_extension`` (a C++ compiler with OpenMP and
+This package is an optional backend behind one hook, :func:`serves`: the reference path
+(:mod:`bbb_lightning.bayes.functional`) asks it where a kernel applies (contiguous float32 CPU
+tensors, the kernels built, and :func:`active`: not under ``torch.compile``, a ``torch.func``
+transform or :func:`stepped_aside`) and computes in torch ops otherwise (float64, CUDA, where
+the compiler's fusion is the fast path, or when the kernels cannot be built). The build uses ``torch.utils.cpp_extension`` (a C++ compiler with OpenMP and
 ``ninja``), takes 30 to 100 s once (it says so in one line), and is cached under
 ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) in a folder of its own per
 torch installation, Python version, source and compiler flags (:func:`build_key`): two virtual
