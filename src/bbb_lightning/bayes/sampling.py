@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +46,9 @@ def sample_forward(net: nn.Module, x: Tensor, num_samples: int) -> Tensor:
     The S copies of the batch are folded into the batch dimension (S*B, ...), so the network
     runs once; no Python loop over samples. ``net`` must treat dimension 0 as the batch. (A
     network with a posterior behind a parametrization, drawn once per call, runs S calls on
-    the batch instead, their outputs stacked; any output structure then works. So does a network
+    the batch instead, their outputs stacked; any output structure then works, its tensors
+    stacked and anything else, such as a Hugging Face ``DynamicCache``, kept as the last
+    call's. So does a network
     with a batch norm that normalises by the statistics of its batch, in training mode or
     without running statistics: on the folded batch, every sample would be normalised by the
     mean and variance of all S samples together.) A
@@ -68,10 +71,10 @@ def sample_forward(net: nn.Module, x: Tensor, num_samples: int) -> Tensor:
         out = net(x)
         if isinstance(out, Tensor):  # the common case, without tree_map's walk (every step)
             return out.unsqueeze(0)
-        return tree_map(lambda output: output.unsqueeze(0), out)
+        return tree_map(lambda output: _stack([output]), out)
     if _has_parametrized_posteriors(net) or _normalizes_by_batch_statistics(net):
         outputs = [net(x) for _ in range(num_samples)]
-        return tree_map(lambda *samples: torch.stack(samples), *outputs)
+        return tree_map(lambda *samples: _stack(list(samples)), *outputs)
     batch = x.shape[0]
     folded = x.unsqueeze(0).expand(num_samples, *x.shape).reshape(num_samples * batch, *x.shape[1:])
     with ExitStack() as stack:
@@ -79,7 +82,9 @@ def sample_forward(net: nn.Module, x: Tensor, num_samples: int) -> Tensor:
             stack.enter_context(forward_pass.folded(num_samples, copies=folded))
         out = net(folded)
 
-    def unfold(output: Tensor) -> Tensor:
+    def unfold(output: Any) -> Any:
+        if not isinstance(output, Tensor):
+            return output  # e.g. a cache object: the one folded call's, as it is
         if output.dim() == 0 or output.shape[0] != num_samples * batch:
             raise ValueError(
                 f"sample_forward folds the {num_samples} samples into the batch dimension and "
@@ -123,6 +128,15 @@ def sample_forward_with_kl(
             stack.enter_context(forward_pass.recording(record))
         out = sample_forward(net, x, num_samples)
     return out, kl_divergence(net, reduction, monte_carlo, record=record)
+
+
+def _stack(samples: list[Any]) -> Any:
+    """The S samples of one output leaf: tensors stacked into (S, ...); anything else (a
+    Hugging Face ``DynamicCache``, a string, None) is not a sample of a distribution and is
+    kept as the last sample's."""
+    if all(isinstance(sample, Tensor) for sample in samples):
+        return torch.stack(samples)
+    return samples[-1]
 
 
 def _has_parametrized_posteriors(net: nn.Module) -> bool:
