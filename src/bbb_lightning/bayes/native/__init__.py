@@ -29,14 +29,15 @@ This package is an optional backend behind one hook, :func:`serves`: the referen
 (:mod:`bbb_lightning.bayes.functional`) asks it where a kernel applies (contiguous float32 CPU
 tensors, the kernels built, and :func:`active`: not under ``torch.compile``, a ``torch.func``
 transform or :func:`stepped_aside`) and computes in torch ops otherwise (float64, CUDA, where
-the compiler's fusion is the fast path, or when the kernels cannot be built). The build uses ``torch.utils.cpp_extension`` (a C++ compiler with OpenMP and
-``ninja``), takes 30 to 100 s once (it says so in one line), and is cached under
-``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) in a folder of its own per
-torch installation, Python version, source and compiler flags (:func:`build_key`): two virtual
-environments on one machine, or two clones with different sources, never rebuild each other's
-kernels. ``BBB_LIGHTNING_NATIVE=0`` turns the kernels off (:func:`check_setting` validates the
-switch without building); a failed build warns once and falls back. :func:`status` says which
-is in use.
+the compiler's fusion is the fast path, or when the kernels cannot be built).
+
+The build uses ``torch.utils.cpp_extension`` (a C++ compiler with OpenMP and ``ninja``), takes 30
+to 100 s once (it says so in one line), and is cached under ``TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``) in a folder of its own per torch installation, Python version,
+source and compiler flags (:func:`build_key`): two virtual environments on one machine, or two
+clones with different sources, never rebuild each other's kernels. ``BBB_LIGHTNING_NATIVE=0`` turns
+the kernels off (:func:`check_setting` validates the switch without building); a failed build warns
+once and falls back. :func:`status` says which is in use.
 
 Processes that build at once (the ranks of a DDP job, two runs started together) take turns
 under an operating-system lock, which a killed process releases; one that has to wait says so
