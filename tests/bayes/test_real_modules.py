@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.utils.prune as prune
 from torch import nn
-from torch.nn.utils import parametrize
 from torch.distributions import Normal
 from torch.distributions import kl_divergence as torch_kl
+from torch.nn.utils import parametrize
 
 from bbb_lightning.bayes import (
     BayesianLinear,

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .forward_pass import ForwardPass, close_forward_pass, open_forward_pass
+from .kl import look_up_closed_forms
 from .layers import BAYESIAN_LAYERS, BayesianLayer, check_estimator
 from .posteriors import MeanFieldNormal, VariationalPosterior, named_posteriors
 from .priors import GaussianPrior, Prior
@@ -191,6 +192,7 @@ def bayesianize(
                 if id(value) not in shared:
                     shared[id(value)] = (value, make_posterior(value))
                 parametrize.register_parametrization(module, name, shared[id(value)][1])
+    look_up_closed_forms(net)
     _guard_embedding_methods(net)
     for module in net.modules():
         if isinstance(module, nn.RNNBase) and parametrize.is_parametrized(module):

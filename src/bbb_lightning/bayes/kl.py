@@ -46,7 +46,7 @@ from . import functional
 from .forward_pass import KLRecord
 from .posteriors import SoftplusNormal, VariationalPosterior, all_posteriors
 
-__all__ = ["KL_REDUCTIONS", "kl_divergence", "posterior_kl"]
+__all__ = ["KL_REDUCTIONS", "kl_divergence", "look_up_closed_forms", "posterior_kl"]
 
 KL_REDUCTIONS = ("sum", "mean")
 
@@ -123,6 +123,16 @@ def _registered_kl(
         found = _dispatch_kl(posterior, prior)
         _REGISTERED[key] = None if found is NotImplemented else found
     return _REGISTERED[key]
+
+
+def look_up_closed_forms(net: nn.Module) -> None:
+    """Find, eagerly, the registered closed form (or its absence) for every posterior/prior
+    pair of ``net``, as :func:`posterior_kl` will ask. :func:`~bbb_lightning.bayes.bayesianize`
+    calls it, so that a KL traced by ``torch.compile(fullgraph=True)`` only reads the memo
+    (torch's own lookup, behind a lock and a ``min`` over a generator, cannot be traced)."""
+    with torch.no_grad():
+        for posterior in all_posteriors(net):
+            _registered_kl(type(posterior.distribution()), type(posterior.prior.distribution()))
 
 
 def _lacks_the_graph(weights: Tensor, posterior: VariationalPosterior) -> bool:

@@ -21,7 +21,7 @@ import math
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from functools import cache, cached_property
+from functools import cache
 from typing import Any, Protocol
 
 import torch
@@ -60,10 +60,15 @@ class SoftplusNormal(Normal):
     def __init__(self, loc: Tensor, scale: Tensor, log_scale: Callable[[], Tensor]) -> None:
         super().__init__(loc, scale, validate_args=False)
         self._log_scale = log_scale
+        self._log_scale_value: Tensor | None = None
 
-    @cached_property
+    @property
     def log_scale(self) -> Tensor:
-        return self._log_scale()
+        """log sigma, computed once (not ``functools.cached_property``: its lock cannot be
+        traced by ``torch.compile``)."""
+        if self._log_scale_value is None:
+            self._log_scale_value = self._log_scale()
+        return self._log_scale_value
 
     def entropy(self) -> Tensor:
         return functional.gaussian_entropy(self.log_scale)
