@@ -144,3 +144,39 @@ def write_uci_set(root: Path, name: str = "toyset", rows: int = 80, splits: int 
     for file, value in (("n_splits.txt", splits), ("n_hidden.txt", 7), ("n_epochs.txt", 40)):
         (folder / file).write_text(f"{value}\n")
     return folder
+
+
+def write_cifar_batches(
+    root: Path, name: str = "cifar10", per_batch: int = 12, layout: str = "folder", seed: int = 0
+) -> Path:
+    """Tiny CIFAR files in the exact python-pickle format (a dict with ``bytes`` keys, as the
+    Python 2 originals: ``data`` uint8 ``(N, 3072)``, ``labels`` / ``fine_labels`` a list).
+    ``layout``: ``folder`` (root/cifar-10-batches-py/, torchvision's root), ``flat`` (the batch
+    files in root) or ``archive`` (root/cifar-10-python.tar.gz). Returns what data_dir names."""
+    import pickle
+    import tarfile
+
+    from bbb_lightning.data.pickle_batches import CIFAR_SETS
+
+    spec = CIFAR_SETS[name]
+    rng = np.random.default_rng(seed)
+    folder = root / spec.folder if layout != "flat" else root
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in (*spec.train, *spec.test):
+        labels = [int(v) for v in rng.integers(0, spec.num_classes, per_batch)]
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        content = {b"batch_label": file.encode(), spec.label_key.encode(): labels, b"data": data}
+        if name == "cifar100":
+            content[b"coarse_labels"] = [v // 5 for v in labels]
+        (folder / file).write_bytes(pickle.dumps(content, protocol=2))
+    names = [f"class{i}".encode() for i in range(spec.num_classes)]
+    (folder / spec.meta).write_bytes(pickle.dumps({spec.names_key.encode(): names}, protocol=2))
+    if layout != "archive":
+        return root
+    archive = root / spec.archive
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=spec.folder)
+    for file in folder.iterdir():
+        file.unlink()
+    folder.rmdir()
+    return root
