@@ -4,9 +4,13 @@ Every contestant is the MLP 784-400-400-10 (ReLU) on MNIST, batch 128, Adam (lr 
 by a plain PyTorch loop (no Lightning for anyone), on 2 CPU threads:
 
 - ``deterministic``: the plain network (cross-entropy);
-- ``ours-<estimator>``: ``bayesianize(MLP, estimator=...)`` + ``sample_forward`` +
-  ``kl_divergence``, the loss of ``module.py``: NLL / B + (1/M) KL / B (uniform weighting, M
-  minibatches per epoch, so the KL counts once per epoch);
+- ``ours-<estimator>``: ``bayesianize(MLP, estimator=...)`` + ``sample_forward_with_kl``, the
+  loss of ``module.py``: NLL / B + (1/M) KL / B (uniform weighting, M minibatches per epoch, so
+  the KL counts once per epoch), with the native CPU kernels where they serve;
+- ``reference-<estimator>``: the same on the reference path alone (plain torch ops, the kernels
+  stepped aside: what a GPU user runs eagerly), and ``compiled-<estimator>``: the network
+  ``torch.compile``d in place (``nn.Module.compile``, inductor; what ``compile=true`` does),
+  unless ``--no-compiled`` (default under ``--quick``: compiling takes minutes on 2 cores);
 - peers, installed from PyPI at the pins below (``pip install --no-deps``; their declared
   torchvision / scikit-learn / tensorboard requirements are not used by the layers used here),
   each trained as its documentation shows:
@@ -87,6 +91,7 @@ from torch import Tensor, nn
 
 import bbb_lightning.bayes as ours
 from bbb_lightning.allocator import retain_freed_memory
+from bbb_lightning.bayes import native
 from bbb_lightning.data import MNISTDataModule
 from bbb_lightning.nets import MLP
 from bbb_lightning.objectives import CategoricalLikelihood, KLTerm
@@ -171,26 +176,32 @@ def deterministic(num_train: int) -> Contestant:
 def ours_contestant(
     bayes: ModuleType, estimator: str, num_train: int, suffix: str = ""
 ) -> Contestant:
-    """bayesianize + sample_forward + kl_divergence with the loss of module.py."""
+    """bayesianize + sample_forward_with_kl (an older copy without it: sample_forward +
+    kl_divergence) with the loss of module.py."""
     model = bayes.bayesianize(mlp(), estimator=estimator)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     num_batches = math.ceil(num_train / BATCH)
     kl_weight = KLTerm(weighting="uniform").weight(0, num_batches, step=0)  # 1 / M
 
-    def step(x: Tensor, y: Tensor, outputs: Callable[[], Tensor]) -> None:
+    def step(x: Tensor, y: Tensor, outputs: Callable[[], tuple[Tensor, Tensor]]) -> None:
         optimizer.zero_grad(set_to_none=True)
         with FORWARD():
-            nll = LIKELIHOOD.expected_nll(outputs().float(), y)
-            kl = bayes.kl_divergence(model)
+            out, kl = outputs()
+            nll = LIKELIHOOD.expected_nll(out.float(), y)
             loss = nll / x.shape[0] + kl_weight * kl / x.shape[0]
         loss.backward()
         optimizer.step()
 
+    def with_kl(x: Tensor, samples: int) -> tuple[Tensor, Tensor]:
+        if hasattr(bayes, "sample_forward_with_kl"):
+            return bayes.sample_forward_with_kl(model, x, samples)
+        return bayes.sample_forward(model, x, samples), bayes.kl_divergence(model)
+
     def train_step(x: Tensor, y: Tensor, samples: int) -> None:
-        step(x, y, lambda: bayes.sample_forward(model, x, samples))
+        step(x, y, lambda: with_kl(x, samples))
 
     def loop_train_step(x: Tensor, y: Tensor, samples: int) -> None:
-        step(x, y, lambda: stack_forwards(model, x, samples))
+        step(x, y, lambda: (stack_forwards(model, x, samples), bayes.kl_divergence(model)))
 
     def predict(x: Tensor, samples: int) -> Tensor:
         with FORWARD():
@@ -205,6 +216,29 @@ def ours_contestant(
         loop_train_step=loop_train_step,
         loop_predict=lambda x, samples: stack_forwards(model, x, samples),
         group="ours" if not suffix else "baseline-ours",
+    )
+
+
+def reference_contestant(estimator: str, num_train: int, compiled: bool) -> Contestant:
+    """Ours on the reference path: eager with the native kernels stepped aside, or with the
+    network compiled in place by ``torch.compile`` (which steps them aside by itself)."""
+    name = f"{'compiled' if compiled else 'reference'}-{estimator}"
+    contestant = ours_contestant(ours, estimator, num_train)
+    if compiled:
+        contestant.model.compile()
+        train_step, predict = contestant.train_step, contestant.predict
+    else:
+
+        def train_step(x: Tensor, y: Tensor, samples: int) -> None:
+            with native.stepped_aside():
+                contestant.train_step(x, y, samples)
+
+        def predict(x: Tensor, samples: int) -> Tensor:
+            with native.stepped_aside():
+                return contestant.predict(x, samples)
+
+    return Contestant(
+        name, contestant.model, contestant.optimizer, train_step, predict, group="reference"
     )
 
 
@@ -493,9 +527,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
     names = list(main)
     ratios = [main[n]["train_ratio"] for n in names]
     colors = [
-        {"baseline": "grey", "ours": "tab:blue", "baseline-ours": "lightsteelblue"}.get(
-            main[n]["group"], "tab:orange"
-        )
+        {
+            "baseline": "grey",
+            "ours": "tab:blue",
+            "baseline-ours": "lightsteelblue",
+            "reference": "tab:green",
+        }.get(main[n]["group"], "tab:orange")
         for n in names
     ]
     quartiles = [
@@ -583,6 +620,12 @@ def parse_args() -> argparse.Namespace:
         "shorter blocks, 1 epoch on 10k examples, 20-sample evaluations",
     )
     parser.add_argument("--skip-peers", action="store_true", help="ours and deterministic only")
+    parser.add_argument(
+        "--compiled",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time the torch.compile'd reference path (default: on, off under --quick)",
+    )
     parser.add_argument(
         "--quality-epochs",
         type=int,
@@ -675,6 +718,8 @@ def main() -> None:
         args.quality_epochs = min(args.quality_epochs, 1)
         args.quality_samples = min(args.quality_samples, 20)
         args.eval_samples = min(args.eval_samples, 20)
+    if args.compiled is None:
+        args.compiled = not args.quick
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     FORWARD.name = args.precision
@@ -714,6 +759,13 @@ def main() -> None:
             add(
                 f"ours-{estimator}@baseline",
                 lambda e=estimator: ours_contestant(baseline, e, num_train, "@baseline"),
+            )
+    for estimator in ESTIMATORS:
+        add(f"reference-{estimator}", lambda e=estimator: reference_contestant(e, num_train, False))
+        if args.compiled:
+            add(
+                f"compiled-{estimator}",
+                lambda e=estimator: reference_contestant(e, num_train, True),
             )
     if not args.skip_peers:
         for name, (distribution, build) in PEERS.items():

@@ -28,6 +28,7 @@ from .bayes._arguments import is_real
 from .bayes.kl import KL_REDUCTIONS
 from .bayes.layers import ESTIMATORS
 from .guard import NONFINITE_MODES, NonFiniteError
+from .module import compile_backends
 from .objectives import KL_WEIGHTINGS
 from .summary import metric_mode
 
@@ -155,6 +156,12 @@ def check_config(cfg: DictConfig) -> None:
     _require(cfg, "kl.warmup_steps", _is_int(0), "an integer >= 0")
     _require(cfg, "kl.monte_carlo", lambda v: v is None or isinstance(v, bool), "true or false")
     _require(cfg, "posterior.estimator", lambda v: v in ESTIMATORS, f"one of {list(ESTIMATORS)}")
+    _require(
+        cfg,
+        "compile",
+        lambda v: isinstance(v, bool) or v in compile_backends(),
+        f"true, false or a torch.compile backend ({', '.join(compile_backends())})",
+    )
     _require(cfg, "optimizer.lr", _is_positive, "a number > 0")
     _require(cfg, "optimizer.fused", lambda v: v is None or isinstance(v, bool), "true or false")
     _require(

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanSquaredError, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from .bayes import bayesianize, is_bayesian, kl_divergence, sample_forward
+from .bayes import bayesianize, is_bayesian, sample_forward, sample_forward_with_kl
 from .bayes._arguments import positive_integer
 from .bayes.posteriors import VariationalPosterior
 from .bayes.priors import Prior
@@ -107,6 +107,23 @@ def _target_scales(target_std: Sequence[float] | None, likelihood: Likelihood) -
     return scales
 
 
+def compile_backends() -> list[str]:
+    """The ``torch.compile`` backends a run may name: those torch lists here, with the
+    debugging ones ``eager`` and ``aot_eager`` (tracing without code generation)."""
+    return sorted({*torch.compiler.list_backends(), "eager", "aot_eager"})
+
+
+def _compile_backend(compile: bool | str) -> str:
+    if compile is True:
+        return "inductor"
+    if not isinstance(compile, str) or compile not in compile_backends():
+        raise ValueError(
+            f"compile must be true, false or a torch.compile backend "
+            f"({', '.join(compile_backends())}), got {compile!r}"
+        )
+    return compile
+
+
 class BayesByBackprop(LightningModule):
     """Train any network as a Bayesian neural network by Bayes by Backprop.
 
@@ -143,6 +160,10 @@ class BayesByBackprop(LightningModule):
             (one per target dimension): validation and test then also log ``raw_rmse`` and
             ``raw_ll``, the RMSE and the predictive log-likelihood per example in the target's
             own units (:func:`~bbb_lightning.metrics.raw_log_likelihood`).
+        compile: ``torch.compile`` the network in place (``nn.Module.compile``): False, True
+            (the default backend) or a backend name (:func:`compile_backends`). Compiled, the
+            layers take the reference path (:mod:`bbb_lightning.bayes.functional`), which the
+            compiler fuses; the native CPU kernels step aside.
     """
 
     def __init__(
@@ -160,6 +181,7 @@ class BayesByBackprop(LightningModule):
         seed: int | None = None,
         on_nonfinite: str = "stop",
         target_std: Sequence[float] | None = None,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         objects = {"net": net, "likelihood": likelihood, "prior": prior, "posterior": posterior}
@@ -193,6 +215,8 @@ class BayesByBackprop(LightningModule):
                 include=include,
                 exclude=exclude,
             )
+        if compile is not False:
+            net.compile(backend=_compile_backend(compile))
         self.net = net
         self.target_std = _target_scales(target_std, self.likelihood)
         self.metrics = nn.ModuleDict(
@@ -262,9 +286,10 @@ class BayesByBackprop(LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x, y = batch
         batch_size = x.shape[0]
-        outputs = _full_precision(sample_forward(self.net, x, self.num_samples))
-        nll = self.likelihood.expected_nll(outputs, y)
-        kl = kl_divergence(self.net, self.kl_term.reduction, self.kl_term.monte_carlo)
+        outputs, kl = sample_forward_with_kl(
+            self.net, x, self.num_samples, self.kl_term.reduction, self.kl_term.monte_carlo
+        )
+        nll = self.likelihood.expected_nll(_full_precision(outputs), y)
         accumulate = self.trainer.accumulate_grad_batches
         step_index, num_steps, group = self._optimizer_step_of(batch_idx)
         kl_weight = self.kl_term.weight(step_index, num_steps, self.global_step)

@@ -1,10 +1,12 @@
 """Weight pruning by signal-to-noise ratio (Blundell et al. 2015, section 5.2).
 
-Each weight of a mean-field Gaussian posterior has SNR = |μ| / σ. Pruning a fraction p sets the
-round(p · n) weights with the lowest SNR to zero, ranked with one global threshold over
-every Gaussian posterior of the network (weights and biases, all layers together, as Blundell
-et al.), and predicts with the posterior mean of the rest. Tensors without a Gaussian posterior
-(deterministic ones, other posterior families) are kept as they are.
+Each variational weight has SNR = |E_q[w]| / stddev_q(w) (|μ| / σ for the mean-field Gaussian,
+|μ| / (σ / sqrt(D)) for the radial posterior). Pruning a fraction p sets the round(p · n)
+weights with the lowest SNR to zero, ranked with one global threshold over every posterior of
+the network (weights and biases, all layers together, as Blundell et al.), and predicts with the
+posterior mean of the rest. Deterministic tensors are kept as they are; a posterior whose
+distribution has no stddev is left out with a warning naming it
+(:func:`~bbb_lightning.bayes.signal_to_noise`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ PRUNING_FRACTIONS: Sequence[float] = (0.0, 0.5, 0.75, 0.95, 0.98)
 
 
 def snr_masks(net: nn.Module, fraction: float) -> dict[str, Tensor]:
-    """Boolean keep-masks, one per Gaussian tensor, dropping the lowest-SNR ``fraction``.
+    """Boolean keep-masks, one per variational tensor, dropping the lowest-SNR ``fraction``.
 
-    Exactly round(fraction · n) of the n Gaussian weights are dropped (ties broken by order).
+    Exactly round(fraction · n) of the n variational weights are dropped (ties broken by order).
 
     Example:
         >>> from bbb_lightning.bayes import bayesianize
@@ -38,7 +40,7 @@ def snr_masks(net: nn.Module, fraction: float) -> dict[str, Tensor]:
         raise ValueError(f"pruning fraction must be in [0, 1], got {fraction!r}")
     snr = signal_to_noise(net)
     if not snr:
-        raise ValueError("the network has no Gaussian posterior to prune")
+        raise ValueError("the network has no posterior with a stddev to prune")
     flat = torch.cat([values.flatten() for values in snr.values()])
     keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
     num_dropped = round(fraction * flat.numel())

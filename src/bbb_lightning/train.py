@@ -133,6 +133,7 @@ def build_model(cfg: DictConfig, datamodule: pl.LightningDataModule) -> BayesByB
         seed=cfg.seed,
         on_nonfinite=cfg.on_nonfinite,
         target_std=_target_std(datamodule, likelihood),
+        compile=cfg.compile,
     )
 
 

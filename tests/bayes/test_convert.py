@@ -28,6 +28,7 @@ from bbb_lightning.bayes import (
     sample_forward,
     sample_network,
 )
+from bbb_lightning.bayes.forward_pass import KLRecord
 
 
 class Custom(nn.Module):
@@ -248,10 +249,14 @@ def test_a_tensor_read_twice_in_one_forward_is_one_draw() -> None:
     net = bayesianize(ReadsTwice())
     q = dict(named_posteriors(net))["w"]
     x = torch.ones(5)
-    difference, used = net(x)
+    record = KLRecord()
+    with net.bayes_forward_pass.recording(record):
+        difference, used = net(x)
     assert torch.equal(difference, torch.zeros(5))
-    assert torch.equal(used, q.last_sample)  # the KL sees the draw the forward used
-    assert not torch.equal(q.last_sample, q.mu)
+    drawn = record.sample(q)
+    assert drawn.shape == (1, 5)  # one draw, recorded once
+    assert torch.equal(used, drawn[0])  # the KL sees the draw the forward used
+    assert not torch.equal(drawn[0], q.mu)
     # Outside a forward of the root there is no cache: each read is a new draw.
     assert not torch.equal(net.w - net.w, torch.zeros(5))
 

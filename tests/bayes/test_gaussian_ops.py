@@ -18,12 +18,14 @@ from torch.distributions import kl_divergence as torch_kl
 
 from bbb_lightning.bayes import (
     BayesianLinear,
-    MeanFieldNormal,
     bayesianize,
     gaussian_ops,
     kl_divergence,
+    native,
 )
 from bbb_lightning.bayes import layers as layers_module
+from bbb_lightning.bayes.forward_pass import ForwardPass
+from bbb_lightning.bayes.functional import log_softplus
 from bbb_lightning.bayes.gaussian_ops import (
     ScaleValues,
     draw,
@@ -31,8 +33,7 @@ from bbb_lightning.bayes.gaussian_ops import (
     perturbation,
     variance,
 )
-from bbb_lightning.bayes.layers import _distinct_rows, _random_signs, folded_samples
-from bbb_lightning.bayes.posteriors import log_softplus
+from bbb_lightning.bayes.layers import _distinct_rows, _random_signs
 from bbb_lightning.bayes.sampling import sample_forward
 
 F64 = torch.float64
@@ -128,21 +129,6 @@ def test_gaussian_kl_is_exact_and_finite_where_sigma_underflows(dtype: torch.dty
     torch.testing.assert_close(rho.grad, ref_rho.grad)
 
 
-def test_sigma_is_computed_once_per_forward_and_reused_by_the_kl() -> None:
-    """Where the joint draw-and-KL node does not apply (float64 here), the KL reuses the
-    forward's sigma."""
-    torch.manual_seed(2)
-    net = bayesianize(nn.Sequential(nn.Linear(3, 2)), estimator="reparameterization").double()
-    q = net[0].weight_posterior
-    assert isinstance(q, MeanFieldNormal)
-    net(torch.randn(4, 3, dtype=F64))
-    values = q._scale_values
-    assert values is not None and values.matches(q.rho)
-    assert q.scale_values(reuse=True) is values  # the KL reuses the forward's sigma
-    net(torch.randn(4, 3, dtype=F64))
-    assert q._scale_values is not values  # every forward computes it afresh
-
-
 def test_the_kl_after_an_update_sees_the_new_rho() -> None:
     """An optimizer step changes rho in place: the next KL must not use the old sigma."""
     torch.manual_seed(3)
@@ -170,20 +156,26 @@ def test_modifying_rho_between_forward_and_backward_raises() -> None:
         loss.backward()
 
 
-def test_distinct_rows_only_for_the_unmodified_folded_copies() -> None:
+def test_distinct_rows_only_for_copies_that_are_still_equal() -> None:
     x = torch.randn(3, 2, 4)
     copies = x.unsqueeze(0).expand(5, *x.shape).reshape(15, 2, 4)
-    assert _distinct_rows(copies) is None  # outside sample_forward
-    with folded_samples(5, copies=copies):
-        assert _distinct_rows(copies) == 3
-        assert _distinct_rows(copies.flatten(1)) == 3  # e.g. after nn.Flatten
-        assert _distinct_rows(copies.clone()) is None
-        assert _distinct_rows(copies.reshape(30, 4)) is None  # another row layout
-        assert _distinct_rows(copies.transpose(1, 2)) is None
-        copies.mul_(2.0)  # modified in place: no longer known to be copies
-        assert _distinct_rows(copies) is None
-    with folded_samples(1, copies=x):
-        assert _distinct_rows(x) is None
+    forward_pass = ForwardPass()
+    assert _distinct_rows(forward_pass, copies) is None  # outside sample_forward
+    with forward_pass.folded(5, copies=copies):
+        assert _distinct_rows(forward_pass, copies) == 3
+        assert _distinct_rows(forward_pass, copies.flatten(1)) == 3  # e.g. after nn.Flatten
+        assert _distinct_rows(forward_pass, copies.clone()) is None
+        assert _distinct_rows(forward_pass, copies.reshape(30, 4)) is None  # another layout
+        assert _distinct_rows(forward_pass, copies.transpose(1, 2)) is None
+        copies.mul_(2.0)  # in place, the same on every copy: still S copies of one batch
+        assert _distinct_rows(forward_pass, copies) == 3
+        copies[:3].add_(1.0)  # in place on one sample only (an in-place dropout)
+        assert _distinct_rows(forward_pass, copies) is None
+        copies[:3].sub_(1.0)
+        with native.stepped_aside():  # not on the reference path (compile, torch.func)
+            assert _distinct_rows(forward_pass, copies) is None
+    with forward_pass.folded(1, copies=x):
+        assert _distinct_rows(forward_pass, x) is None
 
 
 @pytest.mark.parametrize("estimator", ["local", "flipout"])
@@ -235,7 +227,6 @@ def test_reparameterization_without_gradients_draws_in_chunks(
     weights = out[:, :3].transpose(1, 2)  # (5, 2, 3)
     torch.testing.assert_close(out[:, 3], weights @ x[3])
     assert weights.reshape(5, -1).unique(dim=0).shape[0] == 5
-    assert net[0].weight_posterior.last_sample is None
 
 
 @pytest.mark.parametrize("estimator", ["reparameterization", "flipout"])
@@ -264,8 +255,7 @@ def test_the_first_layer_computes_the_mean_once_per_example(
     mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under local reparameterization the first layer's moments (mean and variance) see the B
-    distinct rows, the second layer's all S*B rows; also in inference mode (whose tensors have
-    no version counter: sample_forward builds the copies as a normal tensor)."""
+    distinct rows, the second layer's all S*B rows; also in inference mode."""
     net = bayesianize(
         nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), estimator="local"
     )
@@ -285,11 +275,10 @@ def test_the_first_layer_computes_the_mean_once_per_example(
     assert seen == [(4, 5), (3, 35)]
 
 
-def test_scale_values_of_an_inference_tensor_are_never_reused() -> None:
+def test_scale_values_of_an_inference_tensor() -> None:
     with torch.inference_mode():
         rho = torch.zeros(3)
     values = ScaleValues(rho, 0.0)
-    assert not values.matches(rho)
     torch.testing.assert_close(values.sigma, torch.full((3,), math.log(2.0)))
 
 
@@ -307,7 +296,6 @@ def test_chunked_draws_have_the_closed_form_moments(
         q_w, q_b = net[0].weight_posterior, net[0].bias_posterior
         mean = F.linear(x, q_w.mu, q_b.mu)
         var = F.linear(x.square(), F.softplus(q_w.rho) ** 2, F.softplus(q_b.rho) ** 2)
-    assert q_w.last_sample is None and q_b.last_sample is None
     assert ((out.mean(0) - mean).abs() <= 5 * (var / n).sqrt()).all()
     assert ((out.var(0) - var).abs() <= 5 * var * math.sqrt(2 / (n - 1))).all()
 

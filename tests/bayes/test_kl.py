@@ -24,6 +24,7 @@ from bbb_lightning.bayes import (
     posterior_kl,
     sample_forward,
 )
+from bbb_lightning.bayes.forward_pass import KLRecord
 from bbb_lightning.bayes.priors import Prior
 
 F64 = torch.float64
@@ -197,9 +198,10 @@ def test_monte_carlo_kl_converges_to_the_reference(case: str) -> None:
     generator = torch.Generator().manual_seed(0)
     eps = torch.randn((NUM_DRAWS, *mu.shape), generator=generator, dtype=F64)
     draws = mu + sigma * eps
-    q.last_sample = draws
+    record = KLRecord()
+    record.add_sample(q, draws)
     with torch.no_grad():  # draws without a graph serve a KL without gradients
-        estimate = posterior_kl(q, monte_carlo=True).item()
+        estimate = posterior_kl(q, monte_carlo=True, record=record).item()
 
     # What the estimator averages: -H(q) (exact) - log p(w_d), one value per draw.
     neg_entropy = -(torch.log(sigma) + 0.5 * math.log(2 * math.pi * math.e)).sum()
@@ -222,8 +224,9 @@ def test_monte_carlo_kl_has_the_gradients_of_eq2() -> None:
     rounded = (float(q.prior.pi), float(q.prior.sigma1), float(q.prior.sigma2))
     eps = torch.randn((64, 2, 3), generator=torch.Generator().manual_seed(1), dtype=F64)
 
-    q.last_sample = q.mu + q.scale * eps
-    ours = torch.autograd.grad(posterior_kl(q), [q.mu, q.rho])
+    record = KLRecord()
+    record.add_sample(q, q.mu + q.scale * eps)
+    ours = torch.autograd.grad(posterior_kl(q, record=record), [q.mu, q.rho])
 
     sigma = F.softplus(q.rho)
     w = q.mu + sigma * eps
@@ -237,62 +240,70 @@ def test_monte_carlo_kl_has_the_gradients_of_eq2() -> None:
 def test_monte_carlo_kl_uses_the_forward_pass_weights() -> None:
     net = small_net(ScaleMixturePrior().double())
     x = torch.randn(5, 4, dtype=F64)
-    out = net(x)
+    record = KLRecord()
+    with net.bayes_forward_pass.recording(record):
+        out = net(x)
+
+    def drawn(q: MeanFieldNormal) -> Tensor:
+        (sample,) = record.sample(q)  # one draw each, of the tensor's shape
+        return sample
+
     layer = net[0]
-    w, b = layer.weight_posterior.last_sample, layer.bias_posterior.last_sample
-    # The Linear layers really used the remembered draws ...
-    # (reading net[1].weight here would draw afresh: the forward's draw is remembered)
+    w, b = drawn(layer.weight_posterior), drawn(layer.bias_posterior)
+    # The Linear layers really used the recorded draws ...
+    # (reading net[1].weight here would draw afresh: the forward's draw is recorded)
     norm = net[1].parametrizations
-    norm_weight, norm_bias = norm.weight[0].last_sample, norm.bias[0].last_sample
+    norm_weight, norm_bias = drawn(norm.weight[0]), drawn(norm.bias[0])
     hidden = F.layer_norm(F.linear(x, w, b), (3,), norm_weight, norm_bias)
     last = net[2]
-    expected = F.linear(hidden, last.weight_posterior.last_sample, last.bias_posterior.last_sample)
+    expected = F.linear(hidden, drawn(last.weight_posterior), drawn(last.bias_posterior))
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     # ... and the KL is evaluated at them: -H(q) - log p(w) per tensor, by hand.
     prior = net[0].weight_posterior.prior
     pi, s1, s2 = float(prior.pi), float(prior.sigma1), float(prior.sigma2)
     by_hand = 0.0
     for _, q in named_posteriors(net):
-        assert q.last_sample is not None
         sigma = softplus64(q.rho.detach())
         neg_entropy = -(torch.log(sigma) + 0.5 * math.log(2 * math.pi * math.e)).sum()
-        by_hand += (
-            neg_entropy - mixture_log_density(q.last_sample.detach(), pi, s1, s2).sum()
-        ).item()
-    assert kl_divergence(net).item() == pytest.approx(by_hand, rel=1e-10)
+        by_hand += (neg_entropy - mixture_log_density(drawn(q).detach(), pi, s1, s2).sum()).item()
+    assert kl_divergence(net, record=record).item() == pytest.approx(by_hand, rel=1e-10)
 
 
 def test_monte_carlo_kl_averages_the_folded_samples() -> None:
     """Bayesian layers only: the S samples are folded into one call, each layer draws S
     weights, and the Monte Carlo KL averages log p over them."""
     net = small_net(ScaleMixturePrior().double(), middle=nn.Tanh())
-    sample_forward(net, torch.randn(5, 4, dtype=F64), num_samples=7)
+    record = KLRecord()
+    with net.bayes_forward_pass.recording(record):
+        sample_forward(net, torch.randn(5, 4, dtype=F64), num_samples=7)
     q = net[0].weight_posterior
-    assert q.last_sample.shape == (7, 3, 4)
+    drawn = record.sample(q)
+    assert drawn.shape == (7, 3, 4)
     prior = q.prior
     sigma = softplus64(q.rho.detach())
     neg_entropy = -(torch.log(sigma) + 0.5 * math.log(2 * math.pi * math.e)).sum()
     log_p = mixture_log_density(
-        q.last_sample.detach(), float(prior.pi), float(prior.sigma1), float(prior.sigma2)
+        drawn.detach(), float(prior.pi), float(prior.sigma1), float(prior.sigma2)
     )
     expected = neg_entropy - log_p.sum() / 7
-    assert posterior_kl(q).item() == pytest.approx(expected.item(), rel=1e-10)
+    assert posterior_kl(q, record=record).item() == pytest.approx(expected.item(), rel=1e-10)
 
 
 def test_monte_carlo_kl_draws_fresh_weights_under_local_reparameterization() -> None:
     net = small_net(ScaleMixturePrior().double(), estimator="local")
-    net(torch.randn(5, 4, dtype=F64))
-    assert net[0].weight_posterior.last_sample is None  # no weight was drawn
-    # the LayerNorm's draws, before the KL uses them up (each draw serves one KL)
-    remembered = {name: q.last_sample for name, q in named_posteriors(net)}
+    record = KLRecord()
+    with net.bayes_forward_pass.recording(record):
+        net(torch.randn(5, 4, dtype=F64))
+    assert record.sample(net[0].weight_posterior) is None  # no weight was drawn
+    remembered = {name: record.sample(q) for name, q in named_posteriors(net)}  # the LayerNorm's
     torch.manual_seed(3)
-    ours = kl_divergence(net).item()
+    ours = kl_divergence(net, record=record).item()
 
     torch.manual_seed(3)  # the same draws, in the same order (named_posteriors order)
     by_hand = 0.0
     for name, q in named_posteriors(net):
         sigma = softplus64(q.rho.detach())
-        w = None if remembered[name] is None else remembered[name].detach()
+        w = None if remembered[name] is None else remembered[name][0].detach()
         if w is None:
             w = q.mu.detach() + sigma * torch.randn(q.mu.shape, dtype=F64)
         prior = q.prior
@@ -360,9 +371,11 @@ def test_a_draw_without_gradients_is_not_used_for_a_kl_with_them() -> None:
     its gradient to mu and rho."""
     torch.manual_seed(0)
     net = small_net(ScaleMixturePrior().double(), middle=nn.Tanh())
-    with torch.no_grad():
+    record = KLRecord()
+    with torch.no_grad(), net.bayes_forward_pass.recording(record):
         net(torch.randn(5, 4, dtype=F64))
     q = net[0].weight_posterior
-    assert q.last_sample is not None and not q.last_sample.requires_grad
-    kl_divergence(net).backward()
+    drawn = record.sample(q)
+    assert drawn is not None and not drawn.requires_grad
+    kl_divergence(net, record=record).backward()
     assert q.mu.grad is not None and bool(q.mu.grad.abs().sum() > 0)

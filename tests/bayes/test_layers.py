@@ -32,7 +32,7 @@ from bbb_lightning.bayes import (
     posterior_mean_network,
     sample_forward,
 )
-from bbb_lightning.bayes.layers import folded_samples
+from bbb_lightning.bayes.forward_pass import KLRecord
 
 F64 = torch.float64
 
@@ -199,12 +199,12 @@ def test_inference_mode_draws_one_weight_per_sample(kind: str, estimator: str) -
     x[1] = x[0]
     folded = x.repeat(NUM_SAMPLES, *[1] * (x.dim() - 1))
     with torch.inference_mode():
-        with folded_samples(NUM_SAMPLES):
+        with net.bayes_forward_pass.folded(NUM_SAMPLES):
             samples = net(folded).unflatten(0, (NUM_SAMPLES, shape[0]))
         single = net(x)
     with torch.no_grad():
         mean, var = closed_form(net, plain, x)
-        with folded_samples(NUM_SAMPLES):
+        with net.bayes_forward_pass.folded(NUM_SAMPLES):
             independent = net(folded).unflatten(0, (NUM_SAMPLES, shape[0]))
     assert_moments(samples, mean, var)
     torch.testing.assert_close(samples[:, 0], samples[:, 1], rtol=1e-12, atol=1e-12)
@@ -429,14 +429,15 @@ def test_flipout_remembers_the_weights_it_used(num_samples: int) -> None:
         nn.Sequential(nn.Linear(1, 6, bias=False)), estimator="flipout", prior=ScaleMixturePrior()
     ).double()
     q = net[0].weight_posterior
-    out = sample_forward(net, torch.ones(7, 1, dtype=F64), num_samples)  # (S, B, 6)
-    drawn = q.last_sample
-    assert drawn is not None
-    assert drawn.shape == ((6, 1) if num_samples == 1 else (num_samples, 6, 1))
+    record = KLRecord()
+    with net.bayes_forward_pass.recording(record):
+        out = sample_forward(net, torch.ones(7, 1, dtype=F64), num_samples)  # (S, B, 6)
+    drawn = record.sample(q)
+    assert drawn is not None and drawn.shape == (num_samples, 6, 1)
     deviation = (drawn - q.mu).reshape(num_samples, 1, 6).abs()
     torch.testing.assert_close((out - q.mu.reshape(6)).abs(), deviation.expand(-1, 7, -1))
     assert (deviation > 0).all()
-    kl = kl_divergence(net, monte_carlo=True)
+    kl = kl_divergence(net, monte_carlo=True, record=record)
     prior = q.prior.distribution()
     sigma = F.softplus(q.rho)
     neg_entropy = -(sigma.log() + 0.5 * math.log(2 * math.pi * math.e)).sum()
@@ -485,15 +486,22 @@ def test_a_layer_draws_its_weight_and_bias_from_one_node(estimator: str, num_sam
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all()
     if native.kernels() is None:
         return
-    sample_forward(net, torch.randn(6, 5), num_samples)
+
+    def recorded_kls() -> dict:
+        record = KLRecord()
+        with net.bayes_forward_pass.recording(record):
+            sample_forward(net, torch.randn(6, 5), num_samples)
+        return record.kls
+
+    kls = recorded_kls()
     for layer in (net[0], net[2]):
-        weight_node = layer.weight_posterior.kl_from_forward().grad_fn
-        assert weight_node is layer.bias_posterior.kl_from_forward().grad_fn
+        weight_node = kls[layer.weight_posterior].grad_fn
+        assert weight_node is kls[layer.bias_posterior].grad_fn
         assert "SampleWithKLNode" in weight_node.name()
     net[0].bias_posterior.frozen = True
-    sample_forward(net, torch.randn(6, 5), num_samples)
-    assert len(net[0].weight_posterior.kl_from_forward().grad_fn.next_functions) == 2  # mu, rho
-    assert len(net[2].weight_posterior.kl_from_forward().grad_fn.next_functions) == 4
+    kls = recorded_kls()
+    assert len(kls[net[0].weight_posterior].grad_fn.next_functions) == 2  # mu, rho
+    assert len(kls[net[2].weight_posterior].grad_fn.next_functions) == 4
 
 
 def test_a_posteriors_forward_hooks_run_when_the_layer_draws_one_sample() -> None:

@@ -21,7 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal
 
-from bbb_lightning.bayes import MeanFieldNormal, bayesianize, gaussian_ops, kl_divergence, native
+from bbb_lightning.bayes import (
+    MeanFieldNormal,
+    bayesianize,
+    gaussian_ops,
+    kl_divergence,
+    native,
+    sample_forward_with_kl,
+)
 from bbb_lightning.bayes.gaussian_ops import ScaleValues, gaussian_kl
 from bbb_lightning.bayes.priors import GaussianPrior
 
@@ -194,7 +201,7 @@ def test_the_layers_use_the_kernels_and_match_the_float64_kl() -> None:
     values = q.scale_values()
     assert values.native
     prior = q.prior.distribution()
-    kl = gaussian_kl(q.mu, q.rho, q.scale_values(reuse=True), prior.loc, prior.scale)
+    kl = gaussian_kl(q.mu, q.rho, values, prior.loc, prior.scale)
     expected = torch.distributions.kl_divergence(
         Normal(q.mu.double(), F.softplus(q.rho.double())), Normal(0.0, 0.5)
     ).sum()
@@ -218,7 +225,8 @@ def test_the_profiler_sees_every_native_call_of_a_training_step(estimator: str) 
     x = torch.randn(4, 6)
 
     def step() -> None:
-        (net(x).square().sum() + kl_divergence(net)).backward()
+        out, kl = sample_forward_with_kl(net, x, 1)
+        (out.square().sum() + kl).backward()
 
     step()  # outside the profiler
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -321,8 +329,8 @@ def sample_with_kl_one(
     min_scale: float,
     loc: float,
     scale: float,
-) -> tuple[torch.Tensor, gaussian_ops.KLSlot]:
-    """gaussian_ops.sample_with_kl for one tensor: (out, its KL slot)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """gaussian_ops.sample_with_kl for one tensor: (out, its KL)."""
     joint = gaussian_ops.sample_with_kl(
         [mu], [rho], use, list(sample_shape), [min_scale], [loc], [scale]
     )
@@ -406,11 +414,10 @@ def test_sample_with_kl_matches_float64_autograd(
     rho.requires_grad_()
     loc, scale, kl_grad = 0.1, 0.7, 0.37
     state = torch.get_rng_state()
-    out, slot = sample_with_kl_one(mu, rho, USES[use], sample_shape, min_scale, loc, scale)
+    out, kl = sample_with_kl_one(mu, rho, USES[use], sample_shape, min_scale, loc, scale)
     torch.set_rng_state(state)  # the raw kernel draws the node's key again, and its eps
     eps = native.sample_with_kl(mu, rho, USES[use], sample_shape, min_scale, loc, scale)[1].double()
     grad = torch.randn(out.shape)
-    kl = slot.kl
     (torch.sum(grad * out) + kl_grad * kl).backward()
 
     mu64, rho64, expected, kl64 = float64_reference(
@@ -446,11 +453,11 @@ def test_sample_with_kl_with_only_mu_or_only_rho_trained_matches_float64(
     loc, scale, kl_grad = -0.2, 0.5, 1.7
     sample_shape = () if use == "variance" else (2,)
     state = torch.get_rng_state()
-    out, slot = sample_with_kl_one(mu, rho, USES[use], sample_shape, 0.0, loc, scale)
+    out, kl = sample_with_kl_one(mu, rho, USES[use], sample_shape, 0.0, loc, scale)
     torch.set_rng_state(state)
     eps = native.sample_with_kl(mu, rho, USES[use], sample_shape, 0.0, loc, scale)[1].double()
     grad = torch.randn(out.shape)
-    (torch.sum(grad * out) + kl_grad * slot.kl).backward()
+    (torch.sum(grad * out) + kl_grad * kl).backward()
 
     mu64, rho64, _, _ = float64_reference(mu, rho, eps, use, 0.0, loc, scale, grad, kl_grad)
     got, ref = (mu.grad, mu64.grad) if trained == "mu" else (rho.grad, rho64.grad)
@@ -463,7 +470,7 @@ def test_sample_with_kl_with_only_mu_or_only_rho_trained_matches_float64(
 def test_one_node_over_two_tensors_matches_float64_for_each(use: str) -> None:
     """A layer's weight and bias from one node, each with its own min_scale and prior: each
     value, KL and gradient is that of float64 autograd for that tensor alone, each tensor gets
-    its own noise, and both KLs are released by the one backward."""
+    its own noise."""
     torch.manual_seed(17)
     shapes, min_scales, locs, scales = [(61, 33), (61,)], [0.0, 1e-3], [0.1, -0.3], [0.7, 2.0]
     mus = [(torch.randn(shape) * 0.3).requires_grad_() for shape in shapes]
@@ -474,7 +481,7 @@ def test_one_node_over_two_tensors_matches_float64_for_each(use: str) -> None:
         mus, rhos, USES[use], sample_shape, min_scales, locs, scales
     )
     assert joint is not None
-    outs, slots = joint
+    outs, kls = joint
     torch.set_rng_state(state)  # the node draws one key per tensor, in order
     eps = [
         native.sample_with_kl(mu, rho, USES[use], tuple(sample_shape), m, loc, scale)[1].double()
@@ -482,12 +489,9 @@ def test_one_node_over_two_tensors_matches_float64_for_each(use: str) -> None:
     ]
     grads = [torch.randn(out.shape) for out in outs]
     kl_grads = [0.37, 1.9]
-    terms = zip(grads, outs, kl_grads, slots, strict=True)
-    loss = sum(torch.sum(grad * out) + weight * slot.kl for grad, out, weight, slot in terms)
-    assert slots[0].get(mus[0], rhos[0], locs[0], scales[0]) is not None
+    terms = zip(grads, outs, kl_grads, kls, strict=True)
+    loss = sum(torch.sum(grad * out) + weight * kl for grad, out, weight, kl in terms)
     loss.backward()
-    assert slots[0].get(mus[0], rhos[0], locs[0], scales[0]) is None  # released by the backward
-    assert slots[1].get(mus[1], rhos[1], locs[1], scales[1]) is None
     if use != "variance":  # independent streams: the bias's noise is not the weight's first row
         assert not torch.equal(eps[1][:, :33], eps[0][:, 0, :])
 
@@ -495,7 +499,7 @@ def test_one_node_over_two_tensors_matches_float64_for_each(use: str) -> None:
         mu64, rho64, expected, kl64 = float64_reference(
             mus[t], rhos[t], eps[t], use, min_scales[t], locs[t], scales[t], grads[t], kl_grads[t]
         )
-        assert math.isclose(float(slots[t].kl.detach()), float(kl64), rel_tol=1e-6)
+        assert math.isclose(float(kls[t].detach()), float(kl64), rel_tol=1e-6)
         assert torch.allclose(outs[t].detach().double(), expected, rtol=1e-5, atol=1e-6)
         for got, ref in ((mus[t].grad, mu64.grad), (rhos[t].grad, rho64.grad)):
             assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
@@ -510,11 +514,11 @@ def test_the_kl_of_a_million_equal_terms_keeps_float64_accuracy(use: str) -> Non
     n = 1_000_003
     mu = torch.full((n,), 2e-3, requires_grad=True)
     rho = torch.full((n,), -60.0, requires_grad=True)  # sigma = min_scale + e^-60
-    _, slot = sample_with_kl_one(mu, rho, USES[use], (), 1e-3, 1e-3, 1e-3)
+    _, kl = sample_with_kl_one(mu, rho, USES[use], (), 1e-3, 1e-3, 1e-3)
     kl64 = n * (0.5 * (1e-6 + 1e-6) / 1e-6 - 0.5)  # log(s / sigma) = 0
     # float32(1e-3) and float32(2e-3) alone move each term by 1.0e-7 of itself; summing a
     # million of them adds at most as much again
-    assert math.isclose(float(slot.kl.detach()), kl64, rel_tol=2e-7)
+    assert math.isclose(float(kl.detach()), kl64, rel_tol=2e-7)
 
 
 @needs_native
@@ -582,15 +586,16 @@ def test_a_draw_without_gradients_takes_the_one_pass_kernel() -> None:
 
 @needs_native
 @pytest.mark.parametrize("estimator", ["reparameterization", "local", "flipout"])
-def test_the_layer_kl_comes_from_the_forward_node_until_it_is_used(estimator: str) -> None:
+def test_the_layer_kl_comes_from_the_forward_node(estimator: str) -> None:
+    """sample_forward_with_kl takes each tensor's KL from the node that drew it; without the
+    record, kl_divergence computes the same value afresh, and sees an update of mu."""
     torch.manual_seed(9)
     net = bayesianize(
         torch.nn.Sequential(torch.nn.Linear(30, 20)),
         prior=GaussianPrior(0.0, 0.5),
         estimator=estimator,
     )
-    out = net(torch.randn(8, 30))
-    kl = kl_divergence(net)
+    out, kl = sample_forward_with_kl(net, torch.randn(8, 30), 1)
     ((stack, _),) = kl.grad_fn.next_functions  # kl_divergence sums the terms by one stack
     assert (kl.grad_fn.name(), stack.name()) == ("SumBackward0", "StackBackward0")
     nodes = {fn.name() for fn, _ in stack.next_functions if fn is not None}
@@ -604,7 +609,7 @@ def test_the_layer_kl_comes_from_the_forward_node_until_it_is_used(estimator: st
     )
     assert math.isclose(float(kl.detach()), float(expected.detach()), rel_tol=1e-6)
     (out.square().sum() + kl).backward()
-    # The node's backward has run: the KL is computed afresh, and can be differentiated again.
+    # Without a record the KL is computed afresh, and can be differentiated again.
     again = kl_divergence(net)
     assert math.isclose(float(again.detach()), float(kl.detach()), rel_tol=1e-6)
     again.backward()
@@ -623,11 +628,11 @@ def test_the_joint_node_refuses_a_second_derivative_as_once_differentiable_does(
     rho = torch.full((40,), -3.0, requires_grad=True)
     x = torch.randn(40, requires_grad=True)
     state = torch.get_rng_state()
-    out, slot = sample_with_kl_one(mu, rho, gaussian_ops.DRAW, (), 0.0, 0.0, 1.0)
-    grads = torch.autograd.grad((out * x).sum() + slot.kl, (mu, rho), create_graph=True)
+    out, kl = sample_with_kl_one(mu, rho, gaussian_ops.DRAW, (), 0.0, 0.0, 1.0)
+    grads = torch.autograd.grad((out * x).sum() + kl, (mu, rho), create_graph=True)
     torch.set_rng_state(state)  # the same eps
-    out, slot = sample_with_kl_one(mu, rho, gaussian_ops.DRAW, (), 0.0, 0.0, 1.0)
-    plain = torch.autograd.grad((out * x.detach()).sum() + slot.kl, (mu, rho))
+    out, kl = sample_with_kl_one(mu, rho, gaussian_ops.DRAW, (), 0.0, 0.0, 1.0)
+    plain = torch.autograd.grad((out * x.detach()).sum() + kl, (mu, rho))
     for got, want in zip(grads, plain, strict=True):
         assert got.requires_grad and torch.equal(got.detach(), want)
     with pytest.raises(RuntimeError, match="differentiate twice"):

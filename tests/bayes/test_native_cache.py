@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -68,24 +69,32 @@ def test_a_process_waiting_on_another_build_says_so_and_then_loads_it() -> None:
         "fcntl.flock(h, fcntl.LOCK_EX); h.seek(0); h.truncate(); h.write(f'{os.getpid()}\\n');"
         "h.flush(); print('locked', flush=True); time.sleep(120)"
     )
+    lines: list[str] = []
     try:
         assert holder.stdout.readline().strip() == "locked"
         waiter = _python(
             "import torch; from bbb_lightning.bayes import native;"
             "native.build(torch.backends.cpu.get_cpu_capability()); print('loaded')"
         )
-        time.sleep(3)
+        reader = threading.Thread(target=lambda: lines.extend(waiter.stderr), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 120  # importing torch on a loaded machine takes a while
+        while not any("waiting" in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert waiter.poll() is None  # it waits on the holder
     finally:
         holder.kill()
         holder.wait()
-    out, err = waiter.communicate(timeout=300)
+    out = waiter.stdout.read()
+    waiter.wait(timeout=300)
+    reader.join(timeout=60)
+    err = "".join(lines)
     assert waiter.returncode == 0, err
     assert out.strip() == "loaded"
-    lines = [line for line in err.splitlines() if "waiting" in line]
-    assert len(lines) == 1, err
-    assert f"waiting for the native kernels' build in {directory}" in lines[0]
-    assert f"held by pid {holder.pid}" in lines[0]
+    waiting = [line for line in lines if "waiting" in line]
+    assert len(waiting) == 1, err
+    assert f"waiting for the native kernels' build in {directory}" in waiting[0]
+    assert f"held by pid {holder.pid}" in waiting[0]
 
 
 def test_a_bad_override_is_reported_before_any_build(tmp_path: Path) -> None:

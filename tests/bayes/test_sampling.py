@@ -339,3 +339,48 @@ def test_a_plain_network_made_in_inference_mode_supports_autograd(extract) -> No
     assert gradient.shape == X.shape
     plain(X).sum().backward()
     assert all(parameter.grad is not None for parameter in plain.parameters())
+
+
+class _Cache:
+    """A non-tensor part of an output, as a Hugging Face causal LM returns a DynamicCache."""
+
+    def __init__(self, calls: int) -> None:
+        self.calls = calls
+
+
+class _WithCache(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(3)  # parametrized: sample_forward runs S calls
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> dict:
+        self.calls += 1
+        return {"logits": self.norm(x), "past_key_values": _Cache(self.calls), "note": None}
+
+
+@pytest.mark.parametrize("num_samples", [1, 4])
+def test_sample_forward_keeps_the_non_tensor_parts_of_an_output(num_samples: int) -> None:
+    net = bayesianize(_WithCache())
+    out = sample_forward(net, torch.randn(5, 3), num_samples)
+    assert out["logits"].shape == (num_samples, 5, 3)
+    assert not torch.equal(out["logits"][0], out["logits"][-1]) or num_samples == 1
+    assert isinstance(out["past_key_values"], _Cache)
+    assert out["past_key_values"].calls == num_samples  # the last call's
+    assert out["note"] is None
+
+
+class _LinearWithCache(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 2)  # a Bayesian layer: the S samples fold into one call
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        return self.linear(x), _Cache(len(x))
+
+
+def test_a_folded_call_keeps_the_non_tensor_parts_as_they_are() -> None:
+    net = bayesianize(_LinearWithCache())
+    logits, cache = sample_forward(net, torch.randn(5, 3), 4)
+    assert logits.shape == (4, 5, 2)
+    assert isinstance(cache, _Cache) and cache.calls == 20  # the folded call's, of S*B rows

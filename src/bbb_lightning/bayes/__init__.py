@@ -39,11 +39,13 @@ from .priors import (
     ScaleMixtureNormal,
     ScaleMixturePrior,
 )
+from .radial import RadialPosterior
 from .sampling import (
     freeze,
     posterior_mean,
     posterior_mean_network,
     sample_forward,
+    sample_forward_with_kl,
     sample_network,
     unfreeze,
 )
@@ -60,6 +62,7 @@ __all__ = [
     "LaplacePrior",
     "MeanFieldNormal",
     "Prior",
+    "RadialPosterior",
     "ScaleMixtureNormal",
     "ScaleMixturePrior",
     "VariationalPosterior",
@@ -74,6 +77,7 @@ __all__ = [
     "posterior_mean_network",
     "posterior_scales",
     "sample_forward",
+    "sample_forward_with_kl",
     "sample_network",
     "signal_to_noise",
     "unfreeze",

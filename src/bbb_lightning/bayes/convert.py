@@ -8,18 +8,12 @@ import weakref
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
 from types import FunctionType
-from typing import Any
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .layers import (
-    BAYESIAN_LAYERS,
-    BayesianLayer,
-    check_estimator,
-    close_forward_pass,
-    open_forward_pass,
-)
+from .forward_pass import ForwardPass, close_forward_pass, open_forward_pass
+from .layers import BAYESIAN_LAYERS, BayesianLayer, check_estimator
 from .posteriors import MeanFieldNormal, VariationalPosterior, named_posteriors
 from .priors import GaussianPrior, Prior
 
@@ -199,47 +193,33 @@ def bayesianize(
                 BayesianLayer.__init__(layer, child, make_posterior, estimator, bias_selected)
                 setattr(module, child_name, layer)
 
-    parametrized = False
     for prefix, module in list(net.named_modules()):
         if isinstance(module, BayesianLayer | VariationalPosterior | Prior):
             continue
         for name, value in list(module.named_parameters(recurse=False)):
             if selected(_join(prefix, name)):
                 parametrize.register_parametrization(module, name, make_posterior(value))
-                parametrized = True
-    if parametrized:
-        _install_parametrization_cache(net)
+    _share_forward_pass(net)
     net.register_forward_pre_hook(open_forward_pass)
     net.register_forward_hook(close_forward_pass, always_call=True)
     return net
 
 
-# One draw per forward pass of the root: every read of a parametrized tensor inside it sees the
-# same sample (as in ``parametrize.cached()``), and the Monte Carlo KL sees that sample too.
-_open_caches: list[Any] = []
-
-
-def _enter_cache(module: nn.Module, args: Any) -> None:
-    cache = parametrize.cached()
-    cache.__enter__()
-    _open_caches.append(cache)
-
-
-def _exit_cache(module: nn.Module, args: Any, output: Any) -> None:
-    _open_caches.pop().__exit__(None, None, None)
-
-
-def _install_parametrization_cache(net: nn.Module) -> None:
-    net.register_forward_pre_hook(_enter_cache)
-    net.register_forward_hook(_exit_cache, always_call=True)
+def _share_forward_pass(net: nn.Module) -> None:
+    """One :class:`~bbb_lightning.bayes.forward_pass.ForwardPass` for the root and every
+    Bayesian layer and posterior of ``net``; the root's hooks open and close it."""
+    forward_pass = ForwardPass()
+    for module in net.modules():
+        if isinstance(module, BayesianLayer | VariationalPosterior):
+            module.forward_pass = forward_pass
+    net.bayes_forward_pass = forward_pass
 
 
 def remove_forward_pass_hooks(net: nn.Module) -> None:
-    """Remove the root hooks :func:`bayesianize` installed (the parametrization cache and the
-    forward pass of the layers), when the network becomes plain again."""
+    """Remove the root hooks :func:`bayesianize` installed (the forward pass of the layers and
+    its parametrization cache), when the network becomes plain again."""
+    net.__dict__.pop("bayes_forward_pass", None)
     for hooks, hook in (
-        (net._forward_pre_hooks, _enter_cache),
-        (net._forward_hooks, _exit_cache),
         (net._forward_pre_hooks, open_forward_pass),
         (net._forward_hooks, close_forward_pass),
     ):

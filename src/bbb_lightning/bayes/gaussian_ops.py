@@ -21,9 +21,13 @@ adds to a deterministic one. Here:
   rather than keeping them (less memory traffic than storing and reading them back). That node
   is written in C++ (:func:`bbb_lightning.bayes.native.sample_with_kl_node`), so its forward
   and backward run no Python, and it serves several tensors at once: a layer's weight and bias
-  are one node (:func:`~bbb_lightning.bayes.posteriors.joint_uses`). The KL is kept in a
-  :class:`KLSlot` until the loss asks for it
-  (:meth:`~bbb_lightning.bayes.posteriors.MeanFieldNormal.kl_from_forward`).
+  are one node (:func:`~bbb_lightning.bayes.posteriors.joint_uses`). The KL goes into the
+  step's :class:`~bbb_lightning.bayes.forward_pass.KLRecord`, where the loss picks it up.
+
+This module is the CPU fast path: the posteriors use it only where
+:func:`bbb_lightning.bayes.native.serves` their tensors, and
+:mod:`bbb_lightning.bayes.functional` (the reference path, plain torch ops) otherwise; the
+tests check every function here against that reference.
 
 The functions (``eps`` ~ N(0, I) of shape ``sample_shape + mu.shape``; sums over the sample
 dimensions in the gradients):
@@ -39,7 +43,7 @@ dimensions in the gradients):
 
 Where sigma underflows (rho < -20 with min_scale = 0), log sigma = rho - sigma / 2 and
 sigmoid(rho) / sigma = 1 - sigma / 2, both exact to O(e^(2 rho)), so the KL and its gradient stay
-finite for any finite rho (as :func:`~bbb_lightning.bayes.posteriors.log_softplus`).
+finite for any finite rho (as :func:`~bbb_lightning.bayes.functional.log_softplus`).
 
 None of these functions is twice differentiable (``once_differentiable``). Where autograd records
 nothing (``torch.no_grad``, inference mode, or no input requiring a gradient) they compute the
@@ -56,12 +60,12 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import native
+from .functional import TINY_RHO
 
 __all__ = [
     "DRAW",
     "PERTURBATION",
     "VARIANCE",
-    "KLSlot",
     "ScaleValues",
     "draw",
     "fresh_draw",
@@ -73,16 +77,6 @@ __all__ = [
 
 # What sample_with_kl returns besides the KL: mu + sigma eps, sigma eps, or sigma^2.
 DRAW, PERTURBATION, VARIANCE = 0, 1, 2
-
-# Below this rho (and with no min_scale) sigma = softplus(rho) ~ e^rho is a few ulps from
-# underflow in float32; log sigma and sigmoid(rho) / sigma use their expansions there.
-TINY_RHO = -20.0
-
-
-def _version_key(rho: Tensor) -> tuple[int, int, torch.dtype] | None:
-    """What changes when ``rho`` is modified or replaced; None for an inference tensor, which
-    has no version counter (its values are then never reused)."""
-    return None if rho.is_inference() else (rho._version, rho.data_ptr(), rho.dtype)
 
 
 class ScaleValues:
@@ -96,18 +90,15 @@ class ScaleValues:
         >>> values = ScaleValues(rho, min_scale=0.0)
         >>> values.sigma, values.dsigma
         (tensor([6.9315e-01, 9.3576e-14]), tensor([5.0000e-01, 9.3576e-14]))
-        >>> values.matches(rho), values.matches(rho.clone())
-        (True, False)
     """
 
     def __init__(self, rho: Tensor, min_scale: float, log_sum: bool = False) -> None:
         self.rho = rho
         self.min_scale = min_scale
-        self._key = _version_key(rho)
         self._dsigma: Tensor | None = None
         self._log_sigma_sum: float | None = None
         self._tiny_mask: Tensor | bool | None = False  # False: not yet looked at
-        self.native = native.applies_to(rho)
+        self.native = native.serves(rho)
         if self.native:
             self.sigma, self._dsigma, total = native.softplus_scale(rho, min_scale, log_sum)
             self._log_sigma_sum = total if log_sum else None
@@ -115,10 +106,6 @@ class ScaleValues:
         with torch.no_grad():
             sigma = F.softplus(rho)
             self.sigma = sigma.add_(min_scale) if min_scale else sigma
-
-    def matches(self, rho: Tensor) -> bool:
-        """Whether these values are those of ``rho`` now (same tensor, not modified since)."""
-        return rho is self.rho and self._key is not None and _version_key(rho) == self._key
 
     @property
     def dsigma(self) -> Tensor:
@@ -290,8 +277,7 @@ def fresh_draw(
     ``sample_shape + rho.shape``: :func:`draw` or :func:`perturbation` where autograd records;
     without it, on tensors the native kernels apply to, one pass that never stores eps
     (:func:`bbb_lightning.bayes.native.scaled_normal`)."""
-    untracked_native = not tracked(mu, rho) and native.applies_to(scale.sigma)
-    if untracked_native and (mu is None or native.applies_to(mu)):
+    if not tracked(mu, rho) and native.serves(scale.sigma, mu):
         return native.scaled_normal(sample_shape, scale.sigma, mu)
     eps = native.standard_normal((*sample_shape, *rho.shape), like=rho)
     return perturbation(rho, scale, eps) if mu is None else draw(mu, rho, scale, eps)
@@ -314,27 +300,6 @@ def gaussian_kl(
     return _gaussian_kl_value(mu, scale, loc, prior_scale)
 
 
-class KLSlot:
-    """The KL output of one :func:`sample_with_kl` node, for the loss to pick up.
-
-    It is valid for the ``mu`` and ``rho`` it was computed from, unmodified since, and until
-    the node's backward has run (which frees the node's saved tensors and sets ``released``).
-    """
-
-    def __init__(
-        self, mu: Tensor, rho: Tensor, loc: float, scale: float, kl: Tensor, released: Tensor
-    ) -> None:
-        self._mu, self._rho, self._released = mu, rho, released
-        self._key = (_version_key(mu), _version_key(rho), loc, scale)
-        self.kl = kl
-
-    def get(self, mu: Tensor, rho: Tensor, loc: float, scale: float) -> Tensor | None:
-        """The KL if it is still that of ``mu``, ``rho`` and the prior N(loc, scale^2)."""
-        if mu is not self._mu or rho is not self._rho or self._released.item():
-            return None
-        return self.kl if self._key == (_version_key(mu), _version_key(rho), loc, scale) else None
-
-
 def sample_with_kl(
     mus: list[Tensor],
     rhos: list[Tensor],
@@ -343,25 +308,21 @@ def sample_with_kl(
     min_scales: list[float],
     locs: list[float],
     scales: list[float],
-) -> tuple[list[Tensor], list[KLSlot]] | None:
+) -> tuple[list[Tensor], list[Tensor]] | None:
     """One use of sigma and KL(N(mu, sigma^2) || N(loc, scale^2)) summed, for each tensor t
     (``mus[t]``, ``rhos[t]``, ``min_scales[t]``, ``locs[t]``, ``scales[t]``), from one node.
 
     ``use`` is :data:`DRAW` (mu + sigma eps), :data:`PERTURBATION` (sigma eps) or
     :data:`VARIANCE` (sigma^2, no ``sample_shape``); eps ~ N(0, I) of shape
-    ``sample_shape + mu.shape``. Returns those tensors and the :class:`KLSlot` holding each KL,
-    or None where the node does not apply: the native kernels are not built, autograd records
-    nothing, or a tensor is not a contiguous float32 CPU tensor
+    ``sample_shape + mu.shape``. Returns those tensors and the KLs (0-dim tensors), or None where
+    the node does not apply: the native kernels do not serve now, autograd records nothing, or a
+    tensor is not a contiguous float32 CPU tensor
     (:func:`bbb_lightning.bayes.native.sample_with_kl_node`).
     """
-    if native.kernels() is None:
+    if not native.active() or native.kernels() is None:
         return None
     joint = native.sample_with_kl_node(mus, rhos, use, sample_shape, min_scales, locs, scales)
     if joint is None:
         return None
-    outs, kls, released = joint
-    slots = [
-        KLSlot(mu, rho, loc, scale, kl, released)
-        for mu, rho, loc, scale, kl in zip(mus, rhos, locs, scales, kls, strict=True)
-    ]
-    return outs, slots
+    outs, kls, _ = joint
+    return outs, kls

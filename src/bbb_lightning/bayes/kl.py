@@ -10,36 +10,40 @@ big SGD step on rho away).
 
 A posterior may compute its summed closed-form KL faster than through the registry
 (:meth:`~bbb_lightning.bayes.posteriors.VariationalPosterior.fused_kl`): the Gaussian posterior
-against a Gaussian prior does, in one autograd node that reuses the forward's sigma
+against a Gaussian prior does, where the native kernels serve its tensors, in one autograd node
 (:mod:`bbb_lightning.bayes.gaussian_ops`); it is the same formula as the registered one. Where
-the forward already computed that KL with its draw
-(:meth:`~bbb_lightning.bayes.posteriors.VariationalPosterior.kl_from_forward`), it is used as is.
+the forward pass of the same step already computed that KL with its draw and wrote it into a
+:class:`~bbb_lightning.bayes.forward_pass.KLRecord` (``record=``, as
+:func:`~bbb_lightning.bayes.sample_forward_with_kl` passes it), it is used as is.
 
 Without a closed form (e.g. Blundell's scale-mixture prior) the KL is estimated by Monte Carlo
-at the weights w_s used in the last forward pass (Blundell et al. 2015, eq. 2):
+at the weights w_s the recorded forward pass used (Blundell et al. 2015, eq. 2):
 
     KL(q || p) = -H(q) - E_q[log p(w)] ~= -H(q) - (1/S) sum_s log p(w_s).
 
 Where q has a closed-form entropy (the Gaussian posterior does) it replaces the sampled
 (1/S) sum_s log q(w_s): the expectation and the reparameterization gradients are the same
 (log q(mu + sigma eps) = -eps^2/2 - log sigma - log(2 pi)/2, whose eps term has no gradient), and
-nothing divides by an underflowed sigma^2. Otherwise log q(w_s) is sampled too. Layers that
-draw no weight (local reparameterization), a tensor not used since the last KL (each draw
-serves one KL), and draws made without gradients when the KL wants them get a fresh draw
-instead. A network that ``sample_forward`` runs as S calls (one with parametrized
-tensors or a batch norm using its batch's statistics) keeps the last call's draw: a one-sample
-estimate, as unbiased.
+nothing divides by an underflowed sigma^2. Otherwise log q(w_s) is sampled too. Without a
+record, for layers that draw no weight (local reparameterization), for a tensor the pass did
+not use, and for draws made without gradients when the KL wants them, a fresh draw serves
+instead: an estimate as unbiased. A network that ``sample_forward`` runs as S calls (one with
+parametrized tensors or a batch norm using its batch's statistics) records the draws of all S
+calls.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Laplace, Normal, register_kl
-from torch.distributions import kl_divergence as distribution_kl
+from torch.distributions import Distribution, Laplace, Normal, register_kl
+from torch.distributions.kl import _dispatch_kl
 
+from . import functional
+from .forward_pass import KLRecord
 from .posteriors import SoftplusNormal, VariationalPosterior, all_posteriors
 
 __all__ = ["KL_REDUCTIONS", "kl_divergence", "posterior_kl"]
@@ -50,8 +54,7 @@ KL_REDUCTIONS = ("sum", "mean")
 @register_kl(SoftplusNormal, Normal)
 def _kl_softplus_normal_normal(q: SoftplusNormal, p: Normal) -> Tensor:
     """KL(N(mu, sigma^2) || N(m, s^2)) = log s/sigma + (sigma^2 + (mu - m)^2) / 2 s^2 - 1/2."""
-    mean_term = (q.scale.square() + (q.loc - p.loc).square()) / (2 * p.scale.square())
-    return p.scale.log() - q.log_scale + mean_term - 0.5
+    return functional.gaussian_kl(q.loc, q.scale, q.log_scale, p.loc, p.scale)
 
 
 @register_kl(SoftplusNormal, Laplace)
@@ -67,30 +70,24 @@ def _kl_softplus_normal_laplace(q: SoftplusNormal, p: Laplace) -> Tensor:
     return (2.0 * p.scale).log() - q.entropy() + mean_abs / p.scale
 
 
-def posterior_kl(posterior: VariationalPosterior, monte_carlo: bool = False) -> Tensor:
+def posterior_kl(
+    posterior: VariationalPosterior, monte_carlo: bool = False, record: KLRecord | None = None
+) -> Tensor:
     """KL(q || p) of one tensor, summed over its elements.
 
-    Each forward's draw serves one KL: whichever way it is computed, the remembered draw is
-    forgotten, so a Monte Carlo KL with no forward since the last KL draws afresh (the last
-    forward's graph may have been freed by a backward pass since).
+    The closed form where one exists (the forward pass's from ``record``, the posterior's fused
+    one, or torch's registry, in that order), else the Monte Carlo estimate at the draws in
+    ``record`` (a fresh draw where it holds none).
 
     Args:
         posterior: q, with its prior p attached.
         monte_carlo: sample E_q[log p(w)] even where a closed-form KL exists.
+        record: what the forward pass of the same step recorded, if anything.
     """
-    try:
-        return _kl(posterior, monte_carlo)
-    finally:
-        posterior.forget_last_sample()
-
-
-def _kl(posterior: VariationalPosterior, monte_carlo: bool) -> Tensor:
-    """The closed form where one exists (the forward's, the posterior's fused one, or torch's
-    registry, in that order), else the Monte Carlo estimate at the last forward's draw."""
     if not monte_carlo:
-        from_forward = posterior.kl_from_forward()
-        if from_forward is not None:
-            return from_forward
+        recorded = None if record is None else record.kls.get(posterior)
+        if recorded is not None:
+            return recorded
     p = posterior.prior.distribution()
     if not monte_carlo:
         fused = posterior.fused_kl(p)
@@ -98,11 +95,10 @@ def _kl(posterior: VariationalPosterior, monte_carlo: bool) -> Tensor:
             return fused
     q = posterior.distribution()
     if not monte_carlo:
-        try:
-            return distribution_kl(q, p).sum()
-        except NotImplementedError:
-            pass
-    weights = posterior.last_sample
+        registered = _registered_kl(type(q), type(p))
+        if registered is not None:
+            return registered(q, p).sum()
+    weights = None if record is None else record.sample(posterior)
     if weights is None or _lacks_the_graph(weights, posterior):
         weights = posterior.rsample()
     num_draws = weights.numel() // posterior.mean.numel()
@@ -111,6 +107,22 @@ def _kl(posterior: VariationalPosterior, monte_carlo: bool) -> Tensor:
         return cross_entropy - q.entropy().sum()
     except NotImplementedError:
         return cross_entropy + q.log_prob(weights).sum() / num_draws
+
+
+_REGISTERED: dict[tuple[type, type], Callable[[Distribution, Distribution], Tensor] | None] = {}
+
+
+def _registered_kl(
+    posterior: type[Distribution], prior: type[Distribution]
+) -> Callable[[Distribution, Distribution], Tensor] | None:
+    """The closed form torch's KL registry holds for these types (the most specific match, as
+    ``torch.distributions.kl_divergence`` picks it), or None; memoized per pair of types, so
+    that after the first step (eager, or a first compiled trace) only a dictionary is read."""
+    key = (posterior, prior)
+    if key not in _REGISTERED:
+        found = _dispatch_kl(posterior, prior)
+        _REGISTERED[key] = None if found is NotImplemented else found
+    return _REGISTERED[key]
 
 
 def _lacks_the_graph(weights: Tensor, posterior: VariationalPosterior) -> bool:
@@ -123,7 +135,12 @@ def _lacks_the_graph(weights: Tensor, posterior: VariationalPosterior) -> bool:
     )
 
 
-def kl_divergence(net: nn.Module, reduction: str = "sum", monte_carlo: bool = False) -> Tensor:
+def kl_divergence(
+    net: nn.Module,
+    reduction: str = "sum",
+    monte_carlo: bool = False,
+    record: KLRecord | None = None,
+) -> Tensor:
     """KL(q || p) over all variational tensors of ``net``.
 
     Args:
@@ -131,6 +148,9 @@ def kl_divergence(net: nn.Module, reduction: str = "sum", monte_carlo: bool = Fa
         reduction: ``"sum"`` is the KL of the ELBO. ``"mean"`` divides it by the number of
             variational weights: a common heuristic that down-weights the prior, not the ELBO.
         monte_carlo: use the Monte Carlo estimate for every tensor.
+        record: what a forward pass of the same step recorded
+            (:func:`~bbb_lightning.bayes.sample_forward_with_kl` passes it): its closed-form
+            KLs and its draws for the Monte Carlo ones.
 
     Example:
         >>> import torch
@@ -153,7 +173,7 @@ def kl_divergence(net: nn.Module, reduction: str = "sum", monte_carlo: bool = Fa
     terms: list[Tensor] = []
     count = 0
     for posterior in all_posteriors(net):
-        terms.append(posterior_kl(posterior, monte_carlo))
+        terms.append(posterior_kl(posterior, monte_carlo, record))
         count += posterior.mean.numel()
     if not terms:
         raise ValueError("the network has no variational parameters; call bayesianize() first")

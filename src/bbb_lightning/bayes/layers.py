@@ -23,24 +23,22 @@ one perturbation dW per sample (a shared dW would leave the S copies of an examp
 only by random signs), and runs one batched matmul (``torch.baddbmm``) or grouped convolution.
 A layer that receives the S copies themselves (the first layer) computes what depends on its
 input alone once per example: the mean and variance under ``"local"``, the mean under
-``"flipout"`` (:func:`folded_samples`). In inference mode, ``"local"`` and ``"flipout"`` layers
+``"flipout"`` (the layer's :class:`~bbb_lightning.bayes.forward_pass.ForwardPass` says S and
+which tensor the copies are). In inference mode, ``"local"`` and ``"flipout"`` layers
 draw from the same per-example distribution by the cheapest exact way instead
 (:meth:`BayesianLayer._predictive_sample`).
 
 The per-weight work of the Gaussian posterior (sigma = softplus(rho), the draw, sigma^2, and
-their gradients) runs in :mod:`bbb_lightning.bayes.gaussian_ops`: sigma once per forward, one
-autograd node per use; local reparameterization's draw of the pre-activations, and its
+their gradients) is the posterior's (:mod:`bbb_lightning.bayes.functional` in plain torch ops;
+where the native kernels serve, :mod:`bbb_lightning.bayes.gaussian_ops`: sigma once per
+forward, one autograd node per use); local reparameterization's draw of the pre-activations, and its
 gradient, in :mod:`bbb_lightning.bayes.local_reparameterization`.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
-from functools import cache
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -49,10 +47,16 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 
 from . import native
+from .forward_pass import ForwardPass
 from .gaussian_ops import DRAW, PERTURBATION, VARIANCE, ScaleValues
 from .local_reparameterization import linear_moments, sample_preactivations
 from .mixed_precision import autocast_inputs
-from .posteriors import MeanFieldNormal, VariationalPosterior, joint_uses
+from .posteriors import (
+    MeanFieldNormal,
+    VariationalPosterior,
+    draws_as_mean_field_normal,
+    joint_uses,
+)
 from .priors import Prior
 
 __all__ = [
@@ -62,7 +66,6 @@ __all__ = [
     "BayesianConv3d",
     "BayesianLayer",
     "BayesianLinear",
-    "folded_samples",
 ]
 
 ESTIMATORS = ("reparameterization", "local", "flipout")
@@ -80,89 +83,29 @@ _MAX_DRAWN_WEIGHTS = 1 << 20
 _MIN_POSITIONS_FOR_WEIGHT_DRAWS = 64
 
 
-@dataclass(frozen=True)
-class _Fold:
-    num_samples: int
-    copies: Tensor | None  # the folded input of sample_forward: S copies of one batch
-    version: int
+def _distinct_rows(forward_pass: ForwardPass, x: Tensor) -> int | None:
+    """B if ``x`` is S copies of one batch of B rows; None if not known.
 
-
-_UNFOLDED = _Fold(1, None, 0)
-_FOLD: ContextVar[_Fold | None] = ContextVar("bbb_fold", default=None)
-
-# The forward pass of a bayesianized network (its root's hooks open and close it): the layers
-# that ran in it, and under weight reparameterization their draws, so that a layer applied twice
-# in one pass (a Siamese branch, a cell unrolled over time) applies the same weights twice.
-_FORWARD_PASS: ContextVar[dict[tuple[int, int], Any] | None] = ContextVar(
-    "bbb_forward_pass", default=None
-)
-_open_passes: list[Any] = []
-
-
-def open_forward_pass(module: nn.Module, args: Any) -> None:
-    """Forward pre-hook of a bayesianized root: a new forward pass begins."""
-    _open_passes.append(_FORWARD_PASS.set({}))
-
-
-def close_forward_pass(module: nn.Module, args: Any, output: Any) -> None:
-    """Forward hook (always called) of a bayesianized root: the forward pass ends."""
-    _FORWARD_PASS.reset(_open_passes.pop())
-
-
-def _current_fold() -> _Fold:
-    return _FOLD.get() or _UNFOLDED
-
-
-@contextmanager
-def folded_samples(num_samples: int, copies: Tensor | None = None) -> Iterator[None]:
-    """Within this block, a batch holds ``num_samples`` posterior samples folded as (S*B, ...).
-
-    ``copies``, if given, is such a batch made of S copies of one batch of B rows (what
-    :func:`~bbb_lightning.bayes.sample_forward` builds). A layer whose input is that tensor or
-    a view of it, unmodified (typically the first layer), computes what depends on the input
-    alone once, on B rows: the mean and variance of local reparameterization, the mean of
-    flipout. The noise stays independent per row.
+    Looked at only where ``x`` is the folded input of ``sample_forward`` or a view of it with
+    the same layout (same memory, shape[0], element count and dtype, contiguous), and only on
+    the eager path (:func:`~bbb_lightning.bayes.native.active`: the comparison depends on the
+    data, which a compiled graph cannot); then the S blocks are compared, so that an in-place
+    change that made them differ (an in-place dropout) is seen.
     """
-    version = 0 if copies is None or copies.is_inference() else copies._version
-    token = _FOLD.set(_Fold(num_samples, copies, version))
-    try:
-        yield
-    finally:
-        _FOLD.reset(token)
-
-
-def _distinct_rows(x: Tensor) -> int | None:
-    """B if ``x`` is, by construction, S copies of one batch of B rows; None if not known.
-
-    True when ``x`` is the folded input of ``sample_forward`` or a view of it with the same
-    layout (same memory, shape[0], element count and dtype, contiguous) not modified since
-    (its version counter, which an inference tensor lacks, is unchanged).
-    """
-    fold = _current_fold()
-    copies = fold.copies
-    if copies is None or fold.num_samples == 1 or copies.is_inference() or not len(x):
+    copies, num_samples = forward_pass.copies, forward_pass.num_samples
+    if copies is None or num_samples == 1 or not len(x) or not native.active():
         return None  # (an empty batch has no row to compute once)
-    same = (
+    same_layout = (
         x.data_ptr() == copies.data_ptr()
-        and not x.is_inference()
-        and x._version == fold.version
         and x.dtype == copies.dtype
         and x.shape[0] == copies.shape[0]
         and x.numel() == copies.numel()
         and x.is_contiguous()
     )
-    return x.shape[0] // fold.num_samples if same else None
-
-
-@cache
-def _draws_as_mean_field_normal(posterior: type) -> bool:
-    """Whether a posterior of this class draws as MeanFieldNormal itself does, so that the
-    joint node may stand in for its forward, rsample, perturbation and variance: not a class
-    without them, or a subclass that defines any of them (or ``_with_kl``) anew."""
-    return issubclass(posterior, MeanFieldNormal) and all(
-        getattr(posterior, name) is getattr(MeanFieldNormal, name)
-        for name in ("forward", "rsample", "perturbation", "variance", "_with_kl")
-    )
+    if not same_layout:
+        return None
+    blocks = x.detach().reshape(num_samples, -1)
+    return x.shape[0] // num_samples if bool((blocks == blocks[:1]).all()) else None
 
 
 def _has_call_hooks(module: nn.Module) -> bool:
@@ -220,6 +163,7 @@ class BayesianLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.estimator = check_estimator(estimator)
+        self.forward_pass = ForwardPass()
         self.plain_config = self._config_of(plain)
         self.weight_posterior = make_posterior(plain.weight)
         plain_bias = plain.bias
@@ -229,6 +173,9 @@ class BayesianLayer(nn.Module):
         else:
             self.bias_posterior = None
             self.bias = None if plain_bias is None else nn.Parameter(plain_bias.detach().clone())
+        for q in (self.weight_posterior, self.bias_posterior):
+            if q is not None:
+                q.forward_pass = self.forward_pass
         if estimator != "reparameterization":
             for q in (self.weight_posterior, self.bias_posterior):
                 if q is not None and not isinstance(q, MeanFieldNormal):
@@ -299,8 +246,9 @@ class BayesianLayer(nn.Module):
         posteriors (``posterior()``), which runs their hooks: not where one has any."""
         weight_q, bias_q = self.weight_posterior, self.bias_posterior
         if not (
-            _draws_as_mean_field_normal(type(weight_q))
-            and _draws_as_mean_field_normal(type(bias_q))
+            native.active()
+            and draws_as_mean_field_normal(type(weight_q))
+            and draws_as_mean_field_normal(type(bias_q))
             and not bias_q.frozen
         ):
             return None
@@ -313,15 +261,15 @@ class BayesianLayer(nn.Module):
             return self._affine(x, self.weight_posterior.mean, self._bias_mean())
         if self.estimator != "reparameterization":
             self._note_application()
-            if torch.is_inference_mode_enabled():
+            if native.active() and torch.is_inference_mode_enabled():
                 return self._predictive_sample(x)
             if self.estimator == "local":
                 return self._local_reparameterization(x)
             return self._flipout(x)
         num_samples = self._num_samples(x)
-        forward_pass = _FORWARD_PASS.get()
+        draws = self.forward_pass.draws
         key = (id(self), num_samples)
-        drawn = None if forward_pass is None else forward_pass.get(key)
+        drawn = None if draws is None else draws.get(key)
         if drawn is not None:  # applied again in this forward pass: the same weights
             weight, bias = drawn
             if num_samples == 1:
@@ -330,25 +278,34 @@ class BayesianLayer(nn.Module):
         if num_samples == 1:
             joint = self._joint_uses(DRAW, called=True)
             if joint is None:  # in the same order as the joint node: the same noise
-                weight = self.weight_posterior()
+                weight = self.weight_posterior()  # the posterior records its own draw
                 bias = self.bias if self.bias_posterior is None else self.bias_posterior()
             else:
                 weight, bias = joint
-                self.weight_posterior.remember_sample(weight)
-                self.bias_posterior.remember_sample(bias)
-            if forward_pass is not None:
-                forward_pass[key] = (weight, bias)
+                self._record(weight, bias, perturbation=False)
+            if draws is not None:
+                draws[key] = (weight, bias)
             return self._affine(x, weight, bias)
         return self._per_sample_affine(x, num_samples, perturbation=False, remember=key)
+
+    def _record(self, weight: Tensor, bias: Tensor | None, perturbation: bool) -> None:
+        """Write the draws (or flipout's perturbations) into the forward pass's KL record."""
+        record = self.forward_pass.record
+        if record is None:
+            return
+        add = record.add_perturbation if perturbation else record.add_sample
+        add(self.weight_posterior, weight)
+        if self.bias_posterior is not None and bias is not None:
+            add(self.bias_posterior, bias)
 
     def _note_application(self) -> None:
         """Local reparameterization and flipout draw noise per application: a layer applied
         twice in one forward pass does not share its weights between the two (warned once)."""
-        forward_pass = _FORWARD_PASS.get()
-        if forward_pass is None:
+        draws = self.forward_pass.draws
+        if draws is None:
             return
         key = (id(self), 0)
-        if key in forward_pass and not getattr(self, "_warned_reapplied", False):
+        if key in draws and not getattr(self, "_warned_reapplied", False):
             self._warned_reapplied = True
             warnings.warn(
                 f"a {type(self).__name__} was applied twice in one forward pass: under "
@@ -357,11 +314,10 @@ class BayesianLayer(nn.Module):
                 "one weight draw",
                 stacklevel=3,
             )
-        forward_pass[key] = True
+        draws[key] = True
 
-    @staticmethod
-    def _num_samples(x: Tensor) -> int:
-        num_samples = _current_fold().num_samples
+    def _num_samples(self, x: Tensor) -> int:
+        num_samples = self.forward_pass.num_samples
         if x.shape[0] % num_samples:
             raise ValueError(
                 f"a batch of {x.shape[0]} rows cannot hold {num_samples} folded samples"
@@ -376,11 +332,11 @@ class BayesianLayer(nn.Module):
         remember: tuple[int, int] | None = None,
     ) -> Tensor:
         """Rows of sample s through (W_s, b_s): one weight draw per sample (for flipout, one
-        perturbation W_s - mu), one batched affine map. The draws are remembered for the Monte
-        Carlo KL, and under ``remember`` for the rest of the forward pass. Without gradients
+        perturbation W_s - mu), one batched affine map. The draws are recorded for the Monte
+        Carlo KL, and under ``remember`` kept for the rest of the forward pass. Without gradients
         they are made in chunks of at most ``_MAX_DRAWN_WEIGHTS`` weights, each used while it
-        is in cache, from one sigma, and not remembered (a layer applied twice in one such pass
-        draws twice)."""
+        is in cache, from one sigma, and neither recorded nor kept (a layer applied twice in one
+        such pass draws twice)."""
         weight_q, bias_q = self.weight_posterior, self.bias_posterior
         held: dict[int, ScaleValues] = {}  # sigma of a Gaussian posterior, for all the chunks
 
@@ -403,19 +359,16 @@ class BayesianLayer(nn.Module):
                 bias = plain_bias(num_samples) if bias_q is None else draw(bias_q, num_samples)
             else:
                 weight, bias = joint
-            for q, drawn in ((weight_q, weight), (bias_q, bias)):
-                if q is not None and drawn is not None:
-                    if perturbation:
-                        q.remember_perturbation(drawn)
-                    else:
-                        q.last_sample = drawn
-            forward_pass = _FORWARD_PASS.get()
-            if remember is not None and forward_pass is not None:
-                forward_pass[remember] = (weight, bias)
+            self._record(weight, bias, perturbation)
+            draws = self.forward_pass.draws
+            if remember is not None and draws is not None:
+                draws[remember] = (weight, bias)
             return self._affine_per_sample(x, weight, bias)
         rows = x.shape[0] // num_samples
         held.update(
-            (id(q), q.scale_values()) for q in (weight_q, bias_q) if isinstance(q, MeanFieldNormal)
+            (id(q), q.scale_values())
+            for q in (weight_q, bias_q)
+            if isinstance(q, MeanFieldNormal) and q.fast()
         )
         outputs = []
         for start in range(0, num_samples, chunk):
@@ -423,9 +376,6 @@ class BayesianLayer(nn.Module):
             bias = plain_bias(count) if bias_q is None else draw(bias_q, count)
             part = x[start * rows : (start + count) * rows]
             outputs.append(self._affine_per_sample(part, draw(weight_q, count), bias))
-        for q in (weight_q, bias_q):
-            if q is not None:
-                q.last_sample = None
         return torch.cat(outputs)
 
     def _predictive_sample(self, x: Tensor) -> Tensor:
@@ -449,7 +399,8 @@ class BayesianLayer(nn.Module):
         """
         num_samples = self._num_samples(x)
         positions = x.numel() // max(1, num_samples * x.shape[self.CHANNEL_DIM])
-        if _distinct_rows(x) is not None or positions < _MIN_POSITIONS_FOR_WEIGHT_DRAWS:
+        distinct = _distinct_rows(self.forward_pass, x)
+        if distinct is not None or positions < _MIN_POSITIONS_FOR_WEIGHT_DRAWS:
             return self._local_reparameterization(x)
         if num_samples > 1:
             return self._per_sample_affine(x, num_samples, perturbation=False)
@@ -459,7 +410,7 @@ class BayesianLayer(nn.Module):
     def _local_reparameterization(self, x: Tensor) -> Tensor:
         weight_q, bias_q = self.weight_posterior, self.bias_posterior
         assert isinstance(weight_q, MeanFieldNormal)
-        rows = _distinct_rows(x)
+        rows = _distinct_rows(self.forward_pass, x)
         distinct = x if rows is None else x[:rows]
         joint = self._joint_uses(VARIANCE)
         if joint is not None:
@@ -467,12 +418,9 @@ class BayesianLayer(nn.Module):
         else:
             bias_var = bias_q.variance() if isinstance(bias_q, MeanFieldNormal) else None
             weight_var = weight_q.variance()
-        if isinstance(bias_q, MeanFieldNormal):
-            bias_q.last_sample = None
         mean, variance = self._moments(
             distinct, weight_q.mu, weight_var, self._bias_mean(), bias_var
         )
-        weight_q.last_sample = None
         # One mean and variance for the S copies of each row, independent noise for each copy.
         sample_shape = () if rows is None else (x.shape[0] // rows,)
         out = sample_preactivations(mean, variance, sample_shape)
@@ -484,7 +432,7 @@ class BayesianLayer(nn.Module):
         # One shared perturbation per posterior sample: with S samples folded in the batch, the
         # S copies of an example must not share dW (they would only differ by random signs).
         num_samples = self._num_samples(x)
-        rows = _distinct_rows(x)
+        rows = _distinct_rows(self.forward_pass, x)
         mean = self._affine(x if rows is None else x[:rows], weight_q.mu, self._bias_mean())
         signed = x * _random_signs(x, self.CHANNEL_DIM)
         if num_samples > 1:
@@ -496,9 +444,7 @@ class BayesianLayer(nn.Module):
             else:
                 weight_noise = weight_q.perturbation()
                 bias_noise = bias_q.perturbation() if isinstance(bias_q, MeanFieldNormal) else None
-            weight_q.remember_perturbation(weight_noise)
-            if bias_noise is not None:
-                bias_q.remember_perturbation(bias_noise)
+            self._record(weight_noise, bias_noise, perturbation=True)
             perturbation = self._affine(signed, weight_noise, bias_noise)
         perturbation = perturbation * _random_signs(perturbation, self.CHANNEL_DIM)
         if rows is None:
@@ -558,7 +504,15 @@ class BayesianLinear(BayesianLayer):
 
     def _affine_per_sample(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         samples = x.reshape(weight.shape[0], -1, x.shape[-1])
-        out = _PerSampleLinear.apply(*autocast_inputs(samples, weight, bias))
+        if native.active():
+            out = _PerSampleLinear.apply(*autocast_inputs(samples, weight, bias))
+        else:  # what _PerSampleLinear computes, traceable by torch.compile and torch.func
+            weight_t = weight.transpose(1, 2)
+            out = (
+                samples.bmm(weight_t)
+                if bias is None
+                else bias.unsqueeze(1).baddbmm(samples, weight_t)
+            )
         return out.reshape(*x.shape[:-1], weight.shape[1])
 
 

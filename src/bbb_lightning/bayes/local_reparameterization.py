@@ -81,7 +81,7 @@ def sample_preactivations(
     if mean.dtype in _REDUCED_PRECISION or variance.dtype in _REDUCED_PRECISION:
         dtype = torch.promote_types(mean.dtype, variance.dtype)
         return sample_preactivations(mean.float(), variance.float(), sample_shape).to(dtype)
-    if native.applies_to(mean) and native.applies_to(variance):
+    if native.serves(mean, variance):
         if torch.is_grad_enabled() and (mean.requires_grad or variance.requires_grad):
             return _SamplePreactivations.apply(mean, variance, tuple(sample_shape))
         out, _ = native.local_noise(mean, variance, tuple(sample_shape), MIN_VARIANCE, keep=False)
@@ -145,6 +145,7 @@ def linear_moments(
         (torch.Size([2, 4]), [1.5, 1.5, 1.5, 1.5])
     """
     tensors = (x, mu, weight_variance, bias_mean, bias_variance)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if recorded and native.active():  # the fused node is not traceable by torch.compile/func
         return _LinearMoments.apply(*autocast_inputs(*tensors))
     return F.linear(x, mu, bias_mean), F.linear(x.square(), weight_variance, bias_variance)

@@ -2,32 +2,35 @@
 
 A posterior is an ``nn.Module`` that owns the trainable variational parameters of one tensor
 of the network and the :class:`~bbb_lightning.bayes.priors.Prior` of that tensor. Calling it
-(``posterior()``) draws w ~ q by reparameterization and remembers the draw, so that the Monte
-Carlo KL can be evaluated at the weights used in the forward pass (Blundell et al. 2015). It is
-also a valid ``torch.nn.utils.parametrize`` parametrization with no original tensors, which is
-how any ``nn.Parameter`` of any module becomes variational while the module's own ``forward``
-stays untouched.
+(``posterior()``) draws w ~ q by reparameterization and, while the network's forward pass
+records (:func:`~bbb_lightning.bayes.sample_forward_with_kl`), writes the draw into the step's
+KL record, so that the Monte Carlo KL is evaluated at the weights used in the forward pass
+(Blundell et al. 2015). It is also a valid ``torch.nn.utils.parametrize`` parametrization with
+no original tensors, which is how any ``nn.Parameter`` of any module becomes variational while
+the module's own ``forward`` stays untouched.
 
 To add a posterior, subclass :class:`VariationalPosterior`: implement ``distribution``,
-``mean`` and ``rsample``; pass the class (or a ``functools.partial`` of it) as ``posterior=``
-to :func:`~bbb_lightning.bayes.bayesianize`.
+``mean``, ``rsample`` and ``set_mean_``; pass the class (or a ``functools.partial`` of it) as
+``posterior=`` to :func:`~bbb_lightning.bayes.bayesianize` (docs/extending.md; the radial
+posterior of :mod:`bbb_lightning.bayes.radial` is one).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
-from . import gaussian_ops
+from . import functional, gaussian_ops, native
 from ._arguments import is_real
+from .forward_pass import ForwardPass
 from .priors import GaussianPrior, Prior
 
 __all__ = [
@@ -36,24 +39,14 @@ __all__ = [
     "SoftplusNormal",
     "VariationalPosterior",
     "all_posteriors",
+    "check_min_scale",
+    "draws_as_mean_field_normal",
+    "initial_rho",
     "joint_uses",
-    "log_softplus",
     "named_posteriors",
     "posterior_scales",
     "signal_to_noise",
 ]
-
-
-def log_softplus(rho: Tensor) -> Tensor:
-    """log softplus(rho), finite with a finite gradient for any finite rho.
-
-    ``softplus(rho).log()`` is not: in float32 softplus(rho) underflows below rho ~ -103 (and
-    sigma^2 below rho ~ -50). For rho < -20, log softplus(rho) = rho - exp(rho) / 2 + O(exp(2 rho)).
-    """
-    # Both branches are evaluated: clamp each to its side so that neither overflows (a NaN in
-    # the unused branch would still poison the gradient of torch.where).
-    tiny = rho - 0.5 * rho.clamp_max(-20).exp()
-    return torch.where(rho < -20, tiny, F.softplus(rho.clamp_min(-20)).log())
 
 
 class SoftplusNormal(Normal):
@@ -73,22 +66,25 @@ class SoftplusNormal(Normal):
         return self._log_scale()
 
     def entropy(self) -> Tensor:
-        return 0.5 * math.log(2.0 * math.pi * math.e) + self.log_scale
+        return functional.gaussian_entropy(self.log_scale)
 
 
 class VariationalPosterior(nn.Module):
     """Base class: q(w) for one tensor, with its prior p(w) attached as ``self.prior``.
 
-    ``frozen`` (set by :func:`~bbb_lightning.bayes.freeze`) makes ``forward`` return the mean
-    instead of a draw.
+    A subclass implements :meth:`distribution`, :attr:`mean`, :meth:`rsample` and
+    :meth:`set_mean_`; everything else (the KL by torch's registry or by Monte Carlo, sampling,
+    freezing, histograms of :attr:`stddev`) follows from those. ``frozen`` (set by
+    :func:`~bbb_lightning.bayes.freeze`) makes ``forward`` return the mean instead of a draw.
+    ``forward_pass`` is the network's :class:`~bbb_lightning.bayes.forward_pass.ForwardPass`:
+    a draw made while it records is written into the step's KL record.
     """
 
     def __init__(self, prior: Prior) -> None:
         super().__init__()
         self.prior = prior
         self.frozen = False
-        self._last_sample: Tensor | None = None
-        self._last_perturbation: Tensor | None = None
+        self.forward_pass = ForwardPass()
 
     def distribution(self) -> Distribution:
         """q(w) as a ``torch.distributions`` object with the tensor's shape as batch shape."""
@@ -99,57 +95,29 @@ class VariationalPosterior(nn.Module):
         """E_q[w], the tensor's shape."""
         raise NotImplementedError
 
+    @property
+    def stddev(self) -> Tensor:
+        """The marginal standard deviation of each weight under q (the distribution's)."""
+        return self.distribution().stddev
+
     def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
         """A reparameterized draw of shape ``sample_shape + mean.shape``."""
         raise NotImplementedError
-
-    def kl_from_forward(self) -> Tensor | None:
-        """The summed KL(q || p) that the last forward computed with its draw, while it is
-        still that of the current parameters and prior, else None (the default): asked first,
-        before the prior's distribution is built. It must agree with the registered closed form."""
-        return None
 
     def fused_kl(self, prior: Distribution) -> Tensor | None:
         """KL(q || p) summed over the tensor by a faster route than torch's KL registry, or
         None where there is none (the default); it must agree with the registered closed form."""
         return None
 
-    @property
-    def last_sample(self) -> Tensor | None:
-        """The weights w_s the last forward pass used, shape ``sample_shape + mean.shape``, for
-        the Monte Carlo KL; None where it drew none (local reparameterization)."""
-        if self._last_perturbation is not None:
-            return self.mean + self._last_perturbation
-        return self._last_sample
-
-    @last_sample.setter
-    def last_sample(self, sample: Tensor | None) -> None:
-        self._remember(sample, None)
-
-    def remember_sample(self, sample: Tensor) -> None:
-        """``last_sample = sample``, without Module.__setattr__ (a layer that drew its weight
-        and bias together does this every step)."""
-        self._remember(sample, None)
-
-    def forget_last_sample(self) -> None:
-        """``last_sample = None``, without Module.__setattr__ (the KL does this every step)."""
-        self._remember(None, None)
-
-    def remember_perturbation(self, perturbation: Tensor) -> None:
-        """Remember mean + ``perturbation`` (flipout's draw) as :attr:`last_sample` without
-        computing it: only the Monte Carlo KL needs it, and it is a pass over S x the weights."""
-        self._remember(None, perturbation)
-
-    def _remember(self, sample: Tensor | None, perturbation: Tensor | None) -> None:
-        # Plain attributes, written past Module.__setattr__ (microseconds per call, every step).
-        self.__dict__.update(_last_sample=sample, _last_perturbation=perturbation)
-
     def forward(self) -> Tensor:
-        """The weight for one forward pass: a draw from q (remembered), or the mean if frozen."""
+        """The weight for one forward pass: a draw from q (recorded for the KL when the forward
+        pass records), or the mean if frozen."""
         if self.frozen:
             return self.mean
         weight = self.rsample()
-        self._remember(weight, None)
+        record = self.forward_pass.record
+        if record is not None:
+            record.add_sample(self, weight)
         return weight
 
     def right_inverse(self, value: Tensor) -> tuple[()]:
@@ -161,13 +129,13 @@ class VariationalPosterior(nn.Module):
         """Overwrite the posterior mean in place (e.g. with pretrained weights)."""
         raise NotImplementedError
 
-    def __getstate__(self) -> dict[str, Any]:
-        # The remembered draw is part of an autograd graph: it cannot be deep-copied or pickled.
-        return {**self.__dict__, "_last_sample": None, "_last_perturbation": None}
-
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.pop("last_sample", None)  # the attribute of earlier versions, now a property
-        super().__setstate__({**state, "_last_sample": None, "_last_perturbation": None})
+        # Posteriors pickled by earlier versions remembered their last draw, and had no
+        # forward pass of their own.
+        for legacy in ("last_sample", "_last_sample", "_last_perturbation"):
+            state.pop(legacy, None)
+        state.setdefault("forward_pass", ForwardPass())
+        super().__setstate__(state)
 
 
 class PosteriorFactory(Protocol):
@@ -179,12 +147,48 @@ class PosteriorFactory(Protocol):
 RhoInit = float | Sequence[float]
 
 
+def check_min_scale(min_scale: float) -> float:
+    """``min_scale`` as a float, or a one-line error naming it and what is allowed."""
+    if not (is_real(min_scale) and min_scale >= 0 and math.isfinite(min_scale)):
+        raise ValueError(f"posterior min_scale must be a finite number >= 0, got {min_scale!r}")
+    return float(min_scale)
+
+
+def initial_rho(like: Tensor, rho_init: RhoInit) -> Tensor:
+    """A tensor shaped like ``like`` filled from ``rho_init``: a constant, or ``(low, high)``
+    for U(low, high); a one-line error naming the value for anything else."""
+    allowed = "a number or [low, high] with low <= high"
+    number = is_real(rho_init)
+    values = [rho_init] if number else rho_init
+    if not (
+        (number or (isinstance(values, Sequence) and not isinstance(values, str | bytes)))
+        and all(is_real(v) for v in values)
+    ):
+        raise ValueError(f"posterior rho_init must be {allowed}, got {rho_init!r}")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"posterior rho_init must be finite, got {rho_init!r}")
+    rho = torch.empty_like(like)
+    with torch.no_grad():
+        if number:
+            return rho.fill_(float(rho_init))
+        if len(values) == 2 and values[0] <= values[1]:
+            return rho.uniform_(float(values[0]), float(values[1]))
+    raise ValueError(f"posterior rho_init must be {allowed}, got {rho_init!r}")
+
+
 class MeanFieldNormal(VariationalPosterior):
     """Mean-field Gaussian q(w) = N(mu, sigma^2), sigma = softplus(rho) + min_scale.
 
     ``softplus`` is ``torch.nn.functional.softplus`` (linear above rho = 20, exp below), so
     sigma is finite for any finite rho and strictly positive for rho > -87 in float32
     (rho in [-50, 50] gives sigma in [2e-22, 50]). ``min_scale`` is an optional floor.
+
+    The math is that of :mod:`bbb_lightning.bayes.functional` (the reference path). Where the
+    native CPU kernels serve the tensors (:func:`bbb_lightning.bayes.native.serves`) the draws,
+    sigma^2 and the KL take the fused fast path of :mod:`bbb_lightning.bayes.gaussian_ops`
+    instead, with the same values; a subclass that redefines how it draws or its scale
+    (:attr:`scale`, :attr:`log_scale`, :meth:`distribution`, :meth:`rsample`, ...) always takes
+    the reference path, so its draws and its distribution agree.
 
     Args:
         initial_value: becomes mu, so a pretrained network starts where it was.
@@ -208,69 +212,55 @@ class MeanFieldNormal(VariationalPosterior):
         min_scale: float = 0.0,
     ) -> None:
         super().__init__(prior)
-        if not (is_real(min_scale) and min_scale >= 0 and math.isfinite(min_scale)):
-            raise ValueError(f"posterior min_scale must be a finite number >= 0, got {min_scale!r}")
+        self.min_scale = check_min_scale(min_scale)
         self.mu = nn.Parameter(initial_value.detach().clone())
-        self.rho = nn.Parameter(torch.empty_like(self.mu))
-        self.min_scale = float(min_scale)
         self.rho_init = rho_init
-        self._scale_values: gaussian_ops.ScaleValues | None = None
-        self._kl_slot: gaussian_ops.KLSlot | None = None
-        self.reset_rho()
+        self.rho = nn.Parameter(initial_rho(self.mu, rho_init))
 
     def reset_rho(self) -> None:
         """Re-initialise rho from ``rho_init`` (constant or uniform range)."""
-        rho_init = self.rho_init
-        allowed = "a number or [low, high] with low <= high"
-        number = is_real(rho_init)
-        values = [rho_init] if number else rho_init
-        if not (
-            (number or (isinstance(values, Sequence) and not isinstance(values, str | bytes)))
-            and all(is_real(v) for v in values)
-        ):
-            raise ValueError(f"posterior rho_init must be {allowed}, got {rho_init!r}")
-        if not all(math.isfinite(v) for v in values):
-            raise ValueError(f"posterior rho_init must be finite, got {rho_init!r}")
         with torch.no_grad():
-            if number:
-                self.rho.fill_(float(rho_init))
-            elif len(values) == 2 and values[0] <= values[1]:
-                self.rho.uniform_(float(values[0]), float(values[1]))
-            else:
-                raise ValueError(f"posterior rho_init must be {allowed}, got {rho_init!r}")
+            self.rho.copy_(initial_rho(self.rho, self.rho_init))
 
     @property
     def scale(self) -> Tensor:
-        """sigma = softplus(rho) + min_scale > 0."""
-        scale = F.softplus(self.rho)
-        return scale + self.min_scale if self.min_scale else scale
+        """sigma = softplus(rho) + min_scale > 0 (:func:`~bbb_lightning.bayes.functional.scale`)."""
+        return functional.scale(self.rho, self.min_scale)
 
     @property
     def log_scale(self) -> Tensor:
-        """log sigma, finite with a finite gradient for any finite rho (:func:`log_softplus`)."""
-        return self.scale.log() if self.min_scale else log_softplus(self.rho)
+        """log sigma, finite with a finite gradient for any finite rho
+        (:func:`~bbb_lightning.bayes.functional.log_scale`)."""
+        return functional.log_scale(self.rho, self.min_scale)
 
     @property
     def mean(self) -> Tensor:
         return self.mu
 
+    @property
+    def stddev(self) -> Tensor:
+        return self.scale
+
     def distribution(self) -> SoftplusNormal:
         return SoftplusNormal(self.mu, self.scale, lambda: self.log_scale)
 
-    # -- the fast path (bbb_lightning.bayes.gaussian_ops) used by the layers and the KL --------
-    def scale_values(self, reuse: bool = False) -> gaussian_ops.ScaleValues:
-        """sigma outside autograd. Each forward computes it afresh (``reuse=False``); the KL
-        reuses the last forward's while rho is the same tensor, unmodified since."""
-        values = self._scale_values
-        if not (reuse and values is not None and values.matches(self.rho)):
-            # When the forward is recorded, a KL follows: the native pass also sums log sigma.
-            log_sum = gaussian_ops.tracked(self.rho)
-            values = gaussian_ops.ScaleValues(self.rho, self.min_scale, log_sum=log_sum)
-            self.__dict__["_scale_values"] = values  # a plain attribute: skip Module.__setattr__
-        return values
+    # -- the fast path (bbb_lightning.bayes.gaussian_ops), where the native kernels serve -----
+    def fast(self) -> bool:
+        """Whether the fused fast path stands in for the reference path now: the class draws
+        as MeanFieldNormal itself does and :func:`~bbb_lightning.bayes.native.serves` mu and
+        rho."""
+        parameters = self.__dict__["_parameters"]  # past Module.__getattr__: every step
+        served = native.serves(parameters.get("mu"), parameters.get("rho"))
+        return served and draws_as_mean_field_normal(type(self))
+
+    def scale_values(self) -> gaussian_ops.ScaleValues:
+        """sigma outside autograd, for the fast path (when a KL follows, the native pass also
+        sums log sigma)."""
+        return gaussian_ops.ScaleValues(self.rho, self.min_scale, gaussian_ops.tracked(self.rho))
 
     def _scalar_gaussian_prior(self) -> tuple[float, float] | None:
-        """(loc, scale) if the prior is a constant scalar ``GaussianPrior``, else None."""
+        """(loc, scale) if the prior is a constant scalar ``GaussianPrior``, else None. (Fast
+        path only: the ``.item()`` calls would break a ``torch.compile`` graph.)"""
         prior = self._modules["prior"]  # past Module.__getattr__: this runs every step
         if type(prior) is not GaussianPrior:
             return None
@@ -292,9 +282,11 @@ class MeanFieldNormal(VariationalPosterior):
     ) -> Tensor:
         """mu + sigma * eps, eps ~ N(0, I) of shape ``sample_shape + mu.shape``.
 
-        ``scale_values``: sigma as :meth:`scale_values` returned it, for a caller that makes
-        several draws from an unchanged rho (without it, each call computes sigma afresh)."""
+        ``scale_values`` (fast path): sigma as :meth:`scale_values` returned it, for a caller
+        that makes several draws from an unchanged rho."""
         if scale_values is None:
+            if not self.fast():
+                return functional.gaussian_sample(self.mu, self.scale, sample_shape)
             joint = self._with_kl(gaussian_ops.DRAW, sample_shape)
             if joint is not None:
                 return joint
@@ -309,6 +301,8 @@ class MeanFieldNormal(VariationalPosterior):
         """sigma * eps: a draw minus mu (flipout's shared perturbation); ``scale_values`` as in
         :meth:`rsample`."""
         if scale_values is None:
+            if not self.fast():
+                return functional.gaussian_sample(None, self.scale, sample_shape)
             joint = self._with_kl(gaussian_ops.PERTURBATION, sample_shape)
             if joint is not None:
                 return joint
@@ -317,36 +311,25 @@ class MeanFieldNormal(VariationalPosterior):
 
     def variance(self) -> Tensor:
         """sigma^2, differentiable in rho (local reparameterization)."""
+        if not self.fast():
+            return self.scale.square()
         joint = self._with_kl(gaussian_ops.VARIANCE)
         if joint is not None:
             return joint
         return gaussian_ops.variance(self.rho, self.scale_values())
 
-    def kl_from_forward(self) -> Tensor | None:
-        """The KL against a scalar Gaussian prior that the last forward's node computed
-        (:meth:`_with_kl`), while mu, rho and the prior are unchanged since and that node's
-        backward has not run: the same value, from the same autograd node."""
-        slot = self.__dict__.get("_kl_slot")  # absent in a posterior pickled by an older version
-        if slot is None or not torch.is_grad_enabled():
-            return None
-        prior = self._scalar_gaussian_prior()
-        return None if prior is None else slot.get(self.mu, self.rho, *prior)
-
     def fused_kl(self, prior: Distribution) -> Tensor | None:
-        """The closed-form KL against a ``Normal`` prior with constant parameters, summed
-        (:func:`~bbb_lightning.bayes.gaussian_ops.gaussian_kl`); None for any other prior."""
+        """The closed-form KL against a ``Normal`` prior with constant parameters, summed: by
+        the fast path (:func:`~bbb_lightning.bayes.gaussian_ops.gaussian_kl`) where it serves,
+        else the reference :func:`~bbb_lightning.bayes.functional.gaussian_kl` (the registered
+        formula, without the registry's dispatch); None for any other prior."""
         if type(prior) is not Normal or prior.loc.requires_grad or prior.scale.requires_grad:
             return None
-        values = self.scale_values(reuse=True)
+        if not self.fast():
+            kl = functional.gaussian_kl(self.mu, self.scale, self.log_scale, prior.loc, prior.scale)
+            return kl.sum()
+        values = self.scale_values()
         return gaussian_ops.gaussian_kl(self.mu, self.rho, values, prior.loc, prior.scale)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> MeanFieldNormal:
-        # .to(), .double(), ...: sigma and the KL must be recomputed
-        self._scale_values = self._kl_slot = None
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_scale_values": None, "_kl_slot": None}
 
     def set_mean_(self, value: Tensor) -> None:
         with torch.no_grad():
@@ -354,6 +337,30 @@ class MeanFieldNormal(VariationalPosterior):
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.mu.shape)}, min_scale={self.min_scale:g}"
+
+
+_DRAWING_MEMBERS = (
+    "forward",
+    "rsample",
+    "perturbation",
+    "variance",
+    "scale",
+    "log_scale",
+    "distribution",
+    "fast",
+    "fused_kl",
+    "_with_kl",
+)
+
+
+@cache
+def draws_as_mean_field_normal(posterior: type) -> bool:
+    """Whether a posterior of this class draws as MeanFieldNormal itself does, so that the
+    fast path may stand in for its draws, variance and KL: not a class without them, or a
+    subclass that defines any of them (or its scale) anew."""
+    return issubclass(posterior, MeanFieldNormal) and all(
+        getattr(posterior, name) is getattr(MeanFieldNormal, name) for name in _DRAWING_MEMBERS
+    )
 
 
 _PARAMETRIZED = re.compile(r"^(?:(.*)\.)?parametrizations\.([^.]+)\.0$")
@@ -377,20 +384,19 @@ def joint_uses(
     (``gaussian_ops.DRAW``), sigma eps (``PERTURBATION``) or sigma^2 (``VARIANCE``), eps ~ N(0, I)
     of shape ``sample_shape + mu.shape`` drawn independently for each posterior.
 
-    Each posterior keeps its KL for :meth:`~MeanFieldNormal.kl_from_forward`. Returns None, and
-    keeps no KL, where the node does not apply to all of them: a prior other than a constant
-    scalar ``GaussianPrior``, nothing recorded by autograd, or tensors the native kernels do not
-    serve. The caller remembers the draws (:meth:`VariationalPosterior.forward` does).
+    Where the forward pass records (:class:`~bbb_lightning.bayes.forward_pass.KLRecord`), each
+    KL goes into the record. Returns None where the node does not apply to all of them: the
+    native backend not active, a prior other than a constant scalar ``GaussianPrior``, nothing
+    recorded by autograd, or tensors the kernels do not serve. The caller records the draws.
     """
-    # Past Module.__getattr__ and __setattr__ (microseconds per tensor, every step).
+    if not native.active():
+        return None
     mus, rhos, min_scales, locs, scales = [], [], [], [], []
     for posterior in posteriors:
-        attributes = posterior.__dict__
-        attributes["_kl_slot"] = None
         prior = posterior._scalar_gaussian_prior()
         if prior is None:
             return None
-        parameters = attributes["_parameters"]
+        parameters = posterior.__dict__["_parameters"]  # past Module.__getattr__: every step
         mu, rho = parameters.get("mu"), parameters.get("rho")
         mus.append(posterior.mu if mu is None else mu)  # mu or rho replaced by a plain tensor
         rhos.append(posterior.rho if rho is None else rho)
@@ -402,9 +408,11 @@ def joint_uses(
     )
     if joint is None:
         return None
-    outs, slots = joint
-    for posterior, slot in zip(posteriors, slots, strict=True):
-        posterior.__dict__["_kl_slot"] = slot
+    outs, kls = joint
+    record = posteriors[0].forward_pass.record
+    if record is not None:
+        for posterior, kl in zip(posteriors, kls, strict=True):
+            record.add_kl(posterior, kl)
     return outs
 
 
@@ -434,22 +442,31 @@ def named_posteriors(net: nn.Module) -> Iterator[tuple[str, VariationalPosterior
             yield _tensor_name(path), module
 
 
+def _stddevs(net: nn.Module) -> dict[str, tuple[VariationalPosterior, Tensor]]:
+    """(posterior, marginal stddev) by tensor name; a posterior whose distribution has no
+    ``stddev`` is left out with a warning naming its class (never silently)."""
+    found = {}
+    for name, q in named_posteriors(net):
+        try:
+            found[name] = (q, q.stddev.detach())
+        except (NotImplementedError, AttributeError):
+            warnings.warn(
+                f"{type(q).__name__} (tensor {name!r}) has no stddev: it is left out of the "
+                "sigma and signal-to-noise statistics (define VariationalPosterior.stddev)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return found
+
+
 def signal_to_noise(net: nn.Module) -> dict[str, Tensor]:
-    """Per-weight signal-to-noise ratio |mu| / sigma of every Gaussian posterior (detached).
+    """Per-weight signal-to-noise ratio |E_q[w]| / stddev_q(w) of every posterior (detached).
 
     Blundell et al. 2015 (section 5.2) prune the weights with the lowest ratio.
     """
-    return {
-        name: (q.mu.abs() / q.scale).detach()
-        for name, q in named_posteriors(net)
-        if isinstance(q, MeanFieldNormal)
-    }
+    return {name: (q.mean.abs().detach() / sd) for name, (q, sd) in _stddevs(net).items()}
 
 
 def posterior_scales(net: nn.Module) -> dict[str, Tensor]:
-    """Per-weight sigma of every Gaussian posterior (detached), e.g. for histograms."""
-    return {
-        name: q.scale.detach()
-        for name, q in named_posteriors(net)
-        if isinstance(q, MeanFieldNormal)
-    }
+    """Per-weight marginal stddev (sigma) of every posterior (detached), e.g. for histograms."""
+    return {name: sd for name, (_, sd) in _stddevs(net).items()}

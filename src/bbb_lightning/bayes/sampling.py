@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +24,9 @@ from torch.utils._pytree import tree_map
 
 from ._arguments import is_integer
 from .convert import remove_forward_pass_hooks
-from .layers import BayesianLayer, folded_samples
+from .forward_pass import KLRecord, forward_passes
+from .kl import kl_divergence
+from .layers import BayesianLayer
 from .posteriors import VariationalPosterior
 
 __all__ = [
@@ -31,6 +34,7 @@ __all__ = [
     "posterior_mean",
     "posterior_mean_network",
     "sample_forward",
+    "sample_forward_with_kl",
     "sample_network",
     "unfreeze",
 ]
@@ -42,7 +46,9 @@ def sample_forward(net: nn.Module, x: Tensor, num_samples: int) -> Tensor:
     The S copies of the batch are folded into the batch dimension (S*B, ...), so the network
     runs once; no Python loop over samples. ``net`` must treat dimension 0 as the batch. (A
     network with a posterior behind a parametrization, drawn once per call, runs S calls on
-    the batch instead, their outputs stacked; any output structure then works. So does a network
+    the batch instead, their outputs stacked; any output structure then works, its tensors
+    stacked and anything else, such as a Hugging Face ``DynamicCache``, kept as the last
+    call's. So does a network
     with a batch norm that normalises by the statistics of its batch, in training mode or
     without running statistics: on the folded batch, every sample would be normalised by the
     mean and variance of all S samples together.) A
@@ -65,28 +71,20 @@ def sample_forward(net: nn.Module, x: Tensor, num_samples: int) -> Tensor:
         out = net(x)
         if isinstance(out, Tensor):  # the common case, without tree_map's walk (every step)
             return out.unsqueeze(0)
-        return tree_map(lambda output: output.unsqueeze(0), out)
+        return tree_map(lambda output: _stack([output]), out)
     if _has_parametrized_posteriors(net) or _normalizes_by_batch_statistics(net):
         outputs = [net(x) for _ in range(num_samples)]
-        return tree_map(lambda *samples: torch.stack(samples), *outputs)
+        return tree_map(lambda *samples: _stack(list(samples)), *outputs)
     batch = x.shape[0]
-
-    def fold() -> Tensor:
-        return (
-            x.unsqueeze(0).expand(num_samples, *x.shape).reshape(num_samples * batch, *x.shape[1:])
-        )
-
-    if torch.is_inference_mode_enabled():
-        # An inference tensor has no version counter, and the layers need one to know that the
-        # copies were not modified in place: build them as a normal tensor (without a graph).
-        with torch.inference_mode(False), torch.no_grad():
-            folded = fold()
-    else:
-        folded = fold()
-    with folded_samples(num_samples, copies=folded):
+    folded = x.unsqueeze(0).expand(num_samples, *x.shape).reshape(num_samples * batch, *x.shape[1:])
+    with ExitStack() as stack:
+        for forward_pass in forward_passes(net):
+            stack.enter_context(forward_pass.folded(num_samples, copies=folded))
         out = net(folded)
 
-    def unfold(output: Tensor) -> Tensor:
+    def unfold(output: Any) -> Any:
+        if not isinstance(output, Tensor):
+            return output  # e.g. a cache object: the one folded call's, as it is
         if output.dim() == 0 or output.shape[0] != num_samples * batch:
             raise ValueError(
                 f"sample_forward folds the {num_samples} samples into the batch dimension and "
@@ -97,6 +95,48 @@ def sample_forward(net: nn.Module, x: Tensor, num_samples: int) -> Tensor:
         return output.reshape(num_samples, batch, *output.shape[1:])
 
     return tree_map(unfold, out)
+
+
+def sample_forward_with_kl(
+    net: nn.Module,
+    x: Tensor,
+    num_samples: int,
+    reduction: str = "sum",
+    monte_carlo: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """(:func:`sample_forward`'s outputs, KL(q || p)) for one training step, the KL computed
+    with the forward pass's own draws.
+
+    The forward pass records (:class:`~bbb_lightning.bayes.forward_pass.KLRecord`) the weights
+    it used and, where the fused fast path drew them, the closed-form KL it computed with them;
+    :func:`~bbb_lightning.bayes.kl_divergence` then takes those KLs as they are and evaluates
+    the Monte Carlo KL (Blundell et al. 2015, eq. 2) at those weights, averaged over the S
+    samples. The same value as ``sample_forward`` then ``kl_divergence`` in expectation, with
+    less work and, for a Monte Carlo KL, lower variance (the S draws rather than one fresh one).
+
+    Example:
+        >>> import torch
+        >>> from bbb_lightning.bayes import bayesianize
+        >>> net = bayesianize(nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)))
+        >>> out, kl = sample_forward_with_kl(net, torch.randn(5, 3), num_samples=4)
+        >>> out.shape, kl.shape
+        (torch.Size([4, 5, 2]), torch.Size([]))
+    """
+    record = KLRecord()
+    with ExitStack() as stack:
+        for forward_pass in forward_passes(net):
+            stack.enter_context(forward_pass.recording(record))
+        out = sample_forward(net, x, num_samples)
+    return out, kl_divergence(net, reduction, monte_carlo, record=record)
+
+
+def _stack(samples: list[Any]) -> Any:
+    """The S samples of one output leaf: tensors stacked into (S, ...); anything else (a
+    Hugging Face ``DynamicCache``, a string, None) is not a sample of a distribution and is
+    kept as the last sample's."""
+    if all(isinstance(sample, Tensor) for sample in samples):
+        return torch.stack(samples)
+    return samples[-1]
 
 
 def _has_parametrized_posteriors(net: nn.Module) -> bool:

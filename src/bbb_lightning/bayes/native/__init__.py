@@ -25,16 +25,19 @@ normal here). ``gaussian.cpp`` does the same work in fewer, vectorized passes:
   autograd node, written in C++, whose backward gives the gradients of both in one more pass
   (:func:`bbb_lightning.bayes.gaussian_ops.sample_with_kl`).
 
-They apply to contiguous float32 CPU tensors; everything else (float64, CUDA, where CUDA's own
-Philox is already fast) keeps the torch ops, and so does every tensor when the kernels cannot
-be built. The build uses ``torch.utils.cpp_extension`` (a C++ compiler with OpenMP and
-``ninja``), takes 30 to 100 s once (it says so in one line), and is cached under
-``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) in a folder of its own per
-torch installation, Python version, source and compiler flags (:func:`build_key`): two virtual
-environments on one machine, or two clones with different sources, never rebuild each other's
-kernels. ``BBB_LIGHTNING_NATIVE=0`` turns the kernels off (:func:`check_setting` validates the
-switch without building); a failed build warns once and falls back. :func:`status` says which
-is in use.
+This package is an optional backend behind one hook, :func:`serves`: the reference path
+(:mod:`bbb_lightning.bayes.functional`) asks it where a kernel applies (contiguous float32 CPU
+tensors, the kernels built, and :func:`active`: not under ``torch.compile``, a ``torch.func``
+transform or :func:`stepped_aside`) and computes in torch ops otherwise (float64, CUDA, where
+the compiler's fusion is the fast path, or when the kernels cannot be built).
+
+The build uses ``torch.utils.cpp_extension`` (a C++ compiler with OpenMP and ``ninja``), takes 30
+to 100 s once (it says so in one line), and is cached under ``TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``) in a folder of its own per torch installation, Python version,
+source and compiler flags (:func:`build_key`): two virtual environments on one machine, or two
+clones with different sources, never rebuild each other's kernels. ``BBB_LIGHTNING_NATIVE=0`` turns
+the kernels off (:func:`check_setting` validates the switch without building); a failed build warns
+once and falls back. :func:`status` says which is in use.
 
 Processes that build at once (the ranks of a DDP job, two runs started together) take turns
 under an operating-system lock, which a killed process releases; one that has to wait says so
@@ -63,7 +66,7 @@ from torch import Tensor
 
 __all__ = [
     "ENV_VAR",
-    "applies_to",
+    "active",
     "build",
     "build_directory",
     "build_key",
@@ -76,9 +79,11 @@ __all__ = [
     "sample_with_kl",
     "sample_with_kl_node",
     "scaled_normal",
+    "serves",
     "softplus_scale",
     "standard_normal",
     "status",
+    "stepped_aside",
 ]
 
 ENV_VAR = "BBB_LIGHTNING_NATIVE"
@@ -227,13 +232,55 @@ def status() -> str:
     return "native" if kernels() is not None else "torch"
 
 
+_stepped_aside = 0  # how many stepped_aside() blocks are open
+
+
+@contextlib.contextmanager
+def stepped_aside() -> Iterator[None]:
+    """Within the block the kernels serve nothing: every tensor takes the reference path
+    (:mod:`bbb_lightning.bayes.functional`), e.g. to compare the two or to time the reference."""
+    global _stepped_aside
+    _stepped_aside += 1
+    try:
+        yield
+    finally:
+        _stepped_aside -= 1
+
+
+def active() -> bool:
+    """Whether the backend may serve now: not :func:`stepped_aside`, not traced by
+    ``torch.compile`` (whose own fusion replaces it) and under no ``torch.func`` transform
+    (``grad``, ``vmap``, ...), which the kernels' hand-written autograd nodes do not support."""
+    return (
+        not _stepped_aside
+        and not torch.compiler.is_compiling()
+        and torch._C._functorch.peek_interpreter_stack() is None
+    )
+
+
 def _cpu_float32(tensor: Tensor) -> bool:
-    return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and kernels() is not None
+    return (
+        tensor.device.type == "cpu"
+        and tensor.dtype == torch.float32
+        and active()
+        and kernels() is not None
+    )
 
 
-def applies_to(tensor: Tensor) -> bool:
-    """Whether the kernels are in use for ``tensor``: contiguous float32 on the CPU."""
-    return tensor.is_contiguous() and _cpu_float32(tensor)
+def serves(*tensors: Tensor | None) -> bool:
+    """The one hook of the backend: whether the kernels compute for these tensors now
+    (:func:`active`, the kernels built, every tensor given contiguous float32 on the CPU).
+    The reference path asks it where a kernel applies and otherwise computes in torch ops."""
+    present = [tensor for tensor in tensors if tensor is not None]
+    return (
+        bool(present)
+        and all(
+            tensor.is_contiguous() and tensor.device.type == "cpu" and tensor.dtype == torch.float32
+            for tensor in present
+        )
+        and active()
+        and kernels() is not None
+    )
 
 
 def _run(kernel: str, *args: object) -> Any:
@@ -293,7 +340,7 @@ def random_signs(shape: tuple[int, ...], like: Tensor) -> Tensor:
 def scaled_normal(sample_shape: tuple[int, ...], sigma: Tensor, mu: Tensor | None) -> Tensor:
     """mu + sigma eps (sigma eps where ``mu`` is None), eps ~ N(0, I) of shape
     ``sample_shape + sigma.shape``, without autograd, in one pass. eps is never stored: only
-    for a draw whose gradient is not needed. Only for tensors :func:`applies_to`."""
+    for a draw whose gradient is not needed. Only for tensors :func:`serves`."""
     out = torch.empty((*sample_shape, *sigma.shape), dtype=torch.float32)
     mean = sigma.new_empty(0) if mu is None else mu.detach()
     return _run("scaled_normal_", out, sigma, mean, _key())
@@ -305,7 +352,7 @@ def local_noise(
     """(out, eps) without autograd: out = mean + sqrt(max(variance, min_variance)) eps of shape
     ``sample_shape + mean.shape``, eps ~ N(0, I) of that shape (normal i of stream s, as
     :func:`scaled_normal`), returned only if ``keep`` (else empty). Only for tensors
-    :func:`applies_to`."""
+    :func:`serves`."""
     return _run(
         "local_noise",
         mean.detach(),
@@ -328,7 +375,7 @@ def local_noise_backward(
 
 def softplus_scale(rho: Tensor, min_scale: float, log_sum: bool) -> tuple[Tensor, Tensor, float]:
     """(sigma, sigmoid(rho), sum log sigma) with sigma = softplus(rho) + min_scale, without
-    autograd; the sum is 0.0 unless ``log_sum``. Only for tensors :func:`applies_to`."""
+    autograd; the sum is 0.0 unless ``log_sum``. Only for tensors :func:`serves`."""
     return _run("softplus_scale", rho.detach(), min_scale, log_sum)
 
 
@@ -355,7 +402,7 @@ def sample_with_kl(
     """(out, eps, KL) without autograd, where out is mu + sigma eps (``use``
     0), sigma eps (1) or sigma^2 (2, no eps and no sample shape), eps ~ N(0, I) of shape
     ``sample_shape + rho.shape``, and KL = KL(N(mu, sigma^2) || N(loc, scale^2)) summed, a 0-dim
-    tensor. Only for tensors :func:`applies_to`."""
+    tensor. Only for tensors :func:`serves`."""
     return _run(
         "sample_with_kl",
         mu.detach(),
