@@ -126,6 +126,7 @@ def build_model(cfg: DictConfig, datamodule: pl.LightningDataModule) -> BayesByB
         posterior=_container(cfg.posterior),
         kl=_container(cfg.kl),
         optimizer=_container(cfg.optimizer),
+        scheduler=_container(cfg.get("scheduler")),
         num_samples=cfg.num_samples,
         eval_samples=cfg.eval_samples,
         include=_container(cfg.model.get("include")),
@@ -167,7 +168,8 @@ def _target_std(datamodule: pl.LightningDataModule, likelihood: dict) -> list[fl
 def _flat_hparams(cfg: DictConfig, model: BayesByBackprop) -> dict[str, Any]:
     """The run's choices as flat ``group/key`` -> scalar, for TensorBoard's HParams tab; the
     net's and the likelihood's sizes as filled from the dataset (null in the config)."""
-    keep = ("dataset", "model", "prior", "posterior", "kl", "optimizer", "likelihood")
+    keep = ("dataset", "model", "prior", "posterior", "kl", "optimizer", "scheduler")
+    keep += ("likelihood",)
     flat: dict[str, Any] = {}
 
     def visit(prefix: str, node: Any) -> None:
