@@ -27,7 +27,27 @@ from bbb_lightning.data.pickle_batches import (
 )
 from bbb_lightning.seeding import derive_seed
 
-__all__ = ["CIFARDataModule", "RandomCropFlip"]
+__all__ = ["CIFARDataModule", "RandomCropFlip", "channel_moments"]
+
+
+def channel_moments(images: Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation (``1/n``, floored at 1e-3) of ``uint8
+    (N, C, H, W)`` pixels, exact: from each channel's histogram of the 256 values, in float64,
+    without a float copy of the images.
+
+    Example:
+        >>> channel_moments(torch.tensor([[[[0, 2]], [[5, 5]]]], dtype=torch.uint8))
+        ([1.0, 5.0], [1.0, 0.001])
+    """
+    values = torch.arange(256, dtype=torch.float64)
+    means, stds = [], []
+    for channel in images.unbind(1):  # uint8: bincount counts them as they are
+        counts = torch.bincount(channel.reshape(-1), minlength=256).double()
+        mean = (counts * values).sum() / counts.sum()
+        var = (counts * (values - mean).square()).sum() / counts.sum()
+        means.append(mean.item())
+        stds.append(max(var.sqrt().item(), 1e-3))
+    return means, stds
 
 
 class RandomCropFlip(Dataset):
@@ -117,8 +137,9 @@ class CIFARDataModule(BBBDataModule):
         super().__init__(batch_size, num_workers, seed, pin_memory)
         if name not in CIFAR_SETS:
             raise ValueError(f"dataset name must be one of {', '.join(CIFAR_SETS)}, got {name!r}")
-        if not isinstance(augment, bool):
-            raise ValueError(f"dataset augment must be true or false, got {augment!r}")
+        for key, value in (("augment", augment), ("download", download)):
+            if not isinstance(value, bool):
+                raise ValueError(f"dataset {key} must be true or false, got {value!r}")
         self.spec: CifarSet = CIFAR_SETS[name]
         self.name = name
         self.num_classes = self.spec.num_classes
@@ -127,7 +148,9 @@ class CIFARDataModule(BBBDataModule):
         self.augment = augment
         self.crop_padding = _check_int("crop_padding", crop_padding, minimum=0)
         self.download = download
-        self.limit_train = None if limit_train is None else _check_int("limit_train", limit_train, 1)
+        self.limit_train = (
+            None if limit_train is None else _check_int("limit_train", limit_train, 1)
+        )
         self.classes: list[str] | None = None
         self.channel_mean: list[float] | None = None
         self.channel_std: list[float] | None = None
@@ -166,9 +189,7 @@ class CIFARDataModule(BBBDataModule):
             )
         order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(self.seed))
         val_idx, train_idx = order[: self.val_size], order[self.val_size :]
-        pixels = train_x[train_idx].double()
-        self.channel_mean = pixels.mean(dim=(0, 2, 3)).tolist()
-        self.channel_std = pixels.std(dim=(0, 2, 3), correction=0).clamp_min(1e-3).tolist()
+        self.channel_mean, self.channel_std = channel_moments(train_x[train_idx])
         if self.limit_train is not None:
             train_idx = train_idx[: self.limit_train]
         self._train_images, self._train_labels = train_x[train_idx], train_y[train_idx]

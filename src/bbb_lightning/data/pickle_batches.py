@@ -125,7 +125,9 @@ def _unpickle(stream: IO[bytes], where: str) -> dict[str, Any]:
         raise ValueError(f"corrupt CIFAR batch {where}: {err}") from None
     if not isinstance(content, dict):
         raise ValueError(f"corrupt CIFAR batch {where}: a {type(content).__name__}, not a dict")
-    return {key.decode() if isinstance(key, bytes) else key: value for key, value in content.items()}
+    return {
+        key.decode() if isinstance(key, bytes) else key: value for key, value in content.items()
+    }
 
 
 def find_copy(data_dir: str | Path, spec: CifarSet) -> Path | None:
