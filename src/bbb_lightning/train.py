@@ -25,10 +25,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from .allocator import retain_freed_memory
+from .atomic_files import AtomicCheckpointIO, write_text_atomically
 from .bayes import native
 from .config_checks import (
     UserError,
@@ -42,6 +44,7 @@ from .config_checks import (
     format_metrics,
     user_errors,
 )
+from .faults import check_writable
 from .guard import LIKELY_CAUSES, NonFiniteError
 from .module import BayesByBackprop
 
@@ -173,7 +176,9 @@ def _flat_hparams(cfg: DictConfig, model: BayesByBackprop) -> dict[str, Any]:
 def _report(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_text_atomically(
+        output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n"
+    )
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             hp_metrics = {
@@ -223,6 +228,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         native.check_setting()  # a bad BBB_LIGHTNING_NATIVE fails here, before any work
     check_config(cfg)
     check_fresh_output_dir(Path(cfg.paths.output_dir), cfg.get("ckpt_path"))
+    check_writable(Path(cfg.paths.output_dir), "paths.output_dir")
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.retain_freed_memory:
         retain_freed_memory()
@@ -236,7 +242,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         _check_optimizer(model)
         callbacks = _instantiate_all(cfg.get("callbacks"))
         loggers = _instantiate_all(cfg.get("logger"))
-        trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        trainer: pl.Trainer = instantiate(
+            cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=_plugins(cfg)
+        )
         check_epoch_length(trainer, datamodule)
         # Everything is validated: only now the one slow step a first run has (the kernels'
         # build, 30 to 100 s once), then one forward pass that checks the data fits the net.
@@ -248,6 +256,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     _report(cfg, trainer, metrics)
     _check_finite(metrics, model.skipped_steps)
     return metrics
+
+
+def _plugins(cfg: DictConfig) -> list[Any]:
+    """The trainer's plugins: those of ``trainer.plugins``, and checkpoints written whole or
+    not at all (:class:`~bbb_lightning.atomic_files.AtomicCheckpointIO`) unless it names a
+    checkpoint IO of its own."""
+    configured = cfg.trainer.get("plugins") or []
+    plugins = [instantiate(p) if OmegaConf.is_config(p) else p for p in configured]
+    if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
 
 
 def _check_finite(metrics: dict[str, float], skipped_steps: int) -> None:
