@@ -5,17 +5,24 @@ run resumed, preemption (SIGTERM, SLURM's requeue) and a lost data-parallel proc
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import resource
 import shutil
 import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from bbb_lightning.config_checks import UserError
 from bbb_lightning.evaluate import evaluate
+from bbb_lightning.run_lock import LOCK_NAME
 from bbb_lightning.train import train
 from bbb_testing import can_obey_file_permissions, compose_config, obey_file_permissions, run_cli
 
@@ -135,3 +142,82 @@ def test_a_damaged_checkpoint_is_named_with_the_newest_intact_one(
         assert message.endswith(
             f"; the newest intact checkpoint beside it is {intact} (step {step}): use that one"
         )
+
+
+# -- two runs into one directory -------------------------------------------------------------------
+def _wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_second_run_into_the_same_directory_stops_naming_the_first(tmp_path):
+    """Both were let in (the refusal saw only runs that had written checkpoints): checkpoints
+    interleaved as last.ckpt / last-v1.ckpt, and metrics.json was whichever finished last.
+    The lock of a run killed with SIGKILL stays behind as a file and is taken over."""
+    run = tmp_path / "run"
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bbb_lightning.train",
+            f"hydra.run.dir={run}",
+            "trainer.max_epochs=2000",
+            *QUIET,
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        lock = run / LOCK_NAME
+        last = run / "checkpoints" / "last.ckpt"
+        _wait_for(last.is_file, first, "its first checkpoint")  # it is training
+        assert f'"pid": {first.pid}' in lock.read_text()
+        overrides = (run / ".hydra" / "overrides.yaml").read_bytes()
+        second = run_cli(f"hydra.run.dir={run}", "seed=1", *QUIET, cwd=tmp_path)
+        assert first.poll() is None  # still training
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 1
+    (line,) = _error_lines(second.stderr, "ERROR")
+    assert line.startswith(
+        f"[bbb_lightning.config_checks][ERROR] - output directory {str(run)!r} is in use by "
+        f"another run (pid {first.pid} on host {socket.gethostname()}, started "
+    ), line
+    assert line.endswith("); wait for it to end, or choose another hydra.run.dir"), line
+    assert "Traceback" not in second.stderr
+    assert (run / ".hydra" / "overrides.yaml").read_bytes() == overrides  # not the second's
+    assert not (run / "metrics.json").exists()
+
+    # the first was killed: its lock file says so, and is stale
+    assert f'"pid": {first.pid}' in lock.read_text()
+    epochs = torch.load(last, weights_only=False)["epoch"] + 1
+    resumed = [f"ckpt_path={last}", f"trainer.max_epochs={epochs}", *QUIET]
+    assert train(compose_config(run, *resumed))["epochs"] == epochs
+    assert not lock.exists()  # released at the end of the run
+
+
+# -- a finished run resumed in place ---------------------------------------------------------------
+def test_resuming_a_finished_run_in_place_keeps_its_metrics(tmp_path):
+    """It exited 0 and rewrote metrics.json without val/nll and val/rmse."""
+    run = tmp_path / "run"
+    train(compose_config(run, "trainer.max_epochs=1", *QUIET))
+    before = _files(run)
+    assert "val/nll" in json.loads((run / "metrics.json").read_text())
+    last = run / "checkpoints" / "last.ckpt"
+    result = run_cli(
+        f"hydra.run.dir={run}", f"ckpt_path={last}", "trainer.max_epochs=1", *QUIET, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = _error_lines(result.stderr, "Nothing left to train")
+    assert line.endswith(
+        f"Nothing left to train: {last} is at the end of training (it has trained 1 epochs, "
+        f"trainer.max_epochs=1); {run / 'metrics.json'} is kept as it was (raise "
+        "trainer.max_epochs to train on)"
+    ), line
+    after = _files(run)
+    assert {name: after[name] for name in before} == before

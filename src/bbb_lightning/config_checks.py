@@ -32,6 +32,7 @@ from .faults import RunFault, check_writable
 from .guard import NONFINITE_MODES, NonFiniteError
 from .module import compile_backends
 from .objectives import KL_WEIGHTINGS
+from .run_lock import acquire_run_lock, release_run_lock
 from .summary import metric_mode
 
 log = logging.getLogger(__name__)
@@ -382,19 +383,33 @@ class RefuseEarlierRunDirectory(Callback):
         # the only kind that can hold an earlier run, resolves to itself.
         run_dir = Path(str(config.hydra.run.dir))
         with _refused_on_stderr():
-            ckpt_path = config.get("ckpt_path")
-            check_fresh_output_dir(run_dir, ckpt_path)
-            if _resumes_in(run_dir, ckpt_path):
-                check_same_model_and_data(run_dir, config)
             check_writable(run_dir, "hydra.run.dir")
+            with _released_if_refused(run_dir, acquire_run_lock(run_dir, "hydra.run.dir")):
+                ckpt_path = config.get("ckpt_path")
+                check_fresh_output_dir(run_dir, ckpt_path)
+                if _resumes_in(run_dir, ckpt_path):
+                    check_same_model_and_data(run_dir, config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Hydra calls this before the sweeper writes multirun.yaml or any job directory. A
         # sweep.dir with ${now:...} resolves to a new directory (the resolver caches its value).
         with _refused_on_stderr():
             sweep_dir = Path(str(config.hydra.sweep.dir))
-            check_fresh_sweep_dir(sweep_dir)
             check_writable(sweep_dir, "hydra.sweep.dir")
+            with _released_if_refused(sweep_dir, acquire_run_lock(sweep_dir, "hydra.sweep.dir")):
+                check_fresh_sweep_dir(sweep_dir)
+
+
+@contextmanager
+def _released_if_refused(directory: Path, acquired: bool) -> Iterator[None]:
+    """Keep the lock of ``directory`` taken for the run (the process releases it when it ends),
+    unless the block refuses the run: then the directory is left as it was found."""
+    try:
+        yield
+    except UserError:
+        if acquired:
+            release_run_lock(directory)
+        raise
 
 
 @contextmanager

@@ -47,6 +47,8 @@ from .config_checks import (
 from .faults import check_writable
 from .guard import LIKELY_CAUSES, NonFiniteError
 from .module import BayesByBackprop
+from .resume import nothing_left_to_train
+from .run_lock import run_lock
 
 log = logging.getLogger(__name__)
 
@@ -223,12 +225,24 @@ def _relaunch_as_this_job() -> Iterator[None]:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, test the best checkpoint, write ``metrics.json``; return the metrics."""
+    """Fit, test the best checkpoint, write ``metrics.json``; return the metrics.
+
+    The output directory is locked for the run (:mod:`bbb_lightning.run_lock`): a second run
+    into it stops at once. A finished run resumed in place keeps its ``metrics.json`` and
+    returns its metrics: there is nothing left to train.
+    """
     with user_errors():
         native.check_setting()  # a bad BBB_LIGHTNING_NATIVE fails here, before any work
     check_config(cfg)
-    check_fresh_output_dir(Path(cfg.paths.output_dir), cfg.get("ckpt_path"))
-    check_writable(Path(cfg.paths.output_dir), "paths.output_dir")
+    output_dir = Path(cfg.paths.output_dir)
+    check_writable(output_dir, "paths.output_dir")
+    with run_lock(output_dir, "paths.output_dir"):
+        return _train(cfg, output_dir)
+
+
+def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
+    ckpt_path = cfg.get("ckpt_path")
+    check_fresh_output_dir(output_dir, ckpt_path)
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.retain_freed_memory:
         retain_freed_memory()
@@ -238,7 +252,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         datamodule.setup("fit")
         model = build_model(cfg, datamodule)
         check_optimized_metric(cfg.optimized_metric, model.metrics["val_"].keys())
-        check_resumable(model, cfg.get("ckpt_path"))
+        check_resumable(model, ckpt_path)
         _check_optimizer(model)
         callbacks = _instantiate_all(cfg.get("callbacks"))
         loggers = _instantiate_all(cfg.get("logger"))
@@ -246,6 +260,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=_plugins(cfg)
         )
         check_epoch_length(trainer, datamodule)
+    finished = _finished_in_place(output_dir, ckpt_path, trainer)
+    if finished is not None:
+        return finished
+    with user_errors():
         # Everything is validated: only now the one slow step a first run has (the kernels'
         # build, 30 to 100 s once), then one forward pass that checks the data fits the net.
         native.kernels()
@@ -256,6 +274,29 @@ def train(cfg: DictConfig) -> dict[str, float]:
     _report(cfg, trainer, metrics)
     _check_finite(metrics, model.skipped_steps)
     return metrics
+
+
+def _finished_in_place(
+    output_dir: Path, ckpt_path: str | None, trainer: pl.Trainer
+) -> dict[str, float] | None:
+    """The metrics of a finished run resumed in its own directory, which are kept as they are
+    (None: there is training left, or no ``metrics.json`` to keep, or another directory)."""
+    metrics_file = output_dir / "metrics.json"
+    if ckpt_path is None or not metrics_file.is_file():
+        return None
+    if output_dir.resolve() not in Path(ckpt_path).resolve().parents:
+        return None
+    why = nothing_left_to_train(ckpt_path, trainer.max_epochs, trainer.max_steps)
+    if not why:
+        return None
+    log.info(
+        "Nothing left to train: %s is at the end of training (%s); %s is kept as it was (raise "
+        "trainer.max_epochs to train on)",
+        ckpt_path,
+        why,
+        metrics_file,
+    )
+    return json.loads(metrics_file.read_text())
 
 
 def _plugins(cfg: DictConfig) -> list[Any]:
