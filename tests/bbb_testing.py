@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -35,9 +37,14 @@ def events(run_dir: Path) -> EventAccumulator:
 
 
 def run_cli(
-    *args: str, cwd: Path, entry: str = "train", env: dict[str, str] | None = None
+    *args: str,
+    cwd: Path,
+    entry: str = "train",
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> subprocess.CompletedProcess:
-    """``python -m bbb_lightning.<entry> <args>`` in ``cwd`` (``env`` added), output captured."""
+    """``python -m bbb_lightning.<entry> <args>`` in ``cwd`` (``env`` added), output captured;
+    ``preexec_fn`` runs in the child before it starts (a resource limit, dropped privileges)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", f"bbb_lightning.{entry}", *args],
@@ -46,7 +53,32 @@ def run_cli(
         capture_output=True,
         text=True,
         timeout=600,
+        preexec_fn=preexec_fn,
     )
+
+
+def obey_file_permissions() -> None:
+    """For a child process (``preexec_fn``): when it runs as root, drop the capabilities that let
+    root write into a directory without write permission (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH)
+    from its bounding set, so that after ``exec`` it obeys permission bits like any user."""
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_capbset_drop, cap_dac_override, cap_dac_read_search = 24, 1, 2
+    for capability in (cap_dac_override, cap_dac_read_search):
+        if libc.prctl(pr_capbset_drop, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def can_obey_file_permissions(directory: Path) -> bool:
+    """Whether a child started with :func:`obey_file_permissions` is refused a write into the
+    read-only ``directory`` (False where root cannot drop its capabilities)."""
+    probe = [sys.executable, "-c", f"open({str(directory / 'probe')!r}, 'w')"]
+    try:
+        result = subprocess.run(probe, preexec_fn=obey_file_permissions, capture_output=True)
+    except subprocess.SubprocessError:
+        return False
+    return result.returncode != 0 and not (directory / "probe").exists()
 
 
 class WidthNet(nn.Module):

@@ -320,7 +320,7 @@ def test_corrupt_checkpoint_is_one_user_error(tmp_path, toy_run):
     (run / ".hydra").mkdir()
     (run / ".hydra" / "config.yaml").write_text((toy_run / ".hydra" / "config.yaml").read_text())
     (run / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match=r"last\.ckpt' is not allowed: not a readable checkpoint"):
+    with pytest.raises(UserError, match=r"last\.ckpt' is not allowed: not a checkpoint \(not a"):
         evaluate(compose_config(tmp_path / "out", f"ckpt_path={run}", config_name="evaluate"))
 
 

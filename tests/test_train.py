@@ -206,7 +206,7 @@ BAD_INPUTS = [  # docs/errors.md, row by row
     ("model.net.input_shape=[3]", "an input of shape (1,) does not fit the network"),
     ("trainer=gpu", "trainer.accelerator='gpu' is not allowed: no CUDA GPU on this machine"),
     ("ckpt_path=/nonexistent.ckpt", "ckpt_path='/nonexistent.ckpt' is not allowed"),
-    ("ckpt_path={damaged}", "is not allowed: not a readable checkpoint"),
+    ("ckpt_path={damaged}", "is not allowed: not a checkpoint (not a zip archive"),
     ("on_nonfinite=ignore", "on_nonfinite='ignore' is not allowed: one of ['stop', 'skip']"),
     ("retain_freed_memory=maybe", "retain_freed_memory='maybe' is not allowed: true or false"),
     ("optimizer.fused=maybe", "optimizer.fused='maybe' is not allowed: true or false"),

@@ -27,10 +27,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from .bayes._arguments import is_real
 from .bayes.kl import KL_REDUCTIONS
 from .bayes.layers import ESTIMATORS
+from .checkpoint_files import checkpoint_problem, describe_intact_alternative
 from .config_terms import in_config_terms
+from .faults import RunFault, check_writable
 from .guard import NONFINITE_MODES, NonFiniteError
 from .module import compile_backends
 from .objectives import KL_WEIGHTINGS
+from .run_lock import acquire_run_lock, release_run_lock
 from .summary import metric_mode
 
 log = logging.getLogger(__name__)
@@ -98,22 +101,24 @@ OmegaConf.register_new_resolver(
 
 
 def exit_on_user_error(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
-    """Run an entry point's task; a user error or a non-finite loss becomes one log line.
+    """Run an entry point's task; a user error, a non-finite loss or a fault of the machine
+    (:class:`~bbb_lightning.faults.RunFault`) becomes one log line.
 
-    In a single run the process then exits with status 1 (no traceback). In a multirun the
+    In a single run the process then exits with status 1 (a fault: its ``exit_status``), no
+    traceback. In a multirun the
     error is re-raised, so that Hydra records the job as failed and runs the others. A
     :class:`NonFiniteError` is decided by every process of a data-parallel run together and
     raised by each with the same message: rank 0 alone logs it.
     """
     try:
         return task(cfg)
-    except (UserError, FloatingPointError) as error:
+    except (UserError, FloatingPointError, RunFault) as error:
         if not (isinstance(error, NonFiniteError) and rank_zero_only.rank > 0):
             for line in UserError.describe(error).splitlines():
                 log.error("%s", line)
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
-        sys.exit(1)
+        sys.exit(getattr(error, "exit_status", 1))
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -322,18 +327,14 @@ def check_optimized_metric(name: str, metrics: Iterable[str]) -> None:
 
 
 def check_checkpoint(path: Path) -> None:
-    """A readable Lightning checkpoint, or a one-line UserError naming the path."""
+    """A readable Lightning checkpoint, or a one-line UserError naming the path (and, for a
+    damaged one, the newest intact checkpoint beside it)."""
     if not path.is_file():
         raise UserError(f"ckpt_path={str(path)!r} is not allowed: no such checkpoint file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:  # torch raises several types for a damaged file
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(
-            f"ckpt_path={str(path)!r} is not allowed: not a readable checkpoint ({reason})"
-        ) from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise UserError(f"ckpt_path={str(path)!r} is not allowed: no state_dict in the file")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        alternative = describe_intact_alternative(path)
+        raise UserError(f"ckpt_path={str(path)!r} is not allowed: {problem}; {alternative}")
 
 
 def check_epoch_length(trainer: Any, datamodule: Any) -> None:
@@ -425,25 +426,43 @@ class RefuseEarlierRunDirectory(Callback):
         # the only kind that can hold an earlier run, resolves to itself.
         run_dir = Path(str(config.hydra.run.dir))
         with _refused_on_stderr():
-            ckpt_path = config.get("ckpt_path")
-            check_fresh_output_dir(run_dir, ckpt_path)
-            if _resumes_in(run_dir, ckpt_path):
-                check_same_model_and_data(run_dir, config)
+            check_writable(run_dir, "hydra.run.dir")
+            with _released_if_refused(run_dir, acquire_run_lock(run_dir, "hydra.run.dir")):
+                ckpt_path = config.get("ckpt_path")
+                check_fresh_output_dir(run_dir, ckpt_path)
+                if _resumes_in(run_dir, ckpt_path):
+                    check_same_model_and_data(run_dir, config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Hydra calls this before the sweeper writes multirun.yaml or any job directory. A
         # sweep.dir with ${now:...} resolves to a new directory (the resolver caches its value).
         with _refused_on_stderr():
-            check_fresh_sweep_dir(Path(str(config.hydra.sweep.dir)))
+            sweep_dir = Path(str(config.hydra.sweep.dir))
+            check_writable(sweep_dir, "hydra.sweep.dir")
+            with _released_if_refused(sweep_dir, acquire_run_lock(sweep_dir, "hydra.sweep.dir")):
+                check_fresh_sweep_dir(sweep_dir)
+
+
+@contextmanager
+def _released_if_refused(directory: Path, acquired: bool) -> Iterator[None]:
+    """Keep the lock of ``directory`` taken for the run (the process releases it when it ends),
+    unless the block refuses the run: then the directory is left as it was found."""
+    try:
+        yield
+    except UserError:
+        if acquired:
+            release_run_lock(directory)
+        raise
 
 
 @contextmanager
 def _refused_on_stderr() -> Iterator[None]:
-    """A UserError becomes one line on stderr and exit status 1: not in a log file, since the
-    directory's ``train.log`` (or the sweep's files) belongs to the earlier run."""
+    """A UserError (or a RunFault: a busy or read-only directory) becomes one line on stderr and
+    exit status 1: not in a log file, since the directory's ``train.log`` (or the sweep's files)
+    belongs to the earlier run, or cannot be written."""
     try:
         yield
-    except UserError as error:
+    except (UserError, RunFault) as error:
         print(f"[{__name__}][ERROR] - {error}", file=sys.stderr)
         sys.exit(1)
 

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 
+from .checkpoint_files import checkpoint_problem, describe_intact_alternative
 from .config_checks import UserError, user_errors
 from .module import BayesByBackprop
 
@@ -110,14 +111,20 @@ def _best_checkpoint(folder: Path) -> Path | None:
 
 
 def load_model(checkpoint: Path) -> BayesByBackprop:
-    """The model saved in ``checkpoint``, on the CPU; an unreadable file is a UserError."""
-    try:
-        return BayesByBackprop.load_from_checkpoint(checkpoint, map_location="cpu")
-    except Exception as error:  # a corrupt or foreign file: report it in one line
-        reason = f"{type(error).__name__}: {error}".splitlines()[0]
-        raise UserError(
-            f"ckpt_path={str(checkpoint)!r} is not allowed: not a readable checkpoint ({reason})"
-        ) from error
+    """The model saved in ``checkpoint``, on the CPU; an unreadable file is a UserError that
+    names the newest intact checkpoint beside it."""
+    problem = checkpoint_problem(checkpoint)
+    if problem is None:
+        try:
+            return BayesByBackprop.load_from_checkpoint(checkpoint, map_location="cpu")
+        except Exception as error:  # a foreign file: report it in one line
+            problem = "not a readable checkpoint ({})".format(
+                f"{type(error).__name__}: {error}".splitlines()[0]
+            )
+    raise UserError(
+        f"ckpt_path={str(checkpoint)!r} is not allowed: {problem}; "
+        f"{describe_intact_alternative(checkpoint)}"
+    )
 
 
 def load_run(cfg: DictConfig) -> tuple[BayesByBackprop, Any, DictConfig, Path]:

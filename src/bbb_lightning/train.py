@@ -24,10 +24,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from .allocator import retain_freed_memory
+from .atomic_files import AtomicCheckpointIO, write_text_atomically
 from .bayes import native
 from .command_line import checked
 from .component_checks import AUTO, component_problems, missing_files, unaccepted_arguments
@@ -43,8 +45,11 @@ from .config_checks import (
     format_metrics,
     user_errors,
 )
+from .faults import check_writable
 from .guard import LIKELY_CAUSES, NonFiniteError
 from .module import BayesByBackprop
+from .resume import nothing_left_to_train
+from .run_lock import run_lock
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +182,9 @@ def _flat_hparams(cfg: DictConfig, model: BayesByBackprop) -> dict[str, Any]:
 def _report(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_text_atomically(
+        output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n"
+    )
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             hp_metrics = {
@@ -236,11 +243,24 @@ def check_before_building(cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, test the best checkpoint, write ``metrics.json``; return the metrics."""
+    """Fit, test the best checkpoint, write ``metrics.json``; return the metrics.
+
+    The output directory is locked for the run (:mod:`bbb_lightning.run_lock`): a second run
+    into it stops at once. A finished run resumed in place keeps its ``metrics.json`` and
+    returns its metrics: there is nothing left to train.
+    """
     with user_errors():
         native.check_setting()  # a bad BBB_LIGHTNING_NATIVE fails here, before any work
     check_before_building(cfg)
-    check_fresh_output_dir(Path(cfg.paths.output_dir), cfg.get("ckpt_path"))
+    output_dir = Path(cfg.paths.output_dir)
+    check_writable(output_dir, "paths.output_dir")
+    with run_lock(output_dir, "paths.output_dir"):
+        return _train(cfg, output_dir)
+
+
+def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
+    ckpt_path = cfg.get("ckpt_path")
+    check_fresh_output_dir(output_dir, ckpt_path)
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.retain_freed_memory:
         retain_freed_memory()
@@ -250,12 +270,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
         datamodule.setup("fit")
         model = build_model(cfg, datamodule)
         check_optimized_metric(cfg.optimized_metric, model.metrics["val_"].keys())
-        check_resumable(model, cfg.get("ckpt_path"))
+        check_resumable(model, ckpt_path)
         _check_optimizer(model)
         callbacks = _instantiate_all(cfg.get("callbacks"))
         loggers = _instantiate_all(cfg.get("logger"))
-        trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        trainer: pl.Trainer = instantiate(
+            cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=_plugins(cfg)
+        )
         check_epoch_length(trainer, datamodule)
+    finished = _finished_in_place(output_dir, ckpt_path, trainer)
+    if finished is not None:
+        return finished
+    with user_errors():
         # Everything is validated: only now the one slow step a first run has (the kernels'
         # build, 30 to 100 s once), then one forward pass that checks the data fits the net.
         native.kernels()
@@ -266,6 +292,40 @@ def train(cfg: DictConfig) -> dict[str, float]:
     _report(cfg, trainer, metrics)
     _check_finite(metrics, model.skipped_steps)
     return metrics
+
+
+def _finished_in_place(
+    output_dir: Path, ckpt_path: str | None, trainer: pl.Trainer
+) -> dict[str, float] | None:
+    """The metrics of a finished run resumed in its own directory, which are kept as they are
+    (None: there is training left, or no ``metrics.json`` to keep, or another directory)."""
+    metrics_file = output_dir / "metrics.json"
+    if ckpt_path is None or not metrics_file.is_file():
+        return None
+    if output_dir.resolve() not in Path(ckpt_path).resolve().parents:
+        return None
+    why = nothing_left_to_train(ckpt_path, trainer.max_epochs, trainer.max_steps)
+    if not why:
+        return None
+    log.info(
+        "Nothing left to train: %s is at the end of training (%s); %s is kept as it was (raise "
+        "trainer.max_epochs to train on)",
+        ckpt_path,
+        why,
+        metrics_file,
+    )
+    return json.loads(metrics_file.read_text())
+
+
+def _plugins(cfg: DictConfig) -> list[Any]:
+    """The trainer's plugins: those of ``trainer.plugins``, and checkpoints written whole or
+    not at all (:class:`~bbb_lightning.atomic_files.AtomicCheckpointIO`) unless it names a
+    checkpoint IO of its own."""
+    configured = cfg.trainer.get("plugins") or []
+    plugins = [instantiate(p) if OmegaConf.is_config(p) else p for p in configured]
+    if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
 
 
 def _check_finite(metrics: dict[str, float], skipped_steps: int) -> None:

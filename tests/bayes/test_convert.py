@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -121,27 +122,67 @@ def test_bias_only_leaves_the_layer_plain_with_a_parametrized_bias() -> None:
     assert parametrize.is_parametrized(net.fc, "bias")
 
 
-def test_tied_parameters_raise() -> None:
-    class Tied(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.encoder = nn.Linear(3, 3)
-            self.decoder = nn.Linear(3, 3)
-            self.decoder.weight = self.encoder.weight
+class Tied(nn.Module):
+    """An autoencoder whose decoder reuses the encoder's weight (``decoder.weight``)."""
 
-    with pytest.raises(ValueError, match="tied"):
-        bayesianize(Tied())
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(3, 3)
+        self.decoder = nn.Linear(3, 3)
+        self.decoder.weight = self.encoder.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(torch.tanh(self.encoder(x)))
+
+
+def test_a_tied_tensor_gets_one_posterior_drawn_once_per_pass_and_counted_once() -> None:
+    torch.manual_seed(0)
+    net = bayesianize(Tied())
+    shared = net.encoder.parametrizations.weight[0]
+    assert net.decoder.parametrizations.weight[0] is shared
+    assert [name for name, _ in named_posteriors(net)] == [
+        "encoder.weight",
+        "encoder.bias",
+        "decoder.bias",
+    ]
+    expected = sum(posterior_kl(q) for _, q in named_posteriors(net))
+    torch.testing.assert_close(kl_divergence(net), expected)  # the tied tensor once
+    seen = []
+    hooks = [
+        m.register_forward_pre_hook(lambda m, args: seen.append(m.weight))
+        for m in (net.encoder, net.decoder)
+    ]
+    net(torch.randn(2, 3)).sum().backward()
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(seen[0], seen[1])  # one draw for both names in one pass
+    assert not torch.equal(net.encoder.weight, net.encoder.weight)  # a new draw outside one
+    assert shared.mu.grad is not None and shared.mu.grad.abs().sum() > 0
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    assert sum(p is shared.mu for p in trainable) == 1  # one tensor for the optimizer
+    for plain in (sample_network(net), posterior_mean_network(net)):  # still tied, one value
+        assert plain.encoder.weight is plain.decoder.weight
+        assert isinstance(plain.encoder.weight, nn.Parameter)
+
+
+def test_a_tied_tensor_is_selected_by_all_its_names_or_none() -> None:
     for exclude in (["encoder.weight"], ["decoder.weight"]):  # one name: it would be untied
-        with pytest.raises(ValueError, match="exclude all of them"):
+        with pytest.raises(ValueError, match=r"select all of them .* or exclude all of them"):
             bayesianize(Tied(), exclude=exclude)
     # Every name left out: the tensor stays deterministic and shared, the rest is variational.
     net = bayesianize(Tied(), exclude=["encoder.weight", "decoder.weight"])
     assert net.encoder.weight is net.decoder.weight
     assert isinstance(net.encoder.weight, nn.Parameter)
     assert [name for name, _ in named_posteriors(net)] == ["encoder.bias", "decoder.bias"]
+
+
+def test_one_module_in_two_places_stays_one_bayesian_layer() -> None:
     shared = nn.Linear(3, 3)
-    with pytest.raises(ValueError, match=r"'0\.weight', '1\.weight' are tied"):
-        bayesianize(nn.Sequential(shared, shared), exclude=["0.*"])
+    net = bayesianize(nn.Sequential(shared, nn.Tanh(), shared))
+    assert isinstance(net[0], BayesianLinear) and net[2] is net[0]
+    assert [name for name, _ in named_posteriors(net)] == ["0.weight", "0.bias"]
+    with pytest.raises(ValueError, match=r"'0\.weight', '2\.weight' are tied"):
+        bayesianize(nn.Sequential(shared, nn.Tanh(), shared), exclude=["0.*"])
 
 
 def test_bayesianize_twice_raises() -> None:
@@ -354,9 +395,9 @@ def test_a_posterior_that_is_not_callable_and_a_layer_of_another_type_are_named(
 
 # Transformers: ``nn.TransformerEncoderLayer.forward`` reads ``self.linear1.weight`` (and
 # ``linear2``, ``norm*``, ``self_attn.out_proj``) for its eval fast path, and
-# ``nn.TransformerEncoder.forward`` reads ``first_layer.linear1.weight``; those layers keep their
-# class with parametrized tensors. (A bare layer hid the defect: the root's hooks turn the fast
-# path off, so the layers below are wrapped.)
+# ``nn.TransformerEncoder.forward`` reads ``first_layer.linear1.weight``: a Bayesian layer answers
+# with the draw of the pass. (A bare layer hid the defect: the root's hooks turn the fast path
+# off, so the layers below are wrapped.)
 D_MODEL = 16
 
 
@@ -430,14 +471,12 @@ def test_transformers_give_every_parameter_one_posterior_and_train(kind: str) ->
     assert len(list(all_posteriors(net))) == len(names)
     expected_kl = sum(posterior_kl(q) for q in posteriors.values())
     torch.testing.assert_close(kl_divergence(net), expected_kl)  # each tensor counted once
-    # The encoder's feed-forward layers, whose weights it reads, keep their class; the
-    # decoder's (not read) become Bayesian layers.
+    # Every feed-forward layer becomes a Bayesian layer, also the encoder's, whose weights its
+    # eval fast path reads (``self.linear1.weight``): a Bayesian layer answers ``.weight``.
     layers = {n: m for n, m in net.named_modules() if n.endswith(("linear1", "linear2"))}
     assert layers
     for name, module in layers.items():
-        bayesian = kind == "decoder layer" or ".decoder." in name
-        assert isinstance(module, BayesianLinear) == bayesian, name
-        assert parametrize.is_parametrized(module) != bayesian, name
+        assert isinstance(module, BayesianLinear), name
 
     net.train()
     x = torch.randn(4, 5, D_MODEL)
@@ -463,16 +502,57 @@ class ReadsTheWeight(nn.Module):
         return self.head(nn.functional.linear(torch.relu(self.fc(x)), self.fc.weight.t()))
 
 
-def test_a_layer_whose_weight_its_parent_reads_keeps_its_class() -> None:
+@pytest.mark.parametrize("estimator", ["reparameterization", "local", "flipout"])
+def test_a_layer_whose_weight_its_parent_reads_applies_the_weight_read(estimator: str) -> None:
     torch.manual_seed(0)
     plain = ReadsTheWeight()
-    net = bayesianize(copy.deepcopy(plain))
-    assert parametrize.is_parametrized(net.fc) and not isinstance(net.fc, BayesianLayer)
-    assert isinstance(net.head, BayesianLinear)
+    net = bayesianize(copy.deepcopy(plain), estimator=estimator)
+    assert isinstance(net.fc, BayesianLinear) and isinstance(net.head, BayesianLinear)
     assert sorted(name for name, _ in named_posteriors(net)) == sorted(
         name for name, _ in plain.named_parameters()
     )
     x = torch.randn(3, 4)
     with posterior_mean(net):
         torch.testing.assert_close(net(x), plain(x))
-    assert sample_forward(net, x, 2).shape == (2, 3, 4)
+
+    # In one pass every read of fc.weight is the weight fc applies: the same network as the
+    # plain one with W := that draw (fc applied first, then read, under weight
+    # reparameterization; read first under the other two would be needed to share it).
+    captured = {}
+
+    def capture(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+        captured["weight"], captured["bias"] = module.weight, module.bias
+        captured["out"] = out
+
+    hook = net.fc.register_forward_hook(capture)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # local/flipout: the read after use is warned
+        net(x)
+    hook.remove()
+    if estimator == "reparameterization":
+        expected = nn.functional.linear(x, captured["weight"], captured["bias"])
+        torch.testing.assert_close(captured["out"], expected)
+    # Several samples: the network reads a weight, so they run one call each, every one a draw.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # local/flipout: the read after use is warned
+        out = sample_forward(net, x, 2)
+    assert out.shape == (2, 3, 4) and not torch.equal(out[0], out[1])
+    assert net.bayes_forward_pass.reads_weights_in_fold
+
+
+def test_a_weight_read_after_the_layer_ran_under_local_reparameterization_is_warned() -> None:
+    net = bayesianize(ReadsTheWeight(), estimator="local")
+    with pytest.warns(UserWarning, match="read after the layer was applied"):
+        net(torch.randn(3, 4))
+
+
+def test_bayesian_layers_answer_weight_and_bias() -> None:
+    torch.manual_seed(0)
+    layer = bayesianize(nn.Sequential(nn.Linear(4, 3))).get_submodule("0")
+    assert layer.weight.shape == (3, 4) and layer.bias.shape == (3,)
+    assert not torch.equal(layer.weight, layer.weight)  # outside a pass: a new draw each read
+    with posterior_mean(layer):
+        torch.testing.assert_close(layer.weight, layer.weight_posterior.mean)
+    plain_bias = bayesianize(nn.Sequential(nn.Linear(4, 3)), exclude=["0.bias"])[0]
+    assert isinstance(plain_bias.bias, nn.Parameter)  # a deterministic bias is the parameter
+    assert bayesianize(nn.Sequential(nn.Linear(4, 3, bias=False)))[0].bias is None

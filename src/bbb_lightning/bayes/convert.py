@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
-import re
-import weakref
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
-from types import FunctionType
+from functools import partial
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -31,21 +28,33 @@ def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] |
     return not (exclude and any(fnmatchcase(name, pattern) for pattern in exclude))
 
 
-def _check_untied(
+def _tied_tensors(
     net: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None
-) -> None:
-    """No variational parameter is tied to another (one tensor under two names, or one module
-    under two names): each name would get a posterior of its own, untying them silently. A
-    tied tensor all of whose names are left out stays deterministic and shared."""
+) -> set[int]:
+    """The ids of the variational tensors that ``net`` holds under several names (weights tied
+    as GPT-2 ties its embedding and output layer, or one module used in two places). Each gets
+    one posterior, shared by every name, so its KL counts once and one forward pass draws it
+    once. The names of one tensor are selected all or none: selecting some would untie it."""
     names: dict[int, list[str]] = {}
-    for name, parameter in net.named_parameters(remove_duplicate=False):
-        names.setdefault(id(parameter), []).append(name)
-    for tied in names.values():
-        if len(tied) > 1 and any(_selected(name, include, exclude) for name in tied):
+    owners: dict[int, set[int]] = {}
+    for prefix, module in net.named_modules(remove_duplicate=False):
+        for name, parameter in module.named_parameters(recurse=False):
+            names.setdefault(id(parameter), []).append(_join(prefix, name))
+            owners.setdefault(id(parameter), set()).add(id(module))
+    tied = set()
+    for key, group in names.items():
+        if len(group) < 2:
+            continue
+        chosen = [_selected(name, include, exclude) for name in group]
+        if any(chosen) and not all(chosen):
             raise ValueError(
-                f"parameters {', '.join(map(repr, tied))} are tied (one tensor); bayesianize "
-                "cannot give a shared tensor one posterior: untie them or exclude all of them"
+                f"parameters {', '.join(map(repr, group))} are tied (one tensor) but include/"
+                "exclude select only some of their names: select all of them (one shared "
+                "posterior) or exclude all of them (deterministic and shared)"
             )
+        if all(chosen) and len(owners[key]) > 1:  # (one module in two places: one layer)
+            tied.add(key)
+    return tied
 
 
 def _check_patterns(
@@ -75,50 +84,20 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-# ``<anything>.<child>.weight`` / ``.bias``: a module that reads a child's tensors itself, as
-# ``nn.TransformerEncoderLayer.forward`` does (``self.linear1.weight``, for its fast path) and
-# ``nn.TransformerEncoder.forward`` through a local (``first_layer.linear1.weight``).
-_TENSOR_READ = re.compile(r"\.\s*([A-Za-z_][A-Za-z0-9_]*)\s*\.\s*(?:weight|bias)\b")
-_tensor_reads: weakref.WeakKeyDictionary[type, frozenset[str]] = weakref.WeakKeyDictionary()
-
-
-def _construction_only(method_name: str) -> bool:
-    """Methods that run before ``bayesianize`` (building, initialising, unpickling, printing),
-    where ``nn.init.normal_(self.fc.weight)`` and the like are no reason to keep a layer."""
-    lowered = method_name.lower()
-    return method_name in ("__setstate__", "extra_repr") or "init" in lowered or "reset" in lowered
-
-
-def _children_whose_tensors_are_read(cls: type) -> frozenset[str]:
-    """The names ``n`` such that a method of ``cls`` (or of a class it inherits from, short of
-    ``nn.Module``) reads ``<...>.n.weight`` or ``<...>.n.bias``, from the methods' source. A
-    class without source (built in, made at run time) reads none that we can see."""
-    names = _tensor_reads.get(cls)
-    if names is None:
-        found: set[str] = set()
-        for base in cls.__mro__:
-            if base in (nn.Module, object):
-                continue
-            for method_name, method in vars(base).items():
-                if not isinstance(method, FunctionType) or _construction_only(method_name):
-                    continue
-                try:
-                    found.update(_TENSOR_READ.findall(inspect.getsource(method)))
-                except (OSError, TypeError):
-                    continue
-        names = _tensor_reads[cls] = frozenset(found)
-    return names
-
-
-def _tensors_read_directly(net: nn.Module, prefix: str, child_name: str) -> bool:
-    """Whether the module at ``prefix`` or one of the modules above it reads the ``weight`` or
-    ``bias`` of its child ``child_name`` itself (rather than only calling it): that child must
-    keep its class and attributes, so it gets parametrized tensors instead of becoming a
-    Bayesian layer (which has no ``weight``, and a ``bias`` of ``None`` when it is variational).
-    Reading too much here costs speed, never correctness."""
-    parts = prefix.split(".") if prefix else []
-    above = (net.get_submodule(".".join(parts[:depth])) for depth in range(len(parts) + 1))
-    return any(child_name in _children_whose_tensors_are_read(type(m)) for m in above)
+def _keeps_its_class(module: nn.Module) -> bool:
+    """Whether a Linear/Conv module must keep its class (its tensors parametrized) rather than
+    be swapped for a Bayesian layer: it carries hooks of its own, which a new layer would
+    drop. Torch's hook-based ``nn.utils.weight_norm``, ``spectral_norm`` and ``prune`` are such
+    hooks: they compute ``weight`` from ``weight_g``/``weight_v`` (``weight_orig``, a mask)
+    before every call, so those tensors are the ones made variational."""
+    return bool(
+        module._forward_pre_hooks
+        or module._forward_hooks
+        or module._backward_pre_hooks
+        or module._backward_hooks
+        or module._state_dict_hooks
+        or module._load_state_dict_pre_hooks
+    )
 
 
 def bayesianize(
@@ -132,11 +111,13 @@ def bayesianize(
     """Make the parameters of ``net`` variational, in place, and return ``net``.
 
     Every ``nn.Linear`` and ``nn.Conv{1,2,3}d`` child (exact type) becomes a
-    :class:`~bbb_lightning.bayes.layers.BayesianLayer` with the chosen ``estimator``, unless
-    its parent or a module above reads its ``weight`` or ``bias`` outside construction (as
-    ``nn.TransformerEncoderLayer`` reads ``self.linear1.weight``, seen in the methods' source);
-    every other parameter (such kept layers, norm layers, embeddings, raw ``nn.Parameter``
-    attributes, a bare root layer) is backed by a posterior through ``torch.nn.utils.parametrize``
+    :class:`~bbb_lightning.bayes.layers.BayesianLayer` with the chosen ``estimator``, unless it
+    carries hooks (the old hook-based ``nn.utils.weight_norm``, ``spectral_norm``, ``prune``,
+    a user's) or a tied tensor; a Bayesian layer still answers ``.weight`` and ``.bias`` (the
+    draw of the forward pass), so a parent that reads them (``nn.TransformerEncoderLayer``'s
+    fast path) keeps working. Every other parameter (such kept layers, norm layers, embeddings,
+    raw ``nn.Parameter`` attributes, a bare root layer) is backed by a posterior through
+    ``torch.nn.utils.parametrize``
     and drawn by weight reparameterization once per forward pass of ``net``
     (``parametrize.cached``). The current values become the posterior means, so a pretrained
     network starts where it was.
@@ -170,7 +151,7 @@ def bayesianize(
     if is_bayesian(net):
         raise ValueError("the network is already Bayesian; bayesianize it only once")
     _check_patterns(net, include, exclude)
-    _check_untied(net, include, exclude)
+    tied = _tied_tensors(net, include, exclude)
     prior = GaussianPrior(0.0, 1.0) if prior is None else prior
 
     def make_posterior(value: Tensor) -> VariationalPosterior:
@@ -179,30 +160,128 @@ def bayesianize(
     def selected(name: str) -> bool:
         return _selected(name, include, exclude)
 
-    for prefix, module in list(net.named_modules()):
-        for child_name, child in list(module.named_children()):
+    layers: dict[int, BayesianLayer] = {}  # one module in two places stays one layer
+    for prefix, module in list(net.named_modules(remove_duplicate=False)):
+        for child_name, child in list(module._modules.items()):  # every name, tied or not
+            if child is None:
+                continue
+            if id(child) in layers:
+                setattr(module, child_name, layers[id(child)])
+                continue
             layer_type = BAYESIAN_LAYERS.get(type(child))
             path = _join(prefix, child_name)
             if (
                 layer_type is not None
                 and selected(_join(path, "weight"))
-                and not _tensors_read_directly(net, prefix, child_name)
+                and not _keeps_its_class(child)
+                and not any(id(p) in tied for p in child.parameters(recurse=False))
             ):
                 bias_selected = child.bias is not None and selected(_join(path, "bias"))
                 layer = layer_type.__new__(layer_type)
                 BayesianLayer.__init__(layer, child, make_posterior, estimator, bias_selected)
                 setattr(module, child_name, layer)
+                layers[id(child)] = layer
 
+    shared: dict[int, tuple[Tensor, VariationalPosterior]] = {}  # a tied tensor's one posterior
     for prefix, module in list(net.named_modules()):
         if isinstance(module, BayesianLayer | VariationalPosterior | Prior):
             continue
         for name, value in list(module.named_parameters(recurse=False)):
             if selected(_join(prefix, name)):
-                parametrize.register_parametrization(module, name, make_posterior(value))
+                if id(value) not in shared:
+                    shared[id(value)] = (value, make_posterior(value))
+                parametrize.register_parametrization(module, name, shared[id(value)][1])
+    _guard_embedding_methods(net)
+    for module in net.modules():
+        if isinstance(module, nn.RNNBase) and parametrize.is_parametrized(module):
+            module.register_forward_hook(_detach_recurrent_draws, always_call=True)
     _share_forward_pass(net)
     net.register_forward_pre_hook(open_forward_pass)
     net.register_forward_hook(close_forward_pass, always_call=True)
     return net
+
+
+def _weight_posterior(module: nn.Module | None) -> VariationalPosterior | None:
+    """The posterior behind ``module.weight`` (a Bayesian layer's or a parametrization's)."""
+    if isinstance(module, BayesianLayer):
+        return module.weight_posterior
+    if module is not None and parametrize.is_parametrized(module, "weight"):
+        first = module.parametrizations["weight"][0]
+        return first if isinstance(first, VariationalPosterior) else None
+    return None
+
+
+def _guard_embedding_methods(net: nn.Module) -> None:
+    """Hugging Face's ``resize_token_embeddings`` and ``tie_weights`` (a ``PreTrainedModel``'s)
+    work on plain embedding tensors. After ``bayesianize`` the network's own methods are
+    replaced by ones that do what still makes sense: ``tie_weights`` finds the embeddings
+    already tied (one shared posterior) or calls the original where they are deterministic;
+    ``resize_token_embeddings`` calls the original where the embedding is deterministic. Where
+    either would have to rebuild a variational tensor they stop with one line saying to call
+    them before ``bayesianize``."""
+    for name, guard in (
+        ("tie_weights", _tie_weights_after_bayesianize),
+        ("resize_token_embeddings", _resize_token_embeddings_after_bayesianize),
+    ):
+        original = getattr(type(net), name, None)
+        if callable(original) and callable(getattr(net, "get_input_embeddings", None)):
+            object.__setattr__(net, name, partial(guard, net, original))
+
+
+def _tie_weights_after_bayesianize(
+    net: nn.Module, original: Callable[..., object], *args: object, **kwargs: object
+) -> object:
+    get_output = getattr(net, "get_output_embeddings", None)
+    input_q = _weight_posterior(net.get_input_embeddings())
+    output_q = _weight_posterior(get_output() if callable(get_output) else None)
+    if input_q is None and output_q is None:
+        return original(net, *args, **kwargs)  # deterministic embeddings: as before
+    if input_q is output_q:
+        return None  # tied by bayesianize already: one posterior for both
+    raise ValueError(
+        "tie_weights() after bayesianize would replace a variational embedding; call "
+        "model.tie_weights() before bayesianize(model), which then gives the tied tensors "
+        "one posterior"
+    )
+
+
+def _resize_token_embeddings_after_bayesianize(
+    net: nn.Module, original: Callable[..., object], *args: object, **kwargs: object
+) -> object:
+    if _weight_posterior(net.get_input_embeddings()) is None:
+        return original(net, *args, **kwargs)  # a deterministic embedding: as before
+    raise ValueError(
+        "resize_token_embeddings() after bayesianize would replace the variational embedding "
+        "by a plain one; call model.resize_token_embeddings(n) before bayesianize(model)"
+    )
+
+
+def _detach_recurrent_draws(module: nn.RNNBase, args: object, output: object) -> None:
+    """Forward hook of a parametrized ``nn.RNNBase``: the weights it keeps from the call
+    (``_flat_weights``) are draws, part of the step's autograd graph, which ``copy.deepcopy``
+    refuses; it keeps them detached (the graph keeps its own references) and marks them
+    stale, so that the next call reads its weights anew."""
+    module._flat_weights = [
+        weight.detach() if isinstance(weight, Tensor) else weight for weight in module._flat_weights
+    ]
+    # ``_weights_have_changed`` then always answers yes: the next call reads its weights anew.
+    module._flat_weight_refs = [
+        None if ref is None else _no_tensor for ref in module._flat_weight_refs
+    ]
+
+
+def _no_tensor() -> None:
+    """Stands for a dead weak reference: it refers to no tensor."""
+    return None
+
+
+def remove_recurrent_draw_hook(module: nn.RNNBase) -> None:
+    """Remove :func:`_detach_recurrent_draws` from ``module`` (become plain again)."""
+    for key in [
+        key for key, hook in module._forward_hooks.items() if hook is _detach_recurrent_draws
+    ]:
+        del module._forward_hooks[key]
+        module._forward_hooks_always_called.pop(key, None)
 
 
 def _share_forward_pass(net: nn.Module) -> None:

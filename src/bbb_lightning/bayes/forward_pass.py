@@ -37,10 +37,17 @@ if TYPE_CHECKING:
 __all__ = [
     "ForwardPass",
     "KLRecord",
+    "WeightReadInFold",
     "close_forward_pass",
     "forward_passes",
     "open_forward_pass",
 ]
+
+
+class WeightReadInFold(RuntimeError):
+    """A Bayesian layer's ``weight`` was read while S samples were folded into one call: no
+    single weight stands for S samples. :func:`~bbb_lightning.bayes.sample_forward` then runs
+    the S samples one call each, for this network from then on."""
 
 
 class KLRecord:
@@ -56,6 +63,11 @@ class KLRecord:
     def __init__(self) -> None:
         self.kls: dict[VariationalPosterior, Tensor] = {}
         self._draws: dict[VariationalPosterior, list[tuple[Tensor, bool]]] = {}
+
+    def clear(self) -> None:
+        """Forget everything recorded (a forward pass that was abandoned and run again)."""
+        self.kls.clear()
+        self._draws.clear()
 
     def add_kl(self, posterior: VariationalPosterior, kl: Tensor) -> None:
         self.kls[posterior] = kl
@@ -89,6 +101,7 @@ class ForwardPass:
         self.copies: Tensor | None = None  # the folded input: S copies of ``source``
         self.source: Tensor | None = None
         self.record: KLRecord | None = None
+        self.reads_weights_in_fold = False  # a layer's weight is read in the forward pass
         self._draws: list[dict[Any, Any]] = []
         self._caches: list[Any] = []
 

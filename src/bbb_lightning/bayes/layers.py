@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 
 from . import native
-from .forward_pass import ForwardPass
+from .forward_pass import ForwardPass, WeightReadInFold
 from .gaussian_ops import DRAW, PERTURBATION, VARIANCE, ScaleValues
 from .local_reparameterization import linear_moments, sample_preactivations
 from .mixed_precision import autocast_inputs
@@ -152,8 +152,6 @@ class BayesianLayer(nn.Module):
     PLAIN: ClassVar[type[nn.Module]]
     CHANNEL_DIM: ClassVar[int]
 
-    bias: nn.Parameter | None
-
     def __init__(
         self,
         plain: nn.Module,
@@ -167,12 +165,13 @@ class BayesianLayer(nn.Module):
         self.plain_config = self._config_of(plain)
         self.weight_posterior = make_posterior(plain.weight)
         plain_bias = plain.bias
+        self._parameters["bias"] = None  # ``bias`` is a property: ``register_parameter`` checks
         if plain_bias is not None and variational_bias:
             self.bias_posterior: VariationalPosterior | None = make_posterior(plain_bias)
-            self.register_parameter("bias", None)
         else:
             self.bias_posterior = None
-            self.bias = None if plain_bias is None else nn.Parameter(plain_bias.detach().clone())
+            if plain_bias is not None:
+                self.register_parameter("bias", nn.Parameter(plain_bias.detach().clone()))
         for q in (self.weight_posterior, self.bias_posterior):
             if q is not None:
                 q.forward_pass = self.forward_pass
@@ -232,9 +231,80 @@ class BayesianLayer(nn.Module):
         """The pre-activations' mean x mu + b_mu and variance x^2 sigma^2 + b_var."""
         return self._affine(x, mu, bias_mean), self._affine(x.square(), weight_var, bias_var)
 
+    # -- the tensors, as code written for the plain layer reads them -------------------------
+    @property
+    def weight(self) -> Tensor:
+        """The weight of the current forward pass of the network: one draw W ~ q, the one the
+        layer applies under weight reparameterization (the mean if frozen).
+
+        Code written for the plain layer keeps working: a parent that reads ``fc.weight``
+        (``F.linear(h, self.fc.weight.t())``, ``nn.TransformerEncoderLayer``'s eval fast path)
+        gets the draw of this pass, every read in one pass the same one; outside a forward pass
+        of the network every read is a new draw, as for a parametrized tensor. Under
+        ``"local"`` or ``"flipout"`` a layer whose weight was read in the pass applies that
+        draw (weight reparameterization) so that the two agree; read after the layer was
+        applied, the draw is independent of the noise already used (warned once).
+        """
+        return self._weights()[0]
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The deterministic bias parameter, or, if the bias is variational, the draw of the
+        current forward pass (see :attr:`weight`); ``None`` for a layer without bias."""
+        if self.bias_posterior is None:
+            return self._parameters["bias"]
+        return self._weights()[1]
+
+    def _weights(self) -> tuple[Tensor, Tensor | None]:
+        """(W, b) of the current forward pass: drawn once per pass of the network and kept for
+        the rest of it (every call outside a pass draws anew); the means if frozen."""
+        if self.weight_posterior.frozen:
+            return self.weight_posterior.mean, self._bias_mean()
+        if self.forward_pass.num_samples != 1:
+            raise WeightReadInFold(
+                f"a {type(self).__name__}'s weight was read while "
+                f"{self.forward_pass.num_samples} samples are folded into one call, which no "
+                "single weight can stand for (sample_forward then runs one call per sample)"
+            )
+        draws = self.forward_pass.draws
+        key = (id(self), 1)
+        drawn = None if draws is None else draws.get(key)
+        if drawn is not None:
+            return drawn
+        if (
+            draws is not None
+            and (id(self), 0) in draws
+            and not getattr(self, "_warned_read_after_use", False)
+        ):
+            self._warned_read_after_use = True
+            warnings.warn(
+                f"the weight of a {type(self).__name__} under estimator={self.estimator!r} was "
+                "read after the layer was applied in the same forward pass: the weight read is "
+                "a draw independent of the noise the layer used; use "
+                "estimator='reparameterization' to share one weight draw",
+                stacklevel=4,
+            )
+        drawn = self._draw()
+        if draws is not None:
+            draws[key] = drawn
+        return drawn
+
+    def _draw(self) -> tuple[Tensor, Tensor | None]:
+        """One draw (W, b) ~ q, written into the forward pass's KL record."""
+        joint = self._joint_uses(DRAW, called=True)
+        if joint is None:  # in the same order as the joint node: the same noise
+            weight = self.weight_posterior()  # the posterior records its own draw
+            bias = self._bias_mean() if self.bias_posterior is None else self.bias_posterior()
+            return weight, bias
+        weight, bias = joint
+        self._record(weight, bias, perturbation=False)
+        return weight, bias
+
     # -- the estimators ---------------------------------------------------------------------
     def _bias_mean(self) -> Tensor | None:
-        return self.bias if self.bias_posterior is None else self.bias_posterior.mean
+        if self.bias_posterior is None:
+            return self._parameters["bias"]
+        return self.bias_posterior.mean
 
     def _joint_uses(
         self, use: int, sample_shape: tuple[int, ...] = (), called: bool = False
@@ -259,33 +329,22 @@ class BayesianLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.weight_posterior.frozen:
             return self._affine(x, self.weight_posterior.mean, self._bias_mean())
-        if self.estimator != "reparameterization":
+        num_samples = self._num_samples(x)
+        draws = self.forward_pass.draws
+        read = draws is not None and num_samples == 1 and (id(self), 1) in draws
+        if self.estimator != "reparameterization" and not read:
             self._note_application()
             if native.active() and torch.is_inference_mode_enabled():
                 return self._predictive_sample(x)
             if self.estimator == "local":
                 return self._local_reparameterization(x)
             return self._flipout(x)
-        num_samples = self._num_samples(x)
-        draws = self.forward_pass.draws
+        if num_samples == 1:  # drawn once per forward pass: applied again, the same weights
+            return self._affine(x, *self._weights())
         key = (id(self), num_samples)
         drawn = None if draws is None else draws.get(key)
-        if drawn is not None:  # applied again in this forward pass: the same weights
-            weight, bias = drawn
-            if num_samples == 1:
-                return self._affine(x, weight, bias)
-            return self._affine_per_sample(x, weight, bias)
-        if num_samples == 1:
-            joint = self._joint_uses(DRAW, called=True)
-            if joint is None:  # in the same order as the joint node: the same noise
-                weight = self.weight_posterior()  # the posterior records its own draw
-                bias = self.bias if self.bias_posterior is None else self.bias_posterior()
-            else:
-                weight, bias = joint
-                self._record(weight, bias, perturbation=False)
-            if draws is not None:
-                draws[key] = (weight, bias)
-            return self._affine(x, weight, bias)
+        if drawn is not None:
+            return self._affine_per_sample(x, *drawn)
         return self._per_sample_affine(x, num_samples, perturbation=False, remember=key)
 
     def _record(self, weight: Tensor, bias: Tensor | None, perturbation: bool) -> None:
@@ -349,7 +408,8 @@ class BayesianLayer(nn.Module):
             return q.rsample((count,))
 
         def plain_bias(count: int) -> Tensor | None:
-            return None if self.bias is None or perturbation else self.bias.expand(count, -1)
+            bias = self._parameters["bias"]
+            return None if bias is None or perturbation else bias.expand(count, -1)
 
         chunk = max(1, _MAX_DRAWN_WEIGHTS // weight_q.mean.numel())
         if torch.is_grad_enabled() or chunk >= num_samples:
@@ -404,8 +464,7 @@ class BayesianLayer(nn.Module):
             return self._local_reparameterization(x)
         if num_samples > 1:
             return self._per_sample_affine(x, num_samples, perturbation=False)
-        bias = self.bias if self.bias_posterior is None else self.bias_posterior()
-        return self._affine(x, self.weight_posterior(), bias)
+        return self._affine(x, *self._draw())
 
     def _local_reparameterization(self, x: Tensor) -> Tensor:
         weight_q, bias_q = self.weight_posterior, self.bias_posterior

@@ -111,13 +111,20 @@ class VariationalPosterior(nn.Module):
 
     def forward(self) -> Tensor:
         """The weight for one forward pass: a draw from q (recorded for the KL when the forward
-        pass records), or the mean if frozen."""
+        pass records), or the mean if frozen. Within one forward pass of the network it is
+        drawn once, so a tensor tied under several names (one posterior parametrizing each)
+        has one value in the pass; outside a pass every call draws anew."""
         if self.frozen:
             return self.mean
+        draws = self.forward_pass.draws
+        if draws is not None and (key := (id(self), "draw")) in draws:
+            return draws[key]
         weight = self.rsample()
         record = self.forward_pass.record
         if record is not None:
             record.add_sample(self, weight)
+        if draws is not None:
+            draws[key] = weight
         return weight
 
     def right_inverse(self, value: Tensor) -> tuple[()]:

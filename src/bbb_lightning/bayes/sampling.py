@@ -23,8 +23,8 @@ from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_map
 
 from ._arguments import is_integer
-from .convert import remove_forward_pass_hooks
-from .forward_pass import KLRecord, forward_passes
+from .convert import remove_forward_pass_hooks, remove_recurrent_draw_hook
+from .forward_pass import KLRecord, WeightReadInFold, forward_passes
 from .kl import kl_divergence
 from .layers import BayesianLayer
 from .posteriors import VariationalPosterior
@@ -44,15 +44,17 @@ def sample_forward(net: nn.Module, x: Tensor, num_samples: int) -> Tensor:
     """Outputs for ``num_samples`` posterior draws in one vectorized forward: shape (S, B, ...).
 
     The S copies of the batch are folded into the batch dimension (S*B, ...), so the network
-    runs once; no Python loop over samples. ``net`` must treat dimension 0 as the batch. (A
-    network with a posterior behind a parametrization, drawn once per call, runs S calls on
-    the batch instead, their outputs stacked; any output structure then works, its tensors
-    stacked and anything else, such as a Hugging Face ``DynamicCache``, kept as the last
-    call's. So does a network
-    with a batch norm that normalises by the statistics of its batch, in training mode or
-    without running statistics: on the folded batch, every sample would be normalised by the
-    mean and variance of all S samples together.) A
-    Bayesian layer that receives the folded copies themselves (the first layer, possibly after
+    runs once; no Python loop over samples. ``net`` must treat dimension 0 as the batch.
+
+    Three kinds of network run S calls on the batch instead, their outputs stacked (any output
+    structure then works: its tensors stacked, anything else, such as a Hugging Face
+    ``DynamicCache``, kept as the last call's): one with a posterior behind a parametrization,
+    drawn once per call; one that reads a Bayesian layer's ``weight`` itself (found on the
+    first folded call, which is then abandoned); and one with a batch norm that normalises by
+    the statistics of its batch (in training mode, or without running statistics), where every
+    sample of the folded batch would be normalised by the mean and variance of all S together.
+
+    A Bayesian layer that receives the folded copies themselves (the first layer, possibly after
     views such as ``nn.Flatten``) computes the part of its output that depends on the input
     alone once per example rather than once per sample (the mean and variance under local
     reparameterization, the mean under flipout); the noise is drawn for every sample.
@@ -72,15 +74,26 @@ def sample_forward(net: nn.Module, x: Tensor, num_samples: int) -> Tensor:
         if isinstance(out, Tensor):  # the common case, without tree_map's walk (every step)
             return out.unsqueeze(0)
         return tree_map(lambda output: _stack([output]), out)
-    if _has_parametrized_posteriors(net) or _normalizes_by_batch_statistics(net):
-        outputs = [net(x) for _ in range(num_samples)]
-        return tree_map(lambda *samples: _stack(list(samples)), *outputs)
+    passes = forward_passes(net)
+    if (
+        _has_parametrized_posteriors(net)
+        or _normalizes_by_batch_statistics(net)
+        or any(forward_pass.reads_weights_in_fold for forward_pass in passes)
+    ):
+        return _sample_calls(net, x, num_samples)
     batch = x.shape[0]
     folded = x.unsqueeze(0).expand(num_samples, *x.shape).reshape(num_samples * batch, *x.shape[1:])
-    with ExitStack() as stack:
-        for forward_pass in forward_passes(net):
-            stack.enter_context(forward_pass.folded(num_samples, copies=folded))
-        out = net(folded)
+    try:
+        with ExitStack() as stack:
+            for forward_pass in passes:
+                stack.enter_context(forward_pass.folded(num_samples, copies=folded))
+            out = net(folded)
+    except WeightReadInFold:  # the network reads a layer's weight itself: one call per sample
+        for forward_pass in passes:
+            forward_pass.reads_weights_in_fold = True
+            if forward_pass.record is not None:
+                forward_pass.record.clear()
+        return _sample_calls(net, x, num_samples)
 
     def unfold(output: Any) -> Any:
         if not isinstance(output, Tensor):
@@ -128,6 +141,12 @@ def sample_forward_with_kl(
             stack.enter_context(forward_pass.recording(record))
         out = sample_forward(net, x, num_samples)
     return out, kl_divergence(net, reduction, monte_carlo, record=record)
+
+
+def _sample_calls(net: nn.Module, x: Tensor, num_samples: int) -> Any:
+    """S calls of ``net`` on the batch, their outputs stacked (:func:`_stack`)."""
+    outputs = [net(x) for _ in range(num_samples)]
+    return tree_map(lambda *samples: _stack(list(samples)), *outputs)
 
 
 def _stack(samples: list[Any]) -> Any:
@@ -202,8 +221,13 @@ def _materialize(net: nn.Module, use_mean: bool) -> nn.Module:
         plain = copy.deepcopy(net, _without_recurrent_draws(net))
         (freeze if use_mean else unfreeze)(plain)
 
-        def value(posterior: VariationalPosterior) -> Tensor:
-            return posterior.mean.detach().clone() if use_mean else posterior.rsample().detach()
+        chosen: dict[int, nn.Parameter] = {}  # a tied tensor: one value, one parameter
+
+        def value(posterior: VariationalPosterior) -> nn.Parameter:
+            if id(posterior) not in chosen:
+                tensor = posterior.mean.clone() if use_mean else posterior.rsample()
+                chosen[id(posterior)] = nn.Parameter(tensor.detach())
+            return chosen[id(posterior)]
 
         for module in list(plain.modules()):
             for child_name, child in list(module.named_children()):
@@ -218,6 +242,7 @@ def _materialize(net: nn.Module, use_mean: bool) -> nn.Module:
         remove_forward_pass_hooks(plain)
         for module in plain.modules():
             if isinstance(module, nn.RNNBase):
+                remove_recurrent_draw_hook(module)
                 module._init_flat_weights()  # its plain parameters, in place of the left-out draws
         return plain
 
@@ -267,7 +292,8 @@ def _remove_posterior_parametrizations(
         del module.parametrizations
         module.__class__ = cls.__bases__[0]
     for name, tensor in values.items():
-        module.register_parameter(name, nn.Parameter(tensor))
+        parameter = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor)
+        module.register_parameter(name, parameter)
 
 
 def sample_network(net: nn.Module) -> nn.Module:
