@@ -176,3 +176,88 @@ def write_uci_set(root: Path, name: str = "toyset", rows: int = 80, splits: int 
     for file, value in (("n_splits.txt", splits), ("n_hidden.txt", 7), ("n_epochs.txt", 40)):
         (folder / file).write_text(f"{value}\n")
     return folder
+
+
+def python2_pickle(obj: object) -> bytes:
+    """``obj`` pickled as Python 2's ``cPickle.dump(obj, f, 2)`` wrote the CIFAR batches:
+    ``bytes`` as Python 2 ``str`` (SHORT_BINSTRING / BINSTRING, no ``_codecs`` call), uint8
+    numpy arrays as numpy 1.x reduced them (``numpy.core.multiarray._reconstruct``, a dtype
+    state ``(3, '|', ...)``). Supports dicts, lists, bytes, ints and 2-D uint8 arrays."""
+    import pickle
+    import struct
+
+    def string(value: bytes) -> bytes:
+        if len(value) < 256:
+            return pickle.SHORT_BINSTRING + bytes([len(value)]) + value
+        return pickle.BINSTRING + struct.pack("<i", len(value)) + value
+
+    def integer(value: int) -> bytes:
+        if 0 <= value < 256:
+            return pickle.BININT1 + bytes([value])
+        return pickle.BININT + struct.pack("<i", value)
+
+    def encode(value: object) -> bytes:
+        if isinstance(value, bytes):
+            return string(value)
+        if isinstance(value, int):
+            return integer(value)
+        if isinstance(value, list):
+            return pickle.EMPTY_LIST + pickle.MARK + b"".join(map(encode, value)) + pickle.APPENDS
+        if isinstance(value, dict):
+            items = b"".join(encode(k) + encode(v) for k, v in value.items())
+            return pickle.EMPTY_DICT + pickle.MARK + items + pickle.SETITEMS
+        if not isinstance(value, np.ndarray):
+            raise TypeError(f"python2_pickle: unsupported {type(value).__name__}")
+        assert value.dtype == np.uint8 and value.ndim == 2
+        array = pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n"
+        array += pickle.GLOBAL + b"numpy\nndarray\n" + integer(0) + pickle.TUPLE1 + string(b"b")
+        array += pickle.TUPLE3 + pickle.REDUCE
+        dtype = pickle.GLOBAL + b"numpy\ndtype\n" + string(b"u1") + integer(0) + integer(1)
+        dtype += pickle.TUPLE3 + pickle.REDUCE + pickle.MARK + integer(3) + string(b"|")
+        dtype += pickle.NONE * 3 + integer(-1) + integer(-1) + integer(0) + pickle.TUPLE
+        dtype += pickle.BUILD
+        shape = integer(value.shape[0]) + integer(value.shape[1]) + pickle.TUPLE2
+        state = pickle.MARK + integer(1) + shape + dtype + pickle.NEWFALSE
+        state += string(value.tobytes()) + pickle.TUPLE
+        return array + state + pickle.BUILD
+
+    return pickle.PROTO + b"\x02" + encode(obj) + pickle.STOP
+
+
+def write_cifar_batches(
+    root: Path, name: str = "cifar10", per_batch: int = 12, layout: str = "folder", seed: int = 0
+) -> Path:
+    """Tiny CIFAR files in the exact format of the originals (:func:`python2_pickle` of a dict
+    with ``data`` uint8 ``(N, 3072)``, ``labels`` / ``fine_labels`` a list, ``filenames``, ...;
+    CIFAR-100 also ``coarse_labels``). ``layout``: ``folder`` (root/cifar-10-batches-py/,
+    torchvision's root), ``flat`` (the batch files in root) or ``archive``
+    (root/cifar-10-python.tar.gz only). Returns what data_dir names."""
+    import tarfile
+
+    from bbb_lightning.data.pickle_batches import CIFAR_SETS
+
+    spec = CIFAR_SETS[name]
+    rng = np.random.default_rng(seed)
+    folder = root / spec.folder if layout != "flat" else root
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in (*spec.train, *spec.test):
+        labels = [int(v) for v in rng.integers(0, spec.num_classes, per_batch)]
+        content = {
+            b"batch_label": f"{file} of the test set".encode(),
+            spec.label_key.encode(): labels,
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"filenames": [f"image_{file}_{i}.png".encode() for i in range(per_batch)],
+        }
+        if name == "cifar100":
+            content[b"coarse_labels"] = [v // 5 for v in labels]
+        (folder / file).write_bytes(python2_pickle(content))
+    names = [f"class{i}".encode() for i in range(spec.num_classes)]
+    (folder / spec.meta).write_bytes(python2_pickle({spec.names_key.encode(): names}))
+    if layout != "archive":
+        return root
+    with tarfile.open(root / spec.archive, "w:gz") as tar:
+        tar.add(folder, arcname=spec.folder)
+    for file in folder.iterdir():
+        file.unlink()
+    folder.rmdir()
+    return root

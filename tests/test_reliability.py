@@ -232,6 +232,24 @@ def test_a_resumed_run_trains_with_the_configured_optimizer(
     assert steps == ({8.0} if keeps_state else set())  # 4 minibatches per epoch
 
 
+def test_a_resumed_run_keeps_its_place_in_the_learning_rate_schedule(tmp_path):
+    """With scheduler=..., the resumed optimizer took the configured (base) learning rate
+    back: a run resumed after a milestone trained at the undecayed rate. It resumes where the
+    schedule was, exactly as an uninterrupted run; a new base rate rescales the schedule."""
+    schedule = ["scheduler=multistep", "scheduler.milestones=[1,2]", *QUIET]
+    reference = train(compose_config(tmp_path / "reference", "trainer.max_epochs=3", *schedule))
+    rates = [event.value for event in events(tmp_path / "reference").Scalars("train/lr")]
+    assert rates == pytest.approx([rates[0], rates[0] / 10, rates[0] / 100], rel=1e-6)
+    train(compose_config(tmp_path / "cut", "trainer.max_epochs=2", *schedule))
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    resumed = [f"ckpt_path={last}", "trainer.max_epochs=3", *schedule]
+    metrics = train(compose_config(tmp_path / "resumed", *resumed))
+    assert _without_timing(metrics) == pytest.approx(_without_timing(reference), rel=1e-6)
+    train(compose_config(tmp_path / "new_base", *resumed, "optimizer.lr=0.05"))
+    (event,) = events(tmp_path / "new_base").Scalars("train/lr")
+    assert event.value == pytest.approx(0.05 / 100, rel=1e-6)  # the new base at epoch 2
+
+
 def _epoch_scalars(run_dir) -> dict[str, float]:
     """The per-epoch training scalars a run logged to TensorBoard: "name@step" -> value."""
     accumulator = events(run_dir)

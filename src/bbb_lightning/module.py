@@ -144,6 +144,9 @@ class BayesByBackprop(LightningModule):
             chosen by making ``net`` Bayesian first (:func:`~bbb_lightning.bayes.bayesianize`).
         kl: a :class:`KLTerm` or its fields (weighting, reduction, scale, warmup_steps, ...).
         optimizer: called with the parameters (``_partial_`` config or factory); default Adam.
+        scheduler: called with the optimizer (``_partial_`` config or factory, e.g.
+            ``torch.optim.lr_scheduler.MultiStepLR``) and stepped once per epoch; None: the
+            learning rate stays constant.
         num_samples: S, Monte Carlo likelihood samples per example in training.
         eval_samples: samples of the predictive at validation, test and prediction.
         include, exclude: glob patterns of the parameters to make (or keep from being) Bayesian.
@@ -174,6 +177,7 @@ class BayesByBackprop(LightningModule):
         posterior: Callable[..., VariationalPosterior] | Config = DEFAULT_POSTERIOR,
         kl: KLTerm | Config | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | Config = DEFAULT_OPTIMIZER,
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | Config | None = None,
         num_samples: int = 1,
         eval_samples: int = 10,
         include: Sequence[str] | None = None,
@@ -185,7 +189,7 @@ class BayesByBackprop(LightningModule):
     ) -> None:
         super().__init__()
         objects = {"net": net, "likelihood": likelihood, "prior": prior, "posterior": posterior}
-        objects |= {"kl": kl, "optimizer": optimizer}
+        objects |= {"kl": kl, "optimizer": optimizer, "scheduler": scheduler}
         self.save_hyperparameters(
             logger=False,
             ignore=[name for name, value in objects.items() if not isinstance(value, Mapping)],
@@ -202,6 +206,7 @@ class BayesByBackprop(LightningModule):
         self.kl_term = kl if isinstance(kl, KLTerm) else KLTerm(**(kl or {}))
         self.likelihood = _build(likelihood)
         self.optimizer_factory = _build(optimizer)
+        self.scheduler_factory = _build(scheduler)
         net = _build(net)
         if not is_bayesian(net):
             posterior_config = dict(posterior) if isinstance(posterior, Mapping) else None
@@ -423,11 +428,22 @@ class BayesByBackprop(LightningModule):
         if not fitting or not checkpoint.get("optimizer_states"):
             return
         (saved,) = checkpoint["optimizer_states"]  # configure_optimizers builds one
-        configured = self.configure_optimizers().state_dict()
+        configured = self._optimizer_and_scheduler()[0].state_dict()
         state, changes = with_configured_settings(saved, configured)
         checkpoint["optimizer_states"] = [state]
+        for scheduler in checkpoint.get("lr_schedulers") or []:  # the configured base rates
+            if "base_lrs" in scheduler:
+                scheduler["base_lrs"] = [
+                    group["initial_lr"] for group in configured["param_groups"]
+                ]
         if changes:
             rank_zero_info(f"Resuming with the configured optimizer settings: {changes}")
+
+    def on_train_epoch_start(self) -> None:
+        """Under a learning-rate schedule, log the epoch's rate as ``train/lr``."""
+        if self.scheduler_factory is not None:
+            lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
+            self.log("train/lr", lr, on_step=False, on_epoch=True, sync_dist=False)
 
     def on_train_start(self) -> None:
         """A run resumed within an epoch continues that epoch's training metrics (on rank 0,
@@ -490,5 +506,20 @@ class BayesByBackprop(LightningModule):
         assert isinstance(self.likelihood, GaussianLikelihood)
         return self.likelihood.predictive_moments(outputs)[0]
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(self.parameters())
+    def _optimizer_and_scheduler(
+        self,
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer, None
+        return optimizer, self.scheduler_factory(optimizer)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        """The optimizer; with a scheduler, Lightning's dict stepping it once per epoch."""
+        optimizer, scheduler = self._optimizer_and_scheduler()
+        if scheduler is None:
+            return optimizer
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }

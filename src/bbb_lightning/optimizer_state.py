@@ -33,18 +33,36 @@ def with_configured_settings(
     """
     saved_groups, configured_groups = saved["param_groups"], configured["param_groups"]
     same_kind = len(saved_groups) == len(configured_groups) and all(
-        set(ours) == set(theirs) and len(ours["params"]) == len(theirs["params"])
+        set(ours) - {"initial_lr"} == set(theirs) - {"initial_lr"}
+        and len(ours["params"]) == len(theirs["params"])
         for ours, theirs in zip(saved_groups, configured_groups, strict=True)
     )
     if not same_kind:
         return configured, "another optimizer than the checkpoint's: its state starts fresh"
     changes = []
     for group, settings in zip(saved_groups, configured_groups, strict=True):
+        settings = {**settings, "lr": _scheduled_lr(group, settings)}
         for key, value in settings.items():
-            if key != "params" and _differs(group[key], value):
-                changes.append(f"{key} {group[key]!r} -> {value!r}")
+            if key != "params" and _differs(group.get(key), value):
+                changes.append(f"{key} {group.get(key)!r} -> {value!r}")
                 group[key] = value
+        if "initial_lr" not in settings:
+            group.pop("initial_lr", None)
     return saved, ", ".join(dict.fromkeys(changes)) or None
+
+
+def _scheduled_lr(saved: dict[str, Any], configured: dict[str, Any]) -> Any:
+    """The learning rate a resumed group takes. Unscheduled: the configured one. Under a
+    learning-rate schedule (the configured group has the scheduler's ``initial_lr``, its base
+    rate): the saved run's place in its schedule kept, ``lr = saved lr * configured base /
+    saved base`` (exact for the multiplicative schedules: step, multi-step, exponential,
+    cosine to 0), so an unchanged base rate resumes at the saved rate."""
+    if "initial_lr" not in configured:
+        return configured["lr"]
+    base = saved.get("initial_lr", saved["lr"])
+    if not _differs(base, configured["initial_lr"]):
+        return saved["lr"]
+    return saved["lr"] * configured["initial_lr"] / base if base else configured["lr"]
 
 
 def _differs(before: Any, after: Any) -> bool:

@@ -27,6 +27,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, read_write
+from torch import nn
 
 from .allocator import retain_freed_memory
 from .atomic_files import AtomicCheckpointIO, write_text_atomically
@@ -134,15 +135,35 @@ def build_model(cfg: DictConfig, datamodule: pl.LightningDataModule) -> BayesByB
         posterior=_container(cfg.posterior),
         kl=_container(cfg.kl),
         optimizer=_container(cfg.optimizer),
+        scheduler=_container(cfg.get("scheduler")),
         num_samples=cfg.num_samples,
         eval_samples=cfg.eval_samples,
         include=_container(cfg.model.get("include")),
-        exclude=_container(cfg.model.get("exclude")),
+        exclude=_excluded(cfg.model, net),
         seed=cfg.seed,
         on_nonfinite=cfg.on_nonfinite,
         target_std=_target_std(datamodule, likelihood),
         compile=cfg.compile,
     )
+
+
+def _excluded(model_cfg: DictConfig, net: dict[str, Any]) -> list[str] | None:
+    """``model.exclude``, plus the parameters of every batch norm of the net when
+    ``model.bayesian_batchnorm`` is false (absent: nothing added)."""
+    exclude = _container(model_cfg.get("exclude"))
+    switch = model_cfg.get("bayesian_batchnorm", True)
+    if not isinstance(switch, bool):
+        raise UserError(f"model.bayesian_batchnorm={switch!r} is not allowed: true or false")
+    if switch:
+        return exclude
+    built = instantiate(net)  # a throwaway copy, only to name its batch norms' parameters
+    names = [
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in built.named_modules()
+        if isinstance(module, nn.modules.batchnorm._NormBase)
+        for name, _ in module.named_parameters(recurse=False)
+    ]
+    return [*(exclude or []), *names] or None
 
 
 def _target_std(datamodule: pl.LightningDataModule, likelihood: dict) -> list[float] | None:
@@ -156,7 +177,8 @@ def _target_std(datamodule: pl.LightningDataModule, likelihood: dict) -> list[fl
 def _flat_hparams(cfg: DictConfig, model: BayesByBackprop) -> dict[str, Any]:
     """The run's choices as flat ``group/key`` -> scalar, for TensorBoard's HParams tab; the
     net's and the likelihood's sizes as filled from the dataset (null in the config)."""
-    keep = ("dataset", "model", "prior", "posterior", "kl", "optimizer", "likelihood")
+    keep = ("dataset", "model", "prior", "posterior", "kl", "optimizer", "scheduler")
+    keep += ("likelihood",)
     flat: dict[str, Any] = {}
 
     def visit(prefix: str, node: Any) -> None:
