@@ -338,5 +338,5 @@ def test_a_failing_multirun_job_does_not_stop_the_others(tmp_path):
     assert json.loads((tmp_path / "sweep" / "1" / "metrics.json").read_text())["test/nll"]
     summary = (tmp_path / "sweep" / "summary.md").read_text()
     assert "| 0 | failed | prior.scale=-1.0" in summary
-    assert "prior scale must be a finite number > 0, got -1.0" in summary
+    assert "prior.scale=-1.0 is not allowed: a finite number > 0" in summary
     assert "| 1 | ok | prior.scale=1.0" in summary

@@ -28,6 +28,7 @@ from .bayes._arguments import is_real
 from .bayes.kl import KL_REDUCTIONS
 from .bayes.layers import ESTIMATORS
 from .checkpoint_files import checkpoint_problem, describe_intact_alternative
+from .config_terms import in_config_terms
 from .faults import RunFault, check_writable
 from .guard import NONFINITE_MODES, NonFiniteError
 from .module import compile_backends
@@ -58,11 +59,22 @@ __all__ = [
 
 
 class UserError(Exception):
-    """A mistake in the user's config or data, reported as one line without a traceback."""
+    """Mistakes in the user's config or data, reported as one line each without a traceback.
+
+    ``UserError(*problems)``: one or more independent problems, each one line; ``str`` of the
+    error is the lines joined by newlines.
+    """
+
+    def __init__(self, *problems: str) -> None:
+        self.problems = [line for problem in problems for line in str(problem).splitlines()]
+        super().__init__("\n".join(self.problems))
 
     @staticmethod
     def describe(error: BaseException) -> str:
-        """One line for ``error``; for an instantiation error, the root cause and its key."""
+        """One line for ``error`` (one per problem of a UserError); for an instantiation error,
+        the root cause and its key."""
+        if isinstance(error, UserError):
+            return str(error)
         if isinstance(error, InstantiationException):
             cause = error.__cause__ or error
             key = getattr(error, "full_key", None)
@@ -102,7 +114,8 @@ def exit_on_user_error(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
         return task(cfg)
     except (UserError, FloatingPointError, RunFault) as error:
         if not (isinstance(error, NonFiniteError) and rank_zero_only.rank > 0):
-            log.error("%s", UserError.describe(error))
+            for line in UserError.describe(error).splitlines():
+                log.error("%s", line)
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
         sys.exit(getattr(error, "exit_status", 1))
@@ -115,17 +128,25 @@ def format_metrics(metrics: dict[str, float]) -> str:
 
 
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn the ValueError / TypeError / FileNotFoundError of user-facing setup into UserError."""
+def user_errors(cfg: DictConfig | None = None) -> Iterator[None]:
+    """Turn the ValueError / TypeError / FileNotFoundError of user-facing setup into UserError;
+    given the config, told in its terms (the key and value, :func:`in_config_terms`)."""
     try:
         yield
     except (ValueError, TypeError, FileNotFoundError, InstantiationException) as error:
-        raise UserError(UserError.describe(error)) from error
+        lines = UserError.describe(error).splitlines()
+        if cfg is not None:
+            lines = [in_config_terms(line, cfg) for line in lines]
+        raise UserError(*lines) from error
 
 
 def _require(cfg: DictConfig, key: str, ok: Callable[[Any], bool], allowed: str) -> None:
+    """A UserError ``key=value is not allowed: allowed`` unless ``ok(value)``; an absent key is
+    None, a mandatory value left unset (``???``) is left to :func:`check_no_missing_values`."""
     value = cfg
     for part in key.split("."):
+        if isinstance(value, DictConfig) and part in value and OmegaConf.is_missing(value, part):
+            return
         value = value.get(part) if isinstance(value, DictConfig) else None
     if not ok(value):
         raise UserError(f"{key}={value!r} is not allowed: {allowed}")
@@ -149,75 +170,85 @@ def _is_list_of(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Validate the top-level knobs of a training config before anything is built."""
-    check_no_missing_values(cfg)
-    check_finite_numbers(cfg)
-    _require(cfg, "seed", _is_int(0), "an integer >= 0")
-    _require(cfg, "num_samples", _is_int(1), "an integer >= 1")
-    _require(cfg, "eval_samples", _is_int(1), "an integer >= 1")
-    _require(cfg, "kl.weighting", lambda v: v in KL_WEIGHTINGS, f"one of {list(KL_WEIGHTINGS)}")
-    _require(cfg, "kl.reduction", lambda v: v in KL_REDUCTIONS, f"one of {list(KL_REDUCTIONS)}")
-    _require(cfg, "kl.scale", lambda v: _is_positive(v) or v == 0, "a number >= 0")
-    _require(cfg, "kl.warmup_steps", _is_int(0), "an integer >= 0")
-    _require(cfg, "kl.monte_carlo", lambda v: v is None or isinstance(v, bool), "true or false")
-    _require(cfg, "posterior.estimator", lambda v: v in ESTIMATORS, f"one of {list(ESTIMATORS)}")
-    _require(
-        cfg,
+    """Validate the top-level knobs of a training config before anything is built: one
+    UserError naming every problem found (one line each)."""
+    problems = config_problems(cfg)
+    if problems:
+        raise UserError(*problems)
+
+
+def config_problems(cfg: DictConfig) -> list[str]:
+    """One line per problem of the training config's keys and values (nothing is built)."""
+    problems: list[str] = []
+
+    def require(key: str, ok: Callable[[Any], bool], allowed: str) -> None:
+        try:
+            _require(cfg, key, ok, allowed)
+        except UserError as error:
+            problems.append(str(error))
+
+    for check in (check_no_missing_values, check_finite_numbers, _check_min_epochs_within_max):
+        try:
+            check(cfg)
+        except UserError as error:
+            problems.extend(error.problems)
+    require("seed", _is_int(0), "an integer >= 0")
+    require("num_samples", _is_int(1), "an integer >= 1")
+    require("eval_samples", _is_int(1), "an integer >= 1")
+    require("kl.weighting", lambda v: v in KL_WEIGHTINGS, f"one of {list(KL_WEIGHTINGS)}")
+    require("kl.reduction", lambda v: v in KL_REDUCTIONS, f"one of {list(KL_REDUCTIONS)}")
+    require("kl.scale", lambda v: _is_positive(v) or v == 0, "a number >= 0")
+    require("kl.warmup_steps", _is_int(0), "an integer >= 0")
+    require("kl.monte_carlo", lambda v: v is None or isinstance(v, bool), "true or false")
+    require("posterior.estimator", lambda v: v in ESTIMATORS, f"one of {list(ESTIMATORS)}")
+    require(
         "compile",
         lambda v: isinstance(v, bool) or v in compile_backends(),
         f"true, false or a torch.compile backend ({', '.join(compile_backends())})",
     )
-    _require(cfg, "optimizer.lr", _is_positive, "a number > 0")
-    _require(cfg, "optimizer.fused", lambda v: v is None or isinstance(v, bool), "true or false")
-    _require(
-        cfg,
+    require("dataset.batch_size", lambda v: v is None or _is_int(1)(v), "an integer >= 1")
+    require("optimizer.lr", _is_positive, "a number > 0")
+    require("optimizer.fused", lambda v: v is None or isinstance(v, bool), "true or false")
+    require(
         "trainer.max_epochs",
         lambda v: v is None or v == -1 or _is_int(1)(v),
         "an integer >= 1 (or -1: no limit)",
     )
-    _require(
-        cfg,
+    require(
         "trainer.limit_train_batches",
         lambda v: v is None or _is_positive(v),
         "null (all batches), an integer >= 1 or a fraction in (0, 1]: 0 would train nothing",
     )
-    _require(
-        cfg,
+    require(
         "trainer.limit_val_batches",
         lambda v: v is None or (is_real(v) and v >= 0),
         "null (all batches), an integer >= 0 or a fraction in [0, 1] (0: no validation)",
     )
-    _require(
-        cfg,
+    require(
         "trainer.limit_test_batches",
         lambda v: v is None or _is_positive(v),
         "null (all batches), an integer >= 1 or a fraction in (0, 1]: 0 would test nothing",
     )
-    _require(
-        cfg,
+    require(
         "trainer.gradient_clip_val",
         lambda v: v is None or (_is_positive(v) and math.isfinite(v)),
         "null (no clipping) or a finite number > 0 (Lightning skips clipping at <= 0)",
     )
-    _require(
-        cfg,
+    require(
         "trainer.min_epochs",
         lambda v: v is None or _is_int(0)(v),
         "null or an integer >= 0",
     )
-    _check_min_epochs_within_max(cfg)
     for key in ("accumulate_grad_batches", "check_val_every_n_epoch", "log_every_n_steps"):
-        _require(cfg, f"trainer.{key}", lambda v: v is None or _is_int(1)(v), "an integer >= 1")
+        require(f"trainer.{key}", lambda v: v is None or _is_int(1)(v), "an integer >= 1")
     for key in ("enable_model_summary", "enable_progress_bar", "enable_checkpointing"):
-        _require(cfg, f"trainer.{key}", lambda v: v is None or isinstance(v, bool), "true or false")
-    _require(
-        cfg,
+        require(f"trainer.{key}", lambda v: v is None or isinstance(v, bool), "true or false")
+    require(
         "trainer.deterministic",
         lambda v: v is None or isinstance(v, bool) or v == "warn",
         "true, false or 'warn'",
     )
-    _require(
-        cfg,
+    require(
         "trainer.val_check_interval",
         lambda v: v is None or _is_int(1)(v) or (isinstance(v, float) and 0 < v <= 1),
         "null (once per epoch), an integer >= 1 (every that many batches) or a fraction in "
@@ -225,40 +256,50 @@ def check_config(cfg: DictConfig) -> None:
     )
     accelerator = cfg.get("trainer", {}).get("accelerator")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise UserError(
+        problems.append(
             f"trainer.accelerator={accelerator!r} is not allowed: no CUDA GPU on this machine; "
             "use trainer=cpu (or trainer=ddp_cpu)"
         )
-    _require(cfg, "on_nonfinite", lambda v: v in NONFINITE_MODES, f"one of {list(NONFINITE_MODES)}")
-    _require(cfg, "retain_freed_memory", lambda v: isinstance(v, bool), "true or false")
+    require("on_nonfinite", lambda v: v in NONFINITE_MODES, f"one of {list(NONFINITE_MODES)}")
+    require("retain_freed_memory", lambda v: isinstance(v, bool), "true or false")
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:
-        check_checkpoint(Path(ckpt_path))
+        try:
+            check_checkpoint(Path(ckpt_path))
+        except UserError as error:
+            problems.extend(error.problems)
+    return problems
 
 
 def _check_min_epochs_within_max(cfg: DictConfig) -> None:
     """Lightning stops at ``max_epochs`` even when ``min_epochs`` asks for more, silently."""
     trainer = cfg.get("trainer") or {}
     low, high = trainer.get("min_epochs"), trainer.get("max_epochs")
-    if low is not None and high is not None and high != -1 and low > high:
+    valid = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (low, high))
+    if valid and low > high:  # an invalid one of them is named by its own check
         raise UserError(
             f"trainer.min_epochs={low!r} is not allowed: at most trainer.max_epochs={high!r}"
         )
 
 
 def check_no_missing_values(cfg: DictConfig) -> None:
-    """A one-line UserError for the first mandatory value (``???``) left unset, e.g.
+    """A UserError with one line per mandatory value (``???``) left unset, e.g.
     ``dataset.target`` of ``dataset=csv``."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        key = missing[0]
-        raise UserError(f"{key} is required and has no default: set {key}=... on the command line")
+        raise UserError(
+            *(
+                f"{key} is required and has no default: set {key}=... on the command line"
+                for key in missing
+            )
+        )
 
 
 def check_finite_numbers(cfg: DictConfig) -> None:
-    """A one-line UserError for the first NaN or infinite number in the config (``lr=inf``,
+    """A UserError with one line per NaN or infinite number in the config (``lr=inf``,
     ``prior.loc=nan``): no setting of ours takes one, and each would only surface as a
     non-finite loss blamed on the learning rate."""
+    bad: list[str] = []
 
     def visit(prefix: str, node: Any) -> None:
         items = node.items() if isinstance(node, dict) else enumerate(node)
@@ -270,9 +311,11 @@ def check_finite_numbers(cfg: DictConfig) -> None:
             if isinstance(value, dict | list):
                 visit(name, value)
             elif isinstance(value, float) and not math.isfinite(value):
-                raise UserError(f"{name}={value} is not allowed: a finite number")
+                bad.append(f"{name}={value} is not allowed: a finite number")
 
     visit("", OmegaConf.to_container(cfg, resolve=False))
+    if bad:
+        raise UserError(*bad)
 
 
 def check_optimized_metric(name: str, metrics: Iterable[str]) -> None:

@@ -45,6 +45,7 @@ from torch.utils.tensorboard import SummaryWriter
 from . import figures, ood
 from .bayes import posterior_scales, signal_to_noise
 from .callbacks import add_histogram
+from .command_line import checked
 from .config_checks import (
     UserError,
     _is_finite_number,
@@ -565,6 +566,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+@checked("evaluate")
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: a user error is one line on the log and exit status 1."""

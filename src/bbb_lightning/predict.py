@@ -41,6 +41,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from .command_line import checked
 from .config_checks import UserError, _is_int, _require, exit_on_user_error, user_errors
 from .data.csv import numeric_columns, read_table
 from .data.mnist import NORMALIZATIONS
@@ -442,6 +443,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+@checked("predict")
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: a user error is one line on the log and exit status 1."""

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -23,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
@@ -33,14 +32,16 @@ from torch import nn
 from .allocator import retain_freed_memory
 from .atomic_files import AtomicCheckpointIO, write_text_atomically
 from .bayes import native
+from .command_line import checked
+from .component_checks import AUTO, component_problems, missing_files, unaccepted_arguments
 from .config_checks import (
     UserError,
-    check_config,
     check_epoch_length,
     check_fresh_output_dir,
     check_input_fits,
     check_optimized_metric,
     check_resumable,
+    config_problems,
     exit_on_user_error,
     format_metrics,
     user_errors,
@@ -65,6 +66,8 @@ def _container(node: Any) -> Any:
 def _fill_sizes(cfg: DictConfig, datamodule: pl.LightningDataModule) -> tuple[dict, dict]:
     """Likelihood and net configs with sizes left null filled from the dataset."""
     likelihood = _container(cfg.likelihood)
+    if likelihood.get("_target_") == AUTO:
+        likelihood = _likelihood_of_task(likelihood, datamodule)
     for key, task, other in (
         ("num_classes", "classification", "gaussian"),
         ("target_dim", "regression", "categorical"),
@@ -84,27 +87,28 @@ def _fill_sizes(cfg: DictConfig, datamodule: pl.LightningDataModule) -> tuple[di
     for key, value in sizes.items():
         if key in net and net[key] is None:
             net[key] = value
-    _check_net_arguments(net)
     return likelihood, net
 
 
-def _check_net_arguments(net: dict[str, Any]) -> None:
-    """Every ``model.net`` key is an argument of its ``_target_``: a user's network inherits the
-    default MLP's ``hidden`` and ``activation``, which it may not take."""
-    try:
-        target = get_class(net["_target_"])
-        parameters = inspect.signature(target).parameters.values()
-    except Exception:  # not importable, or no signature: instantiate reports it
-        return
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return
-    accepted = {p.name for p in parameters}
-    for key in net:
-        if not key.startswith("_") and key not in accepted:
-            raise UserError(
-                f"model.net._target_={net['_target_']} takes no argument {key!r} (it takes "
-                f"{', '.join(sorted(accepted)) or 'none'}); drop it with '~model.net.{key}'"
-            )
+def _likelihood_of_task(settings: dict[str, Any], datamodule: Any) -> dict[str, Any]:
+    """``likelihood=auto`` made concrete by the dataset's task: categorical for
+    classification, gaussian (with the config's noise settings) for regression."""
+    task = getattr(datamodule, "task", None)
+    if task == "classification":
+        likelihood = {"_target_": "bbb_lightning.objectives.CategoricalLikelihood"}
+        likelihood["num_classes"] = None
+    elif task == "regression":
+        likelihood = {"_target_": "bbb_lightning.objectives.GaussianLikelihood", "target_dim": None}
+        likelihood |= {key: value for key, value in settings.items() if key != "_target_"}
+    else:
+        raise UserError(
+            f"likelihood=auto needs a dataset whose task is classification or regression, "
+            f"{type(datamodule).__name__} has task={task!r}: choose likelihood=categorical or "
+            "likelihood=gaussian"
+        )
+    name = "categorical" if task == "classification" else "gaussian"
+    log.info("likelihood=auto: %s, for the dataset's task (%s)", name, task)
+    return likelihood
 
 
 def _check_optimizer(model: BayesByBackprop) -> None:
@@ -246,6 +250,20 @@ def _relaunch_as_this_job() -> Iterator[None]:
             hydra_config.run.dir = run_dir
 
 
+def check_before_building(cfg: DictConfig) -> None:
+    """Every check that needs no data, model or kernels, all problems in one UserError: keys
+    and values (:func:`config_problems`), the targets' arguments, the dataset's file, and the
+    cheap components built once on their own (those with a problem already named are not)."""
+    problems = config_problems(cfg) + unaccepted_arguments(cfg) + missing_files(cfg)
+
+    def reported(key: str) -> bool:
+        return any(problem.startswith((f"{key}.", f"{key}=", f"{key}:")) for problem in problems)
+
+    problems += component_problems(cfg, skip=reported)
+    if problems:
+        raise UserError(*problems)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, write ``metrics.json``; return the metrics.
 
@@ -255,7 +273,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     with user_errors():
         native.check_setting()  # a bad BBB_LIGHTNING_NATIVE fails here, before any work
-    check_config(cfg)
+    check_before_building(cfg)
     output_dir = Path(cfg.paths.output_dir)
     check_writable(output_dir, "paths.output_dir")
     with run_lock(output_dir, "paths.output_dir"):
@@ -268,7 +286,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.retain_freed_memory:
         retain_freed_memory()
-    with user_errors():
+    with user_errors(cfg):
         datamodule = instantiate(cfg.dataset)
         datamodule.prepare_data()
         datamodule.setup("fit")
@@ -370,6 +388,7 @@ def _fit_and_test(
     return metrics
 
 
+@checked("config")
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the best value of ``cfg.optimized_metric`` over the run's
