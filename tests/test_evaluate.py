@@ -386,6 +386,8 @@ def test_help_lists_only_the_groups_the_entry_point_composes(tmp_path, entry):
             if folder.is_dir() and folder.name not in ("hydra", "ood", "__pycache__")
         }
         assert listed == folders
+        assert "hydra/launcher=basic" in result.stdout and "slurm" in result.stdout
+        assert "--hydra-help" in result.stdout
         return
     assert "prior:" not in result.stdout and "optimizer:" not in result.stdout
     assert "ckpt_path: ???" in result.stdout

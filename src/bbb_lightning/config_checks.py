@@ -91,6 +91,23 @@ class UserError(Exception):
         return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
+def config_group_lines(*left_out: str) -> str:
+    """``group: option, option`` for every config group of the package's ``conf/`` folder
+    but ``hydra`` and ``left_out`` (``${config_groups:ood}`` in train's ``--help``: Hydra's
+    own ``$APP_CONFIG_GROUPS`` would list evaluate's ``ood`` there too)."""
+    conf = Path(__file__).parent / "conf"
+    folders = sorted(
+        folder
+        for folder in conf.iterdir()
+        if folder.is_dir() and folder.name not in ("hydra", "__pycache__", *left_out)
+    )
+    return "\n".join(
+        f"{folder.name}: {', '.join(sorted(p.stem for p in folder.glob('*.yaml')))}"
+        for folder in folders
+    )
+
+
+OmegaConf.register_new_resolver("config_groups", config_group_lines, replace=True)
 # ${metric_mode:val/accuracy} -> max (the checkpoint callback's mode), and Optuna's direction.
 OmegaConf.register_new_resolver("metric_mode", metric_mode, replace=True)
 OmegaConf.register_new_resolver(

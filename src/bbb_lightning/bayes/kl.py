@@ -132,7 +132,11 @@ def look_up_closed_forms(net: nn.Module) -> None:
     (torch's own lookup, behind a lock and a ``min`` over a generator, cannot be traced)."""
     with torch.no_grad():
         for posterior in all_posteriors(net):
-            _registered_kl(type(posterior.distribution()), type(posterior.prior.distribution()))
+            try:
+                q = posterior.distribution()
+            except NotImplementedError:  # no distribution: the KL is its Monte Carlo estimate
+                continue
+            _registered_kl(type(q), type(posterior.prior.distribution()))
 
 
 def _lacks_the_graph(weights: Tensor, posterior: VariationalPosterior) -> bool:
