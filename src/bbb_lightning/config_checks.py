@@ -33,6 +33,8 @@ from .faults import RunFault, check_writable
 from .guard import NONFINITE_MODES, NonFiniteError
 from .module import compile_backends
 from .objectives import KL_WEIGHTINGS
+from .preemption import run_config_text, slurm_run_name
+from .resume import latest_state_of_same_run
 from .run_lock import acquire_run_lock, release_run_lock
 from .summary import metric_mode
 
@@ -108,6 +110,9 @@ def config_group_lines(*left_out: str) -> str:
 
 
 OmegaConf.register_new_resolver("config_groups", config_group_lines, replace=True)
+# ${slurm_run_name:<date>/<time>} -> slurm-<job id> in a SLURM batch job (a requeued job finds
+# its run directory again), else <date>/<time>
+OmegaConf.register_new_resolver("slurm_run_name", slurm_run_name, replace=True, use_cache=True)
 # ${metric_mode:val/accuracy} -> max (the checkpoint callback's mode), and Optuna's direction.
 OmegaConf.register_new_resolver("metric_mode", metric_mode, replace=True)
 OmegaConf.register_new_resolver(
@@ -125,12 +130,16 @@ def exit_on_user_error(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
     traceback. In a multirun the
     error is re-raised, so that Hydra records the job as failed and runs the others. A
     :class:`NonFiniteError` is decided by every process of a data-parallel run together and
-    raised by each with the same message: rank 0 alone logs it.
+    raised by each with the same message: rank 0 alone logs it, as a fault raised by every
+    process (a SIGTERM).
     """
     try:
         return task(cfg)
     except (UserError, FloatingPointError, RunFault) as error:
-        if not (isinstance(error, NonFiniteError) and rank_zero_only.rank > 0):
+        reported_by_rank_zero = isinstance(error, NonFiniteError) or getattr(
+            error, "every_process", False
+        )
+        if not (reported_by_rank_zero and rank_zero_only.rank > 0):
             for line in UserError.describe(error).splitlines():
                 log.error("%s", line)
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -445,6 +454,8 @@ class RefuseEarlierRunDirectory(Callback):
         with _refused_on_stderr():
             check_writable(run_dir, "hydra.run.dir")
             with _released_if_refused(run_dir, acquire_run_lock(run_dir, "hydra.run.dir")):
+                if latest_state_of_same_run(run_dir, run_config_text(config)) is not None:
+                    return  # the same command again: train resumes the unfinished run
                 ckpt_path = config.get("ckpt_path")
                 check_fresh_output_dir(run_dir, ckpt_path)
                 if _resumes_in(run_dir, ckpt_path):
