@@ -6,14 +6,13 @@ import json
 
 import pytest
 import torch
-from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from bbb_lightning.bayes import posterior_mean
 from bbb_lightning.config_checks import UserError
 from bbb_lightning.guard import NonFiniteError
 from bbb_lightning.module import BayesByBackprop
 from bbb_lightning.train import train
-from bbb_testing import QUICK, compose_config, events, run_cli
+from bbb_testing import QUICK, compose_config, events, hparams_plugin, run_cli
 
 
 def test_default_run_writes_metrics_checkpoints_and_tensorboard(tmp_path):
@@ -32,26 +31,25 @@ def test_default_run_writes_metrics_checkpoints_and_tensorboard(tmp_path):
         assert len(steps) == 8 and len(epochs) == 2  # 512 examples in 4 batches of 128, 2 epochs
         for epoch, mean in enumerate(epochs):  # equal batches: the mean of the step values
             assert mean == pytest.approx(sum(steps[4 * epoch : 4 * epoch + 4]) / 4, rel=1e-5)
-    assert {"val/nll", "val/rmse", "test/nll", "hp/test_nll"} <= set(tags["scalars"])
+    scalars = set(tags["scalars"])
+    assert {"val/nll", "val/rmse", "z_hparams/test/nll", "z_hparams/best/val/nll"} <= scalars
+    # the Scalars tab opens on the first two groups: the curves, not `epoch`, `hp/*` or `test/*`
+    assert sorted({tag.split("/")[0] for tag in scalars}) == ["train", "val", "z_hparams"]
     assert any(tag.startswith("sigma/net.") for tag in tags["histograms"])
     assert "figures/predictive" in tags["images"]
-    hparams = accumulator.summary_metadata  # the HParams plugin's session info
-    assert any(meta.plugin_data.plugin_name == "hparams" for meta in hparams.values())
-    (session,) = (
-        data.session_start_info.hparams
-        for meta in hparams.values()
-        if meta.plugin_data.plugin_name == "hparams"
-        and (data := HParamsPluginData.FromString(meta.plugin_data.content)).HasField(
-            "session_start_info"
-        )
-    )
+    experiment, session = hparams_plugin(accumulator)
     # the sizes filled from the dataset, not the config's null
-    assert session["model/net/input_shape"].string_value == "[1]"
-    assert session["model/net/num_outputs"].number_value == 1
-    assert session["likelihood/target_dim"].number_value == 1
-    assert metrics["test/nll"] == pytest.approx(
-        accumulator.Scalars("hp/test_nll")[-1].value, rel=1e-6
-    )
+    assert session.hparams["model.net.input_shape"].string_value == "[1]"
+    assert session.hparams["model.net.num_outputs"].number_value == 1
+    assert session.hparams["likelihood.target_dim"].number_value == 1
+    columns = [info.display_name for info in experiment.metric_infos]
+    assert columns == [  # the tab shows the first five
+        *("best/val/nll", "test/nll", "test/rmse", "val/nll", "val/rmse", "epochs", "fit_seconds")
+    ]
+    for info in experiment.metric_infos:
+        assert metrics[info.display_name] == pytest.approx(
+            accumulator.Scalars(info.name.tag)[-1].value, rel=1e-6
+        )
 
 
 @pytest.mark.parametrize(
@@ -153,7 +151,17 @@ def test_cli_runs_from_any_directory_into_outputs(tmp_path):
     run_dir = metrics_file.parent
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    experiment, session = hparams_plugin(events(run_dir))
+    # a single run is named by its overrides; their keys are listed first
+    overrides = [*QUICK, "trainer.max_epochs=1"]
+    assert session.group_name.startswith(" ".join(overrides) + " · ")
+    differing = {info.name for info in experiment.hparam_infos if info.differs}
+    assert differing == {
+        "trainer.max_epochs",
+        "callbacks.progress_bar",
+        "trainer.enable_model_summary",
+    }
+    assert session.hparams["trainer.enable_model_summary"].bool_value is False
 
 
 @pytest.mark.slow
@@ -171,9 +179,15 @@ def test_multirun_gives_one_run_per_combination(tmp_path):
     job_dirs = sorted(p for p in (tmp_path / "multirun").iterdir() if p.is_dir())
     assert [p.name for p in job_dirs] == ["0", "1", "2", "3"]
     seen = set()
+    trial_names = []
     for job in job_dirs:
         assert json.loads((job / "metrics.json").read_text())["test/nll"] > -10
-        assert list((job / "tensorboard").glob("events.out.tfevents.*"))
+        experiment, session = hparams_plugin(events(job))
+        # the HParams tab: the swept choices first, the trial named by them (not 0/tensorboard)
+        differing = [info.name for info in experiment.hparam_infos if info.differs]
+        assert sorted(differing) == ["kl.weighting", "prior"]
+        assert session.hparams["prior"].string_value in ("gaussian", "scale_mixture")
+        trial_names.append(session.group_name.split(" · ")[0])
         overrides = (job / ".hydra" / "overrides.yaml").read_text()
         seen.add(
             tuple(
@@ -181,6 +195,11 @@ def test_multirun_gives_one_run_per_combination(tmp_path):
             )
         )
     assert len(seen) == 4
+    assert trial_names == [
+        f"prior={prior} kl.weighting={weighting}"
+        for prior in ("gaussian", "scale_mixture")
+        for weighting in ("uniform", "minibatch")
+    ]
 
 
 BAD_INPUTS = [  # docs/errors.md, row by row
