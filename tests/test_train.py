@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from bbb_lightning.bayes import posterior_mean
+from bbb_lightning.bayes import kl_divergence, posterior_mean
 from bbb_lightning.config_checks import UserError
 from bbb_lightning.guard import NonFiniteError
 from bbb_lightning.module import BayesByBackprop
@@ -34,9 +34,20 @@ def test_default_run_writes_metrics_checkpoints_and_tensorboard(tmp_path):
     scalars = set(tags["scalars"])
     assert {"val/nll", "val/rmse", "z_hparams/test/nll", "z_hparams/best/val/nll"} <= scalars
     # the Scalars tab opens on the first two groups: the curves, not `epoch`, `hp/*` or `test/*`
-    assert sorted({tag.split("/")[0] for tag in scalars}) == ["train", "val", "z_hparams"]
+    assert sorted({tag.split("/")[0] for tag in scalars}) == [
+        "train",
+        "val",
+        "weights",
+        "z_hparams",
+    ]
     assert any(tag.startswith("sigma/net.") for tag in tags["histograms"])
-    assert "figures/predictive" in tags["images"]
+    assert set(tags["images"]) == {"figures/predictive"}  # no classification figures
+    # the per-layer KL of the final network sums to its KL
+    model = BayesByBackprop.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    layer_kls = [accumulator.Scalars(t)[-1] for t in scalars if t.startswith("weights/kl/")]
+    assert len(layer_kls) == 3 and {event.step for event in layer_kls} == {8}
+    total = float(kl_divergence(model.net))
+    assert sum(event.value for event in layer_kls) == pytest.approx(total, rel=1e-5)
     experiment, session = hparams_plugin(accumulator)
     # the sizes filled from the dataset, not the config's null
     assert session.hparams["model.net.input_shape"].string_value == "[1]"
@@ -116,8 +127,16 @@ def test_mnist_mlp_learns(tmp_path, mnist_dir):
     metrics = train(cfg)
     assert metrics["test/accuracy"] > 0.85
     assert 0 <= metrics["test/ece"] < 0.1
-    scalars = events(tmp_path).Tags()["scalars"]
-    assert {"train/accuracy", "train/ece", "val/accuracy", "val/ece"} <= set(scalars)
+    accumulator = events(tmp_path)
+    tags = accumulator.Tags()
+    assert {"train/accuracy", "train/ece", "val/accuracy", "val/ece"} <= set(tags["scalars"])
+    # each validation epoch (40 steps of 128): a reliability diagram, the most uncertain
+    # examples, the KL of each of the MLP's three layers
+    assert {"figures/reliability", "figures/most_uncertain"} == set(tags["images"])
+    for tag in ("figures/reliability", "figures/most_uncertain"):
+        assert [image.step for image in accumulator.Images(tag)] == [40, 80]
+    layers = {tag for tag in tags["scalars"] if tag.startswith("weights/kl/")}
+    assert layers == {f"weights/kl/net.layers.{i}" for i in (1, 3, 5)}
 
 
 def test_csv_dataset(tmp_path):
@@ -269,6 +288,10 @@ BAD_INPUTS = [  # docs/errors.md, row by row
     (
         "callbacks.posterior_histograms.every_n_epochs=0",
         "callbacks.posterior_histograms.every_n_epochs=0 is not allowed: an integer >= 1",
+    ),
+    (
+        "callbacks.classification_figures.num_examples=0",
+        "callbacks.classification_figures.num_examples=0 is not allowed: an integer >= 1",
     ),
     ("posterior.rho_init=abc", "posterior.rho_init='abc' is not allowed: a number or [low,"),
     (  # was a traceback from inside training (a tensor of 0 elements)
