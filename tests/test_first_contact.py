@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bbb_lightning.command_line import command_line_problems
-from bbb_lightning.config_checks import UserError
+from bbb_lightning.cli.command_line import command_line_problems
+from bbb_lightning.cli.config_checks import UserError
 from bbb_lightning.train import train
 from bbb_testing import QUICK, compose_config, run_cli
 
@@ -104,7 +104,7 @@ def test_a_csv_regression_chooses_the_gaussian_likelihood_by_itself(tmp_path):
     # the run saves the likelihood it chose, not "auto": evaluate and predict rebuild it
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["hyper_parameters"]["likelihood"] == {
-        "_target_": "bbb_lightning.objectives.GaussianLikelihood",
+        "_target_": "bbb_lightning.training.objectives.GaussianLikelihood",
         "target_dim": 1,
         "noise": "fixed",
         "noise_std": 0.1,

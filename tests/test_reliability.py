@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from bbb_lightning.bayes import GaussianPrior, MeanFieldNormal
-from bbb_lightning.config_checks import UserError
-from bbb_lightning.guard import NonFiniteError, first_nonfinite
-from bbb_lightning.module import BayesByBackprop
-from bbb_lightning.objectives import GaussianLikelihood
+from bbb_lightning.cli.config_checks import UserError
 from bbb_lightning.train import train
+from bbb_lightning.training.guard import NonFiniteError, first_nonfinite
+from bbb_lightning.training.module import BayesByBackprop
+from bbb_lightning.training.objectives import GaussianLikelihood
 from bbb_testing import SqrtAtZero, compose_config, events, fit_briefly, run_cli
 
 QUIET = ["callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
@@ -303,7 +303,8 @@ def test_a_multirun_refuses_a_sweep_dir_that_holds_an_earlier_one_before_writing
     assert again.returncode == 1
     errors = [line for line in again.stderr.splitlines() if "already holds a multirun" in line]
     assert errors == [
-        f"[bbb_lightning.config_checks][ERROR] - hydra.sweep.dir={str(sweep)!r} is not allowed: "
+        f"[bbb_lightning.cli.config_checks][ERROR] - hydra.sweep.dir={str(sweep)!r} is not "
+        "allowed: "
         "it already holds a multirun (multirun.yaml, 0/, 1/); choose a new hydra.sweep.dir (or "
         "leave it to its default multirun/<date>/<time>), or resume one of its jobs with "
         "hydra.run.dir=<its job dir> ckpt_path=<its checkpoints/last.ckpt>"

@@ -9,10 +9,10 @@ import torch
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from bbb_lightning.bayes import posterior_mean
-from bbb_lightning.config_checks import UserError
-from bbb_lightning.guard import NonFiniteError
-from bbb_lightning.module import BayesByBackprop
+from bbb_lightning.cli.config_checks import UserError
 from bbb_lightning.train import train
+from bbb_lightning.training.guard import NonFiniteError
+from bbb_lightning.training.module import BayesByBackprop
 from bbb_testing import QUICK, compose_config, events, run_cli
 
 
@@ -326,7 +326,7 @@ def test_runs_that_used_to_crash_after_training_finish(tmp_path, overrides):
 
 
 def test_histogram_values_fit_tensorboard_buckets():
-    from bbb_lightning.callbacks import histogram_values
+    from bbb_lightning.training.callbacks import histogram_values
 
     values = histogram_values(torch.tensor([1.0, float("inf"), float("nan"), -1e30, 1e25]))
     assert torch.equal(values, torch.tensor([1.0, -9e19, 9e19]))

@@ -10,14 +10,15 @@ test set, and writes into its own run dir:
 - ``tensorboard/``: the numbers as scalars (curves indexed by S, % pruned, ε · 1000) and every
   figure, also saved as ``figures/<name>.png``;
 - ``export/``: the posterior-mean network, one draw and a pruned mean, as state dicts and
-  TorchScript (:mod:`bbb_lightning.export`).
+  TorchScript (:mod:`bbb_lightning.evaluation.export`).
 
 Keys of ``metrics.json``:
 
 - classification ``test/``: accuracy, nll, ece, mce, brier, entropy, expected_entropy,
-  mutual_information (:mod:`bbb_lightning.metrics`); ``ood/``: entropy_auroc, entropy_aupr,
+  mutual_information (:mod:`bbb_lightning.evaluation.metrics`); ``ood/``: entropy_auroc,
+  entropy_aupr,
   mi_auroc, mi_aupr (OOD = positive), entropy and mutual_information of the OOD set;
-  ``attack/<fgsm|pgd>/<mean|draw|predictive>/eps=<ε>`` (:mod:`bbb_lightning.robustness`);
+  ``attack/<fgsm|pgd>/<mean|draw|predictive>/eps=<ε>`` (:mod:`bbb_lightning.evaluation.robustness`);
   ``gradient/``: expected_l2, draw_l2, coherence (= expected_l2 / draw_l2);
 - regression ``test/``: rmse, nll (the predictive mixture's), gaussian_nll, coverage_50/90/95,
   epistemic_var, aleatoric_var;
@@ -44,9 +45,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from . import figures, ood
 from .bayes import posterior_scales, signal_to_noise
-from .callbacks import add_histogram
-from .command_line import checked
-from .config_checks import (
+from .cli.command_line import checked
+from .cli.config_checks import (
     UserError,
     _is_finite_number,
     _is_int,
@@ -57,8 +57,8 @@ from .config_checks import (
     user_errors,
 )
 from .data.mnist import NORMALIZATIONS
-from .export import export_posterior
-from .metrics import (
+from .evaluation.export import export_posterior
+from .evaluation.metrics import (
     classification_metrics,
     expected_entropy,
     nll_from_samples,
@@ -67,11 +67,12 @@ from .metrics import (
     regression_metrics,
     reliability_bins,
 )
-from .module import BayesByBackprop
-from .objectives import GaussianLikelihood
-from .pruning import prune_by_snr
-from .robustness import ATTACKS, SETTINGS, adversarial_accuracy, input_gradients
-from .runs import load_run, resolve_device, sample_outputs
+from .evaluation.pruning import prune_by_snr
+from .evaluation.robustness import ATTACKS, SETTINGS, adversarial_accuracy, input_gradients
+from .storage.runs import load_run, resolve_device, sample_outputs
+from .training.callbacks import add_histogram
+from .training.module import BayesByBackprop
+from .training.objectives import GaussianLikelihood
 
 log = logging.getLogger(__name__)
 

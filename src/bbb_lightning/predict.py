@@ -41,14 +41,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from .command_line import checked
-from .config_checks import UserError, _is_int, _require, exit_on_user_error, user_errors
+from .cli.command_line import checked
+from .cli.config_checks import UserError, _is_int, _require, exit_on_user_error, user_errors
 from .data.csv import numeric_columns, read_table
 from .data.mnist import NORMALIZATIONS
-from .metrics import expected_entropy, predictive_entropy
-from .module import BayesByBackprop
-from .objectives import GaussianLikelihood
-from .runs import load_model, resolve_checkpoint, resolve_device, sample_outputs
+from .evaluation.metrics import expected_entropy, predictive_entropy
+from .storage.runs import load_model, resolve_checkpoint, resolve_device, sample_outputs
+from .training.module import BayesByBackprop
+from .training.objectives import GaussianLikelihood
 
 log = logging.getLogger(__name__)
 

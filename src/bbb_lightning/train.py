@@ -29,12 +29,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, read_write
 from torch import nn
 
-from .allocator import retain_freed_memory
-from .atomic_files import AtomicCheckpointIO, write_text_atomically
 from .bayes import native
-from .command_line import checked
-from .component_checks import AUTO, component_problems, missing_files, unaccepted_arguments
-from .config_checks import (
+from .cli.command_line import checked
+from .cli.component_checks import AUTO, component_problems, missing_files, unaccepted_arguments
+from .cli.config_checks import (
     UserError,
     check_epoch_length,
     check_fresh_output_dir,
@@ -46,11 +44,13 @@ from .config_checks import (
     format_metrics,
     user_errors,
 )
-from .faults import check_writable
-from .guard import LIKELY_CAUSES, NonFiniteError
-from .module import BayesByBackprop
-from .resume import nothing_left_to_train
-from .run_lock import run_lock
+from .storage.atomic_files import AtomicCheckpointIO, write_text_atomically
+from .storage.resume import nothing_left_to_train
+from .storage.run_lock import run_lock
+from .training.allocator import retain_freed_memory
+from .training.faults import check_writable
+from .training.guard import LIKELY_CAUSES, NonFiniteError
+from .training.module import BayesByBackprop
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,13 @@ def _likelihood_of_task(settings: dict[str, Any], datamodule: Any) -> dict[str, 
     classification, gaussian (with the config's noise settings) for regression."""
     task = getattr(datamodule, "task", None)
     if task == "classification":
-        likelihood = {"_target_": "bbb_lightning.objectives.CategoricalLikelihood"}
+        likelihood = {"_target_": "bbb_lightning.training.objectives.CategoricalLikelihood"}
         likelihood["num_classes"] = None
     elif task == "regression":
-        likelihood = {"_target_": "bbb_lightning.objectives.GaussianLikelihood", "target_dim": None}
+        likelihood = {
+            "_target_": "bbb_lightning.training.objectives.GaussianLikelihood",
+            "target_dim": None,
+        }
         likelihood |= {key: value for key, value in settings.items() if key != "_target_"}
     else:
         raise UserError(
@@ -267,7 +270,7 @@ def check_before_building(cfg: DictConfig) -> None:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, write ``metrics.json``; return the metrics.
 
-    The output directory is locked for the run (:mod:`bbb_lightning.run_lock`): a second run
+    The output directory is locked for the run (:mod:`bbb_lightning.storage.run_lock`): a second run
     into it stops at once. A finished run resumed in place keeps its ``metrics.json`` and
     returns its metrics: there is nothing left to train.
     """
@@ -341,7 +344,7 @@ def _finished_in_place(
 
 def _plugins(cfg: DictConfig) -> list[Any]:
     """The trainer's plugins: those of ``trainer.plugins``, and checkpoints written whole or
-    not at all (:class:`~bbb_lightning.atomic_files.AtomicCheckpointIO`) unless it names a
+    not at all (:class:`~bbb_lightning.storage.atomic_files.AtomicCheckpointIO`) unless it names a
     checkpoint IO of its own."""
     configured = cfg.trainer.get("plugins") or []
     plugins = [instantiate(p) if OmegaConf.is_config(p) else p for p in configured]

@@ -38,7 +38,7 @@ from omegaconf.errors import OmegaConfBaseException
 __all__ = ["check_command_line", "checked", "close_matches", "command_line_problems"]
 
 CONFIG_MODULE = "bbb_lightning.conf"
-_CONF_DIR = Path(__file__).parent / "conf"
+_CONF_DIR = Path(__file__).parents[1] / "conf"
 _GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 # Flags after which the command line is not an ordinary run: Hydra alone handles those.
 _HYDRA_ONLY = ("version", "shell_completion", "config_path", "config_name", "config_dir")

@@ -6,7 +6,7 @@
 - :func:`missing_files`: a ``path`` of the dataset that does not exist.
 - :func:`component_problems`: the cheap components (prior, posterior, likelihood, callbacks,
   loggers) built once on their own, so their value errors come before the data is loaded,
-  told in config terms (:func:`~bbb_lightning.config_terms.in_config_terms`).
+  told in config terms (:func:`~bbb_lightning.cli.config_terms.in_config_terms`).
 
 Each returns one line per problem, so that independent problems are reported together.
 """

@@ -1,6 +1,6 @@
 """The LightningModule: a Bayes-by-Backprop network trained on the minibatch negative ELBO.
 
-The loss of minibatch i (see :mod:`bbb_lightning.objectives` for the weighting) is
+The loss of minibatch i (see :mod:`bbb_lightning.training.objectives` for the weighting) is
 
     loss_i = [ NLL_i + kl_weight_i * KL(q || p) ] / B,
     NLL_i  = -(1/S) sum_s sum_b log p(y_b | x_b, w_s),       S = ``num_samples``.
@@ -18,7 +18,7 @@ Logged per example: ``loss``; ``nll`` = NLL_i / B; ``kl`` = KL / N (the KL each 
 example carries over an epoch); ``kl_weight``; ``elbo`` = -(nll + kl), the per-example ELBO;
 each as ``train/<name>_step`` (averaged over processes, every ``log_every_n_steps`` steps) and
 ``train/<name>_epoch`` (the mean over the epoch's examples on all processes; see
-:mod:`bbb_lightning.step_logging`).
+:mod:`bbb_lightning.training.step_logging`).
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ from torch import Tensor, nn
 from torchmetrics import MeanSquaredError, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from .bayes import bayesianize, is_bayesian, sample_forward, sample_forward_with_kl
-from .bayes._arguments import positive_integer
-from .bayes.posteriors import VariationalPosterior
-from .bayes.priors import Prior
+from ..bayes import bayesianize, is_bayesian, sample_forward, sample_forward_with_kl
+from ..bayes._arguments import positive_integer
+from ..bayes.posteriors import VariationalPosterior
+from ..bayes.priors import Prior
+from ..evaluation.metrics import raw_log_likelihood
 from .guard import (
     NONFINITE_MODES,
     NonFiniteError,
@@ -48,7 +49,6 @@ from .guard import (
     scaler_handles_nonfinite_gradients,
     stop_message,
 )
-from .metrics import raw_log_likelihood
 from .objectives import CategoricalLikelihood, GaussianLikelihood, KLTerm, Likelihood
 from .optimizer_state import with_configured_settings
 from .seeding import derive_seed
@@ -158,11 +158,11 @@ class BayesByBackprop(LightningModule):
             A plain ``DataLoader`` does not: Lightning restarts it at the epoch's first batch
             when resuming mid-epoch, and a shuffling one draws its order from the global RNG.
         on_nonfinite: ``stop`` or ``skip`` a step whose loss or gradients are not finite
-            (see :mod:`bbb_lightning.guard`).
+            (see :mod:`bbb_lightning.training.guard`).
         target_std: for regression on targets standardised as y' = (y - m) / s, the scales s
             (one per target dimension): validation and test then also log ``raw_rmse`` and
             ``raw_ll``, the RMSE and the predictive log-likelihood per example in the target's
-            own units (:func:`~bbb_lightning.metrics.raw_log_likelihood`).
+            own units (:func:`~bbb_lightning.evaluation.metrics.raw_log_likelihood`).
         compile: ``torch.compile`` the network in place (``nn.Module.compile``): False, True
             (the default backend) or a backend name (:func:`compile_backends`). Compiled, the
             layers take the reference path (:mod:`bbb_lightning.bayes.functional`), which the

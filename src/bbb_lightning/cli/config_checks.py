@@ -24,17 +24,17 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .bayes._arguments import is_real
-from .bayes.kl import KL_REDUCTIONS
-from .bayes.layers import ESTIMATORS
-from .checkpoint_files import checkpoint_problem, describe_intact_alternative
+from ..bayes._arguments import is_real
+from ..bayes.kl import KL_REDUCTIONS
+from ..bayes.layers import ESTIMATORS
+from ..storage.checkpoint_files import checkpoint_problem, describe_intact_alternative
+from ..storage.run_lock import acquire_run_lock, release_run_lock
+from ..summary import metric_mode
+from ..training.faults import RunFault, check_writable
+from ..training.guard import NONFINITE_MODES, NonFiniteError
+from ..training.module import compile_backends
+from ..training.objectives import KL_WEIGHTINGS
 from .config_terms import in_config_terms
-from .faults import RunFault, check_writable
-from .guard import NONFINITE_MODES, NonFiniteError
-from .module import compile_backends
-from .objectives import KL_WEIGHTINGS
-from .run_lock import acquire_run_lock, release_run_lock
-from .summary import metric_mode
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -95,7 +95,7 @@ def config_group_lines(*left_out: str) -> str:
     """``group: option, option`` for every config group of the package's ``conf/`` folder
     but ``hydra`` and ``left_out`` (``${config_groups:ood}`` in train's ``--help``: Hydra's
     own ``$APP_CONFIG_GROUPS`` would list evaluate's ``ood`` there too)."""
-    conf = Path(__file__).parent / "conf"
+    conf = Path(__file__).parents[1] / "conf"
     folders = sorted(
         folder
         for folder in conf.iterdir()
@@ -119,7 +119,7 @@ OmegaConf.register_new_resolver(
 
 def exit_on_user_error(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
     """Run an entry point's task; a user error, a non-finite loss or a fault of the machine
-    (:class:`~bbb_lightning.faults.RunFault`) becomes one log line.
+    (:class:`~bbb_lightning.training.faults.RunFault`) becomes one log line.
 
     In a single run the process then exits with status 1 (a fault: its ``exit_status``), no
     traceback. In a multirun the

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .bayes import posterior_scales, signal_to_noise
+from ..bayes import posterior_scales, signal_to_noise
 from .objectives import GaussianLikelihood
 
 __all__ = [
@@ -94,7 +94,7 @@ class RegressionFigure(Callback):
     +-2 sigma.
 
     Needs a datamodule with ``plot_grid()`` and ``train_x`` / ``train_y`` (the toy regression)
-    and a :class:`~bbb_lightning.objectives.GaussianLikelihood`. The band is the total
+    and a :class:`~bbb_lightning.training.objectives.GaussianLikelihood`. The band is the total
     predictive standard deviation (epistemic + aleatoric) over ``num_samples`` draws.
     """
 

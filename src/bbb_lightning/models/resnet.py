@@ -15,7 +15,7 @@ from itertools import pairwise
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bayes._arguments import positive_integer
+from ..bayes._arguments import positive_integer
 from .nets import _sizes
 
 __all__ = ["CIFARResNet"]

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .bayes._arguments import is_integer, positive_integer
+from ..bayes._arguments import is_integer, positive_integer
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,

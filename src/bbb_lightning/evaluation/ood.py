@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data.idx import read_idx
+from ..data.idx import read_idx
 
 __all__ = ["OOD_KINDS", "flipped", "gaussian_noise", "idx_images", "rotated"]
 
