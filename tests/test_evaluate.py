@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bbb_lightning.cli.config_checks import UserError
+from bbb_lightning.cli.errors import UserError
 from bbb_lightning.data import MNISTDataModule, ToyRegressionDataModule
 from bbb_lightning.data.idx import read_idx
 from bbb_lightning.evaluate import evaluate

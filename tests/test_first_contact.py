@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bbb_lightning.cli.command_line import command_line_problems
-from bbb_lightning.cli.config_checks import UserError
+from bbb_lightning.cli.errors import UserError
 from bbb_lightning.train import train
 from bbb_testing import QUICK, compose_config, run_cli
 

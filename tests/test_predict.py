@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.distributions import Categorical
 
-from bbb_lightning.cli.config_checks import UserError
+from bbb_lightning.cli.errors import UserError
 from bbb_lightning.data import MNISTDataModule
 from bbb_lightning.data.idx import read_idx
 from bbb_lightning.predict import fit_input_shape, predict, read_input

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from bbb_lightning.bayes import GaussianPrior, MeanFieldNormal
-from bbb_lightning.cli.config_checks import UserError
+from bbb_lightning.cli.errors import UserError
 from bbb_lightning.train import train
 from bbb_lightning.training.guard import NonFiniteError, first_nonfinite
 from bbb_lightning.training.module import BayesByBackprop
@@ -303,7 +303,7 @@ def test_a_multirun_refuses_a_sweep_dir_that_holds_an_earlier_one_before_writing
     assert again.returncode == 1
     errors = [line for line in again.stderr.splitlines() if "already holds a multirun" in line]
     assert errors == [
-        f"[bbb_lightning.cli.config_checks][ERROR] - hydra.sweep.dir={str(sweep)!r} is not "
+        f"[bbb_lightning.cli.hydra_callbacks][ERROR] - hydra.sweep.dir={str(sweep)!r} is not "
         "allowed: "
         "it already holds a multirun (multirun.yaml, 0/, 1/); choose a new hydra.sweep.dir (or "
         "leave it to its default multirun/<date>/<time>), or resume one of its jobs with "

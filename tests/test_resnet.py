@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from bbb_lightning.bayes import named_posteriors
-from bbb_lightning.cli.config_checks import UserError
+from bbb_lightning.cli.errors import UserError
 from bbb_lightning.data import CIFARDataModule
 from bbb_lightning.models.resnet import CIFARResNet
 from bbb_lightning.train import build_model

@@ -9,7 +9,7 @@ import torch
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from bbb_lightning.bayes import posterior_mean
-from bbb_lightning.cli.config_checks import UserError
+from bbb_lightning.cli.errors import UserError
 from bbb_lightning.train import train
 from bbb_lightning.training.guard import NonFiniteError
 from bbb_lightning.training.module import BayesByBackprop

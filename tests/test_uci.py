@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from bbb_lightning.cli.config_checks import UserError
+from bbb_lightning.cli.errors import UserError
 from bbb_lightning.data import UCIDataModule
 from bbb_lightning.data import uci as uci_module
 from bbb_lightning.summary import main as summary_main

@@ -43,20 +43,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.tensorboard import SummaryWriter
 
-from . import figures, ood
 from .bayes import posterior_scales, signal_to_noise
 from .cli.command_line import checked
-from .cli.config_checks import (
-    UserError,
-    _is_finite_number,
-    _is_int,
-    _is_list_of,
-    _require,
-    exit_on_user_error,
-    format_metrics,
-    user_errors,
-)
+from .cli.config_checks import integer_at_least, is_finite_number, list_of, require_value
+from .cli.errors import UserError, exit_on_user_error, user_errors
+from .cli.printing import format_metrics
 from .data.mnist import NORMALIZATIONS
+from .evaluation import figures, ood
 from .evaluation.export import export_posterior
 from .evaluation.metrics import (
     classification_metrics,
@@ -467,56 +460,59 @@ def _check(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path is None:
         raise UserError("ckpt_path is required: a training run directory or a .ckpt file")
     for key in ("eval_samples", "batch_size", "calibration_bins"):
-        _require(cfg, key, _is_int(1), "an integer >= 1")
-    _require(cfg, "limit_test", lambda v: v is None or _is_int(1)(v), "null or >= 1")
-    _require(
-        cfg, "sample_counts", _is_list_of(_is_int(1)), "a list of integers >= 1, e.g. [1,10,100]"
+        require_value(cfg, key, integer_at_least(1), "an integer >= 1")
+    require_value(cfg, "limit_test", lambda v: v is None or integer_at_least(1)(v), "null or >= 1")
+    require_value(
+        cfg,
+        "sample_counts",
+        list_of(integer_at_least(1)),
+        "a list of integers >= 1, e.g. [1,10,100]",
     )
-    _require(
+    require_value(
         cfg,
         "pruning_fractions",
-        _is_list_of(lambda v: _is_finite_number(v) and 0 <= v <= 1),
+        list_of(lambda v: is_finite_number(v) and 0 <= v <= 1),
         "a list of numbers in [0, 1]",
     )
-    _require(
+    require_value(
         cfg,
         "interval_levels",
-        _is_list_of(lambda v: _is_finite_number(v) and 0 < v < 1),
+        list_of(lambda v: is_finite_number(v) and 0 < v < 1),
         "a list of numbers in (0, 1)",
     )
-    _require(cfg, "ood.kind", lambda v: v in ood.OOD_KINDS, f"one of {list(ood.OOD_KINDS)}")
-    _require(cfg, "attack.methods", _is_list_of(lambda m: m in ATTACKS), f"in {ATTACKS}")
-    _require(
+    require_value(cfg, "ood.kind", lambda v: v in ood.OOD_KINDS, f"one of {list(ood.OOD_KINDS)}")
+    require_value(cfg, "attack.methods", list_of(lambda m: m in ATTACKS), f"in {ATTACKS}")
+    require_value(
         cfg,
         "attack.epsilons",
-        _is_list_of(lambda e: _is_finite_number(e) and e >= 0),
+        list_of(lambda e: is_finite_number(e) and e >= 0),
         "a list of finite numbers >= 0",
     )
     for key in ("limit", "num_samples", "num_draws", "gradient_draws", "pgd_steps"):
-        _require(cfg, f"attack.{key}", _is_int(1), "an integer >= 1")
-    _require(
+        require_value(cfg, f"attack.{key}", integer_at_least(1), "an integer >= 1")
+    require_value(
         cfg,
         "attack.pgd_step_size",
-        lambda v: _is_finite_number(v) and v > 0,
+        lambda v: is_finite_number(v) and v > 0,
         "a finite number > 0",
     )
     for key in ("figures", "attack.enabled", "attack.relative_to_range", "export.enabled"):
-        _require(cfg, key, lambda v: isinstance(v, bool), "true or false")
-    _require(
+        require_value(cfg, key, lambda v: isinstance(v, bool), "true or false")
+    require_value(
         cfg,
         "export.pruned_fraction",
-        lambda v: v is None or (_is_finite_number(v) and 0 <= v <= 1),
+        lambda v: v is None or (is_finite_number(v) and 0 <= v <= 1),
         "in [0, 1], or null (no pruned network)",
     )
-    _require(cfg, "device", lambda v: v in ("cpu", "cuda", "auto"), "cpu, cuda or auto")
-    _require(
+    require_value(cfg, "device", lambda v: v in ("cpu", "cuda", "auto"), "cpu, cuda or auto")
+    require_value(
         cfg,
         "ood.num_examples",
-        lambda v: v is None or _is_int(1)(v),
+        lambda v: v is None or integer_at_least(1)(v),
         "an integer >= 1, or null (as many as the test examples)",
     )
     if cfg.ood.kind == "rotated":
-        _require(cfg, "ood.angle", _is_finite_number, "a finite number (degrees)")
+        require_value(cfg, "ood.angle", is_finite_number, "a finite number (degrees)")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:

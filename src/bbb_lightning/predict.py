@@ -42,7 +42,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from .cli.command_line import checked
-from .cli.config_checks import UserError, _is_int, _require, exit_on_user_error, user_errors
+from .cli.config_checks import integer_at_least, require_value
+from .cli.errors import UserError, exit_on_user_error, user_errors
 from .data.csv import numeric_columns, read_table
 from .data.mnist import NORMALIZATIONS
 from .evaluation.metrics import expected_entropy, predictive_entropy
@@ -388,9 +389,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         if OmegaConf.is_missing(cfg, key) or cfg.get(key) is None:
             raise UserError(f"{key} is required (python -m bbb_lightning.predict --help)")
     for key in ("eval_samples", "batch_size"):
-        _require(cfg, key, _is_int(1), "an integer >= 1")
+        require_value(cfg, key, integer_at_least(1), "an integer >= 1")
     for key in ("raw", "save_samples"):
-        _require(cfg, key, lambda value: isinstance(value, bool), "true or false")
+        require_value(cfg, key, lambda value: isinstance(value, bool), "true or false")
     raw, save_samples = cfg.raw, cfg.save_samples
     output = (
         Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir) / "predictions.pt"

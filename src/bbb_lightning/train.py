@@ -33,17 +33,14 @@ from .bayes import native
 from .cli.command_line import checked
 from .cli.component_checks import AUTO, component_problems, missing_files, unaccepted_arguments
 from .cli.config_checks import (
-    UserError,
     check_epoch_length,
-    check_fresh_output_dir,
     check_input_fits,
     check_optimized_metric,
-    check_resumable,
     config_problems,
-    exit_on_user_error,
-    format_metrics,
-    user_errors,
 )
+from .cli.errors import UserError, exit_on_user_error, user_errors
+from .cli.printing import format_metrics
+from .cli.run_dir_checks import check_fresh_output_dir, check_resumable
 from .storage.atomic_files import AtomicCheckpointIO, write_text_atomically
 from .storage.resume import nothing_left_to_train
 from .storage.run_lock import run_lock

@@ -23,8 +23,8 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .command_line import close_matches
-from .config_checks import UserError
 from .config_terms import in_config_terms
+from .errors import UserError
 
 __all__ = ["component_problems", "missing_files", "target_nodes", "unaccepted_arguments"]
 

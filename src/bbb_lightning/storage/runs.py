@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 
-from ..cli.config_checks import UserError, user_errors
+from ..cli.errors import UserError, user_errors
 from ..training.module import BayesByBackprop
 from .checkpoint_files import checkpoint_problem, describe_intact_alternative
 

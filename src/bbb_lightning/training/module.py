@@ -37,7 +37,7 @@ from torchmetrics import MeanSquaredError, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from ..bayes import bayesianize, is_bayesian, sample_forward, sample_forward_with_kl
-from ..bayes._arguments import positive_integer
+from ..bayes.arguments import positive_integer
 from ..bayes.posteriors import VariationalPosterior
 from ..bayes.priors import Prior
 from ..evaluation.metrics import raw_log_likelihood

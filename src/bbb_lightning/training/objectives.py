@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..bayes._arguments import is_integer, is_real
+from ..bayes.arguments import is_integer, is_real
 from ..bayes.kl import KL_REDUCTIONS
 
 __all__ = [

@@ -1,0 +1,40 @@
+"""OmegaConf resolvers the configs use: ``${config_groups:ood}`` (train's ``--help``),
+``${metric_mode:val/accuracy}`` (the checkpoint's ``mode``) and ``${optuna_direction:...}``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ..summary import metric_mode
+
+
+def config_group_lines(*left_out: str) -> str:
+    """``group: option, option`` for every config group of the package's ``conf/`` folder
+    but ``hydra`` and ``left_out`` (``${config_groups:ood}`` in train's ``--help``: Hydra's
+    own ``$APP_CONFIG_GROUPS`` would list evaluate's ``ood`` there too)."""
+    conf = Path(__file__).parents[1] / "conf"
+    folders = sorted(
+        folder
+        for folder in conf.iterdir()
+        if folder.is_dir() and folder.name not in ("hydra", "__pycache__", *left_out)
+    )
+    return "\n".join(
+        f"{folder.name}: {', '.join(sorted(p.stem for p in folder.glob('*.yaml')))}"
+        for folder in folders
+    )
+
+
+OmegaConf.register_new_resolver("config_groups", config_group_lines, replace=True)
+
+
+# ${metric_mode:val/accuracy} -> max (the checkpoint callback's mode), and Optuna's direction.
+OmegaConf.register_new_resolver("metric_mode", metric_mode, replace=True)
+
+
+OmegaConf.register_new_resolver(
+    "optuna_direction",
+    lambda name: "maximize" if metric_mode(name) == "max" else "minimize",
+    replace=True,
+)
