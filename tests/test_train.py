@@ -435,3 +435,35 @@ def test_resuming_with_another_network_is_named_before_training(tmp_path):
     )
     with pytest.raises(UserError, match=expected):
         train(cfg)
+
+
+def test_a_run_directory_as_ckpt_path_resumes_that_run_in_place(tmp_path):
+    """``train ckpt_path=<run dir>`` was refused, and a resume from its last.ckpt wrote a new
+    run directory, splitting the TensorBoard curves. It resumes the run where it is, with the
+    run's own overrides, and its curves continue in the one tensorboard/ folder."""
+    quiet = ["callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
+    first = run_cli(
+        "hydra.run.dir=run", "model.net.hidden=[8]", "trainer.max_epochs=1", *quiet, cwd=tmp_path
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    resumed = run_cli("ckpt_path=run", "trainer.max_epochs=2", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming the run in run in place from last.ckpt with its overrides " in resumed.stderr
+    assert "model.net.hidden=[8]" in resumed.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no new run directory
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 2
+    steps = [event.step for event in events(tmp_path / "run").Scalars("train/loss_epoch")]
+    assert steps == [3, 7]  # both epochs' points on one curve (4 batches an epoch)
+
+    (tmp_path / "bare" / ".hydra").mkdir(parents=True)
+    (tmp_path / "bare" / ".hydra" / "config.yaml").write_text("{}\n")
+    refused = run_cli("ckpt_path=bare", cwd=tmp_path)
+    assert refused.returncode == 1
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "ckpt_path='bare' is not allowed: the run directory holds no checkpoints/last.ckpt to "
+            "resume from (name one of its checkpoints instead)"
+        )
+    )

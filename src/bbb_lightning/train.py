@@ -40,6 +40,7 @@ from .cli.config_checks import (
 )
 from .cli.errors import UserError, exit_on_user_error, user_errors
 from .cli.printing import format_metrics
+from .cli.resume_in_place import resumed_in_place
 from .cli.run_dir_checks import check_fresh_output_dir, check_resumable
 from .storage.atomic_files import AtomicCheckpointIO, write_text_atomically
 from .storage.resume import nothing_left_to_train
@@ -388,7 +389,7 @@ def _fit_and_test(
     return metrics
 
 
-@checked("config")
+@checked("config", rewrite=resumed_in_place)
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the best value of ``cfg.optimized_metric`` over the run's
