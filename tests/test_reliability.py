@@ -338,6 +338,10 @@ def test_a_failing_multirun_job_does_not_stop_the_others(tmp_path):
     assert result.returncode != 0  # the sweep as a whole reports the failure
     assert json.loads((tmp_path / "sweep" / "1" / "metrics.json").read_text())["test/nll"]
     summary = (tmp_path / "sweep" / "summary.md").read_text()
-    assert "| 0 | failed | prior.scale=-1.0" in summary
+    # printed at the end, where it is written; the overrides all jobs share named once
+    assert f"The sweep ({tmp_path / 'sweep' / 'summary.md'}, also summary.csv):" in result.stdout
+    assert summary in result.stdout
+    assert "Every job: `trainer.max_epochs=1 callbacks.progress_bar=null" in summary
+    assert "| 0 | failed | prior.scale=-1.0 |" in summary
     assert "prior.scale=-1.0 is not allowed: a finite number > 0" in summary
     assert "| 1 | ok | prior.scale=1.0" in summary

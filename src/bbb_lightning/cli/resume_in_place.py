@@ -50,9 +50,8 @@ def resumed_in_place(argv: list[str]) -> tuple[list[str], str | None]:
         return [*rewritten, f"ckpt_path={checkpoint}"], None
     given = {_key(item) for item in rewritten}
     saved = [item for item in _saved_overrides(run_dir) if _key(item) not in given]
-    said = (
-        f"resuming the run in {run_dir} in place from {checkpoint.name}"
-        + (f" with its overrides {' '.join(saved)}" if saved else "")
+    said = f"resuming the run in {run_dir} in place from {checkpoint.name}" + (
+        f" with its overrides {' '.join(saved)}" if saved else ""
     )
     return [*saved, *rewritten, f"hydra.run.dir={run_dir}", f"ckpt_path={checkpoint}"], said
 
