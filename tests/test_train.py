@@ -441,11 +441,15 @@ def test_a_run_directory_as_ckpt_path_resumes_that_run_in_place(tmp_path):
     """``train ckpt_path=<run dir>`` was refused, and a resume from its last.ckpt wrote a new
     run directory, splitting the TensorBoard curves. It resumes the run where it is, with the
     run's own overrides, and its curves continue in the one tensorboard/ folder."""
-    quiet = ["callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
     first = run_cli(
-        "hydra.run.dir=run", "model.net.hidden=[8]", "trainer.max_epochs=1", *quiet, cwd=tmp_path
-    )
+        "hydra.run.dir=run", "model.net.hidden=[8]", "trainer.max_epochs=1",
+        "callbacks.progress_bar=null", cwd=tmp_path, env={"PYTHONWARNINGS": "default"},
+    )  # fmt: skip
     assert first.returncode == 0, first.stderr[-2000:]
+    # the summary names the variational tensors; no FLOPs of 0, no tips, no torch deprecations
+    assert "Variational tensors: 4, holding 25 weights (MeanFieldNormal)" in first.stdout
+    for noise in ("FLOPs", "litlogger", "LeafSpec", "exists and is not empty"):
+        assert noise not in first.stdout + first.stderr
     resumed = run_cli("ckpt_path=run", "trainer.max_epochs=2", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming the run in run in place from last.ckpt with its overrides " in resumed.stderr

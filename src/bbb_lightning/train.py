@@ -48,6 +48,7 @@ from .storage.run_lock import run_lock
 from .training.allocator import retain_freed_memory
 from .training.faults import check_writable
 from .training.guard import LIKELY_CAUSES, NonFiniteError
+from .training.model_summary import with_variational_summary
 from .training.module import BayesByBackprop
 
 log = logging.getLogger(__name__)
@@ -300,6 +301,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         trainer: pl.Trainer = instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=_plugins(cfg)
         )
+        trainer.callbacks = with_variational_summary(trainer.callbacks)
         check_epoch_length(trainer, datamodule)
     finished = _finished_in_place(output_dir, ckpt_path, trainer)
     if finished is not None:

@@ -35,6 +35,8 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .quiet import silence_library_noise
+
 __all__ = ["check_command_line", "checked", "close_matches", "command_line_problems"]
 
 CONFIG_MODULE = "bbb_lightning.conf"
@@ -58,14 +60,16 @@ def checked(
     config_name: str,
     rewrite: Callable[[list[str]], tuple[list[str], str | None]] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorate a ``@hydra.main`` entry point: called from the command line (no config passed
-    in), it first rewrites ``sys.argv`` with ``rewrite`` (which returns the new arguments and a
-    line to print, or raises ValueError: one line, exit status 1), then runs
+    """Decorate a ``@hydra.main`` entry point: it silences the libraries' noise
+    (:func:`~bbb_lightning.cli.quiet.silence_library_noise`); called from the command line (no
+    config passed in), it first rewrites ``sys.argv`` with ``rewrite`` (which returns the new
+    arguments and a line to print, or raises ValueError: one line, exit status 1), then runs
     :func:`check_command_line` on it."""
 
     def decorate(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(hydra_main)
         def entry_point(cfg_passthrough: DictConfig | None = None) -> Any:
+            silence_library_noise()
             if cfg_passthrough is None:
                 if rewrite is not None:
                     _rewrite_argv(rewrite)
