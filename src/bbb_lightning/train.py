@@ -43,6 +43,7 @@ from .cli.printing import format_metrics
 from .cli.resume_in_place import resumed_in_place
 from .cli.run_dir_checks import check_fresh_output_dir, check_resumable
 from .storage.atomic_files import AtomicCheckpointIO, write_text_atomically
+from .storage.checkpoints import ModelCheckpoint
 from .storage.resume import nothing_left_to_train
 from .storage.run_lock import run_lock
 from .training.allocator import retain_freed_memory
@@ -377,14 +378,14 @@ def _fit_and_test(
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
     checkpoint = trainer.checkpoint_callback
-    best = checkpoint.best_model_path if checkpoint is not None else ""
+    best, best_score = checkpoint.best() if isinstance(checkpoint, ModelCheckpoint) else ("", None)
     skipped_steps = model.skipped_steps  # the run's; loading the best checkpoint restores its own
     (test_results,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
     model.skipped_steps = skipped_steps
     metrics |= {name: float(value) for name, value in test_results.items()}
     metrics |= {"fit_seconds": fit_seconds, "epochs": float(trainer.current_epoch)}
-    if best and checkpoint.best_model_score is not None:  # None: a checkpoint monitoring nothing
-        metrics[f"best/{cfg.optimized_metric}"] = float(checkpoint.best_model_score)
+    if best and best_score is not None:  # None: a checkpoint monitoring nothing
+        metrics[f"best/{cfg.optimized_metric}"] = float(best_score)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # The next job of a multirun starts new processes: it needs a new process group.
         torch.distributed.destroy_process_group()
