@@ -6,14 +6,13 @@ import json
 
 import pytest
 import torch
-from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from bbb_lightning.bayes import posterior_mean
+from bbb_lightning.bayes import kl_divergence, posterior_mean
 from bbb_lightning.cli.errors import UserError
 from bbb_lightning.train import train
 from bbb_lightning.training.guard import NonFiniteError
 from bbb_lightning.training.module import BayesByBackprop
-from bbb_testing import QUICK, compose_config, events, run_cli
+from bbb_testing import QUICK, compose_config, events, hparams_plugin, run_cli
 
 
 def test_default_run_writes_metrics_checkpoints_and_tensorboard(tmp_path):
@@ -32,26 +31,36 @@ def test_default_run_writes_metrics_checkpoints_and_tensorboard(tmp_path):
         assert len(steps) == 8 and len(epochs) == 2  # 512 examples in 4 batches of 128, 2 epochs
         for epoch, mean in enumerate(epochs):  # equal batches: the mean of the step values
             assert mean == pytest.approx(sum(steps[4 * epoch : 4 * epoch + 4]) / 4, rel=1e-5)
-    assert {"val/nll", "val/rmse", "test/nll", "hp/test_nll"} <= set(tags["scalars"])
+    scalars = set(tags["scalars"])
+    assert {"val/nll", "val/rmse", "z_hparams/test/nll", "z_hparams/best/val/nll"} <= scalars
+    # the Scalars tab opens on the first two groups: the curves, not `epoch`, `hp/*` or `test/*`
+    assert sorted({tag.split("/")[0] for tag in scalars}) == [
+        "train",
+        "val",
+        "weights",
+        "z_hparams",
+    ]
     assert any(tag.startswith("sigma/net.") for tag in tags["histograms"])
-    assert "figures/predictive" in tags["images"]
-    hparams = accumulator.summary_metadata  # the HParams plugin's session info
-    assert any(meta.plugin_data.plugin_name == "hparams" for meta in hparams.values())
-    (session,) = (
-        data.session_start_info.hparams
-        for meta in hparams.values()
-        if meta.plugin_data.plugin_name == "hparams"
-        and (data := HParamsPluginData.FromString(meta.plugin_data.content)).HasField(
-            "session_start_info"
-        )
-    )
+    assert set(tags["images"]) == {"figures/predictive"}  # no classification figures
+    # the per-layer KL of the final network sums to its KL
+    model = BayesByBackprop.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    layer_kls = [accumulator.Scalars(t)[-1] for t in scalars if t.startswith("weights/kl/")]
+    assert len(layer_kls) == 3 and {event.step for event in layer_kls} == {8}
+    total = float(kl_divergence(model.net))
+    assert sum(event.value for event in layer_kls) == pytest.approx(total, rel=1e-5)
+    experiment, session = hparams_plugin(accumulator)
     # the sizes filled from the dataset, not the config's null
-    assert session["model/net/input_shape"].string_value == "[1]"
-    assert session["model/net/num_outputs"].number_value == 1
-    assert session["likelihood/target_dim"].number_value == 1
-    assert metrics["test/nll"] == pytest.approx(
-        accumulator.Scalars("hp/test_nll")[-1].value, rel=1e-6
-    )
+    assert session.hparams["model.net.input_shape"].string_value == "[1]"
+    assert session.hparams["model.net.num_outputs"].number_value == 1
+    assert session.hparams["likelihood.target_dim"].number_value == 1
+    columns = [info.display_name for info in experiment.metric_infos]
+    assert columns == [  # the tab shows the first five
+        *("best/val/nll", "test/nll", "test/rmse", "val/nll", "val/rmse", "epochs", "fit_seconds")
+    ]
+    for info in experiment.metric_infos:
+        assert metrics[info.display_name] == pytest.approx(
+            accumulator.Scalars(info.name.tag)[-1].value, rel=1e-6
+        )
 
 
 @pytest.mark.parametrize(
@@ -118,8 +127,16 @@ def test_mnist_mlp_learns(tmp_path, mnist_dir):
     metrics = train(cfg)
     assert metrics["test/accuracy"] > 0.85
     assert 0 <= metrics["test/ece"] < 0.1
-    scalars = events(tmp_path).Tags()["scalars"]
-    assert {"train/accuracy", "train/ece", "val/accuracy", "val/ece"} <= set(scalars)
+    accumulator = events(tmp_path)
+    tags = accumulator.Tags()
+    assert {"train/accuracy", "train/ece", "val/accuracy", "val/ece"} <= set(tags["scalars"])
+    # each validation epoch (40 steps of 128): a reliability diagram, the most uncertain
+    # examples, the KL of each of the MLP's three layers
+    assert {"figures/reliability", "figures/most_uncertain"} == set(tags["images"])
+    for tag in ("figures/reliability", "figures/most_uncertain"):
+        assert [image.step for image in accumulator.Images(tag)] == [40, 80]
+    layers = {tag for tag in tags["scalars"] if tag.startswith("weights/kl/")}
+    assert layers == {f"weights/kl/net.layers.{i}" for i in (1, 3, 5)}
 
 
 def test_csv_dataset(tmp_path):
@@ -153,7 +170,17 @@ def test_cli_runs_from_any_directory_into_outputs(tmp_path):
     run_dir = metrics_file.parent
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    experiment, session = hparams_plugin(events(run_dir))
+    # a single run is named by its overrides; their keys are listed first
+    overrides = [*QUICK, "trainer.max_epochs=1"]
+    assert session.group_name.startswith(" ".join(overrides) + " · ")
+    differing = {info.name for info in experiment.hparam_infos if info.differs}
+    assert differing == {
+        "trainer.max_epochs",
+        "callbacks.progress_bar",
+        "trainer.enable_model_summary",
+    }
+    assert session.hparams["trainer.enable_model_summary"].bool_value is False
 
 
 @pytest.mark.slow
@@ -171,9 +198,15 @@ def test_multirun_gives_one_run_per_combination(tmp_path):
     job_dirs = sorted(p for p in (tmp_path / "multirun").iterdir() if p.is_dir())
     assert [p.name for p in job_dirs] == ["0", "1", "2", "3"]
     seen = set()
+    trial_names = []
     for job in job_dirs:
         assert json.loads((job / "metrics.json").read_text())["test/nll"] > -10
-        assert list((job / "tensorboard").glob("events.out.tfevents.*"))
+        experiment, session = hparams_plugin(events(job))
+        # the HParams tab: the swept choices first, the trial named by them (not 0/tensorboard)
+        differing = [info.name for info in experiment.hparam_infos if info.differs]
+        assert sorted(differing) == ["kl.weighting", "prior"]
+        assert session.hparams["prior"].string_value in ("gaussian", "scale_mixture")
+        trial_names.append(session.group_name.split(" · ")[0])
         overrides = (job / ".hydra" / "overrides.yaml").read_text()
         seen.add(
             tuple(
@@ -181,6 +214,11 @@ def test_multirun_gives_one_run_per_combination(tmp_path):
             )
         )
     assert len(seen) == 4
+    assert trial_names == [
+        f"prior={prior} kl.weighting={weighting}"
+        for prior in ("gaussian", "scale_mixture")
+        for weighting in ("uniform", "minibatch")
+    ]
 
 
 BAD_INPUTS = [  # docs/errors.md, row by row
@@ -250,6 +288,10 @@ BAD_INPUTS = [  # docs/errors.md, row by row
     (
         "callbacks.posterior_histograms.every_n_epochs=0",
         "callbacks.posterior_histograms.every_n_epochs=0 is not allowed: an integer >= 1",
+    ),
+    (
+        "callbacks.classification_figures.num_examples=0",
+        "callbacks.classification_figures.num_examples=0 is not allowed: an integer >= 1",
     ),
     ("posterior.rho_init=abc", "posterior.rho_init='abc' is not allowed: a number or [low,"),
     (  # was a traceback from inside training (a tensor of 0 elements)

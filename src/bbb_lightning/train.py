@@ -47,10 +47,13 @@ from .storage.checkpoints import ModelCheckpoint
 from .storage.resume import nothing_left_to_train
 from .storage.run_lock import run_lock
 from .training.allocator import retain_freed_memory
+from .training.callbacks import tensorboard_writer
 from .training.faults import check_writable
 from .training.guard import LIKELY_CAUSES, NonFiniteError
+from .training.hparams import flat_hparams, trial_of_this_job
 from .training.model_summary import with_variational_summary
 from .training.module import BayesByBackprop
+from .training.tensorboard_logger import write_results
 
 log = logging.getLogger(__name__)
 
@@ -177,30 +180,19 @@ def _target_std(datamodule: pl.LightningDataModule, likelihood: dict) -> list[fl
     return [float(value) for value in torch.as_tensor(target_std).reshape(-1)]
 
 
-def _flat_hparams(cfg: DictConfig, model: BayesByBackprop) -> dict[str, Any]:
-    """The run's choices as flat ``group/key`` -> scalar, for TensorBoard's HParams tab; the
-    net's and the likelihood's sizes as filled from the dataset (null in the config)."""
-    keep = ("dataset", "model", "prior", "posterior", "kl", "optimizer", "scheduler")
-    keep += ("likelihood",)
-    flat: dict[str, Any] = {}
-
-    def visit(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key not in ("_partial_",):
-                    visit(f"{prefix}/{key}" if prefix else str(key), value)
-        else:
-            flat[prefix] = node if isinstance(node, int | float | str | bool) else str(node)
-
-    choices = {key: _container(cfg[key]) for key in keep if key in cfg}
-    choices["likelihood"] = model.hparams.get("likelihood", choices.get("likelihood"))
-    if isinstance(choices.get("model"), dict) and isinstance(model.hparams.get("net"), dict):
-        choices["model"] = {**choices["model"], "net": model.hparams["net"]}
-    visit("", choices)
-    for key in ("seed", "num_samples", "eval_samples"):
-        flat[key] = cfg[key]
-    flat["trainer/max_epochs"] = cfg.trainer.get("max_epochs")
-    return flat
+def _write_results(writer: Any, cfg: DictConfig, trainer: pl.Trainer, metrics: dict) -> None:
+    """The final metrics and hyperparameters in TensorBoard (HParams tab): the net's and the
+    likelihood's sizes as filled from the dataset, named and ordered by this job's trial."""
+    trial = trial_of_this_job()
+    model = trainer.lightning_module
+    filled = {"likelihood": model.hparams.get("likelihood")}
+    if isinstance(model.hparams.get("net"), dict):
+        filled["model"] = {**_container(cfg.model), "net": model.hparams["net"]}
+    choices = dict(HydraConfig.get().runtime.choices) if trial is not None else {}
+    overrides = trial.all_overrides if trial is not None else ()
+    hparams = flat_hparams(cfg, filled, choices, overrides)
+    name, varied = (trial.name(hparams), trial.varied_keys) if trial is not None else ("", ())
+    write_results(writer, hparams, metrics, name, varied, trainer.global_step)
 
 
 @rank_zero_only
@@ -210,14 +202,11 @@ def _report(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float]) -> 
     write_text_atomically(
         output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n"
     )
+    writer = tensorboard_writer(trainer)
+    if writer is not None:
+        _write_results(writer, cfg, trainer, metrics)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            hp_metrics = {
-                f"hp/{name.replace('/', '_')}": value
-                for name, value in metrics.items()
-                if name.startswith(("val/", "test/"))
-            }
-            logger.log_hyperparams(_flat_hparams(cfg, trainer.lightning_module), metrics=hp_metrics)
             logger.finalize("success")
     log.info("Metrics (also in %s):\n%s", output_dir / "metrics.json", format_metrics(metrics))
 
