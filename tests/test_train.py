@@ -40,8 +40,8 @@ def test_default_run_writes_metrics_checkpoints_and_tensorboard(tmp_path):
         "weights",
         "z_hparams",
     ]
-    assert any(tag.startswith("sigma/net.") for tag in tags["histograms"])
-    assert set(tags["images"]) == {"figures/predictive"}  # no classification figures
+    assert any(tag.startswith("weights/sigma/net.") for tag in tags["histograms"])
+    assert set(tags["images"]) == {"val/predictive"}  # no classification figures
     # the per-layer KL of the final network sums to its KL
     model = BayesByBackprop.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     layer_kls = [accumulator.Scalars(t)[-1] for t in scalars if t.startswith("weights/kl/")]
@@ -73,7 +73,7 @@ def test_default_run_writes_metrics_checkpoints_and_tensorboard(tmp_path):
 )
 def test_the_regression_figure_every_n_epochs_and_at_the_end(tmp_path, overrides, figure_steps):
     train(compose_config(tmp_path, *overrides, "callbacks.progress_bar=null"))
-    images = events(tmp_path).Images("figures/predictive")
+    images = events(tmp_path).Images("val/predictive")
     assert [image.step for image in images] == figure_steps  # 4 steps per epoch
 
 
@@ -132,8 +132,8 @@ def test_mnist_mlp_learns(tmp_path, mnist_dir):
     assert {"train/accuracy", "train/ece", "val/accuracy", "val/ece"} <= set(tags["scalars"])
     # each validation epoch (40 steps of 128): a reliability diagram, the most uncertain
     # examples, the KL of each of the MLP's three layers
-    assert {"figures/reliability", "figures/most_uncertain"} == set(tags["images"])
-    for tag in ("figures/reliability", "figures/most_uncertain"):
+    assert {"val/reliability", "val/most_uncertain"} == set(tags["images"])
+    for tag in ("val/reliability", "val/most_uncertain"):
         assert [image.step for image in accumulator.Images(tag)] == [40, 80]
     layers = {tag for tag in tags["scalars"] if tag.startswith("weights/kl/")}
     assert layers == {f"weights/kl/net.layers.{i}" for i in (1, 3, 5)}

@@ -189,7 +189,7 @@ def _write_results(writer: Any, cfg: DictConfig, trainer: pl.Trainer, metrics: d
     if isinstance(model.hparams.get("net"), dict):
         filled["model"] = {**_container(cfg.model), "net": model.hparams["net"]}
     choices = dict(HydraConfig.get().runtime.choices) if trial is not None else {}
-    overrides = trial.all_overrides if trial is not None else ()
+    overrides = trial.overrides if trial is not None else ()  # also the keys of no group
     hparams = flat_hparams(cfg, filled, choices, overrides)
     name, varied = (trial.name(hparams), trial.varied_keys) if trial is not None else ("", ())
     write_results(writer, hparams, metrics, name, varied, trainer.global_step)
