@@ -21,11 +21,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from bbb_lightning.config_checks import UserError
+from bbb_lightning.cli.errors import UserError
 from bbb_lightning.evaluate import evaluate
-from bbb_lightning.faults import RunFault
-from bbb_lightning.run_lock import LOCK_NAME
+from bbb_lightning.storage.run_lock import LOCK_NAME
 from bbb_lightning.train import train
+from bbb_lightning.training.faults import RunFault
 from bbb_testing import can_obey_file_permissions, compose_config, obey_file_permissions, run_cli
 
 QUIET = ["callbacks.progress_bar=null", "trainer.enable_model_summary=false", "logger=none"]
@@ -101,7 +101,8 @@ def test_a_read_only_output_directory_is_one_line_naming_it(tmp_path):
         run.chmod(0o755)
     assert result.returncode == 1
     assert _error_lines(result.stderr, "ERROR") == [
-        f"[bbb_lightning.config_checks][ERROR] - output directory {str(run)!r} is not writable "
+        f"[bbb_lightning.cli.hydra_callbacks][ERROR] - output directory {str(run)!r} is not "
+        "writable "
         f"(it: Permission denied); choose another hydra.run.dir, or make {run} writable"
     ], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -187,7 +188,7 @@ def test_a_second_run_into_the_same_directory_stops_naming_the_first(tmp_path):
     assert second.returncode == 1
     (line,) = _error_lines(second.stderr, "ERROR")
     assert line.startswith(
-        f"[bbb_lightning.config_checks][ERROR] - output directory {str(run)!r} is in use by "
+        f"[bbb_lightning.cli.hydra_callbacks][ERROR] - output directory {str(run)!r} is in use by "
         f"another run (pid {first.pid} on host {socket.gethostname()}, started "
     ), line
     assert line.endswith("); wait for it to end, or choose another hydra.run.dir"), line
@@ -418,7 +419,7 @@ def test_the_slurm_launcher_asks_for_the_signal_lightning_requeues_on(tmp_path):
     """The sbatch script of ``hydra/launcher=slurm`` has SLURM send USR1 signal_delay_s ahead of
     the time limit and allows the requeue; the job's trainer listens to that signal."""
     submitit_slurm = pytest.importorskip("submitit.slurm.slurm")
-    from bbb_lightning.preemption import requeue_signal
+    from bbb_lightning.training.preemption import requeue_signal
 
     with initialize_config_module("bbb_lightning.conf", version_base="1.3"):
         overrides = ["hydra/launcher=slurm", "hydra.launcher.signal_delay_s=300"]

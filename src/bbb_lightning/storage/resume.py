@@ -18,9 +18,11 @@ from typing import Any
 import torch
 
 from .checkpoint_files import checkpoint_problem
-from .preemption import RUN_CONFIG_KEY
 
-__all__ = ["latest_state_of_same_run", "nothing_left_to_train"]
+__all__ = ["RUN_CONFIG_KEY", "latest_state_of_same_run", "nothing_left_to_train"]
+
+# the key under which every checkpoint records the config of the run that wrote it
+RUN_CONFIG_KEY = "bbb_run_config"
 
 
 def latest_state_of_same_run(output_dir: Path, run_config: str) -> tuple[Path, int] | None:

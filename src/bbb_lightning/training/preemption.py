@@ -22,14 +22,13 @@ with the signal the launcher asked SLURM for.
 
 Every checkpoint also records the run's config (:meth:`Preemption.on_save_checkpoint`), which
 is how the same command, started again, recognises the state of its own unfinished run
-(:func:`bbb_lightning.resume.latest_state_of_same_run`).
+(:func:`bbb_lightning.storage.resume.latest_state_of_same_run`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,21 +40,18 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from ..storage.resume import RUN_CONFIG_KEY
 from .faults import EXIT_PREEMPTED, RunFault
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "RUN_CONFIG_KEY",
     "Preemption",
     "SavedAtSignal",
     "requeue_signal",
     "run_config_text",
     "slurm_environment",
-    "slurm_run_name",
 ]
-
-RUN_CONFIG_KEY = "bbb_run_config"
 
 
 def run_config_text(cfg: DictConfig) -> str:
@@ -194,21 +190,6 @@ def slurm_environment(launcher: Any) -> SLURMEnvironment | None:
     if not SLURMEnvironment.detect():
         return None
     return SLURMEnvironment(auto_requeue=True, requeue_signal=requeue_signal(launcher))
-
-
-def slurm_run_name(default: str) -> str:
-    """The run directory's name: ``slurm-<job id>`` inside a SLURM batch job (Lightning's test:
-    ``SLURM_NTASKS`` set, not an interactive job), ``default`` elsewhere. A requeued job keeps its
-    job id, so it finds the directory of its first start (``hydra.run.dir`` resolves
-    ``outputs/${slurm_run_name:<date>/<time>}``); an array's tasks have a job id each.
-
-    Example:
-        >>> import os
-        >>> slurm_run_name("2026-12-07/10-00-00") if "SLURM_NTASKS" not in os.environ else "..."
-        '2026-12-07/10-00-00'
-    """
-    job = os.environ.get("SLURM_JOB_ID")
-    return f"slurm-{job}" if job and SLURMEnvironment.detect() else default
 
 
 def stopped_by_sigterm(error: BaseException) -> bool:
