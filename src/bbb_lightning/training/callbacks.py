@@ -27,9 +27,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from . import figures
-from .bayes import named_posteriors, posterior_kl, posterior_scales, signal_to_noise
-from .metrics import calibration_errors, predictive_entropy, reliability_bins
+from ..bayes import named_posteriors, posterior_kl, posterior_scales, signal_to_noise
+from ..evaluation import figures
+from ..evaluation.metrics import calibration_errors, predictive_entropy, reliability_bins
 from .objectives import CategoricalLikelihood, GaussianLikelihood
 from .seeding import derive_seed
 
@@ -206,12 +206,12 @@ class PosteriorHistograms(Callback):
 class RegressionFigure(Callback):
     """Each ``every_n_epochs`` epochs and at the end of training: the predictive mean with its
     ±2σ bands, total (epistemic + aleatoric) and epistemic only, over ``num_samples`` draws,
-    with the training and test points (:func:`bbb_lightning.figures.regression_band`, the
+    with the training and test points (:func:`bbb_lightning.evaluation.figures.regression_band`, the
     figure ``evaluate`` saves as ``predictive.png``), as ``val/predictive``.
 
     Needs a datamodule with ``plot_grid()`` and ``train_x`` / ``train_y`` (the toy regression;
     its ``test_set`` if it has one) and a
-    :class:`~bbb_lightning.objectives.GaussianLikelihood`.
+    :class:`~bbb_lightning.training.objectives.GaussianLikelihood`.
     """
 
     def __init__(self, every_n_epochs: int = 25, num_points: int = 200, num_samples: int = 100):

@@ -50,7 +50,8 @@ def save_figure(figure: Figure, path: str | Path) -> Path:
 def reliability_diagram(
     confidence: Tensor, accuracy: Tensor, count: Tensor, ece: float | None = None
 ) -> Figure:
-    """Accuracy against confidence per bin (:func:`bbb_lightning.metrics.reliability_bins`).
+    """Accuracy against confidence per bin
+    (:func:`bbb_lightning.evaluation.metrics.reliability_bins`).
 
     Bars: each bin's accuracy at its mean confidence; the diagonal is perfect calibration; the
     lower panel shows how many examples fall in each bin.
