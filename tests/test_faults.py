@@ -23,6 +23,7 @@ from hydra import compose, initialize_config_module
 
 from bbb_lightning.cli.errors import UserError
 from bbb_lightning.evaluate import evaluate
+from bbb_lightning.storage.checkpoint_files import checkpoint_problem
 from bbb_lightning.storage.run_lock import LOCK_NAME
 from bbb_lightning.train import train
 from bbb_lightning.training.faults import RunFault
@@ -433,3 +434,67 @@ def test_the_slurm_launcher_asks_for_the_signal_lightning_requeues_on(tmp_path):
     assert "#SBATCH --signal=USR1@300" in script.splitlines()
     assert "#SBATCH --requeue" in script.splitlines()
     assert requeue_signal(launcher) == signal.SIGUSR1
+
+
+# -- a lost data-parallel process ------------------------------------------------------------------
+def _children(pid: int) -> list[int]:
+    """The pids of the processes ``pid`` started (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lost", [1, 0], ids=["rank-1", "rank-0"])
+def test_a_killed_ddp_process_is_one_line_naming_it_and_the_last_checkpoint(tmp_path, lost):
+    """trainer=ddp_cpu (2 gloo processes; rank 0 launches rank 1); one of them gets SIGKILL after
+    the first checkpoint. The survivor printed a 127-line gloo traceback (`Connection reset by
+    peer`) that never named the process; now one line names it and the last checkpoint, the
+    survivor exits with status 1 at once and nothing is left running."""
+    run = tmp_path / "run"
+    process = _start(
+        f"hydra.run.dir={run}", "trainer=ddp_cpu", "trainer.max_epochs=50", *QUIET, cwd=tmp_path
+    )
+    try:
+        _wait_for((run / "checkpoints" / "last.ckpt").is_file, process, "its first checkpoint")
+        (child,) = _children(process.pid)
+        pids = {0: process.pid, 1: child}
+        os.kill(pids[lost], signal.SIGKILL)
+        _, stderr = process.communicate(timeout=60)  # EOF: every process has ended
+    finally:
+        process.kill()
+    survivor = 1 - lost
+    last = run / "checkpoints" / "last.ckpt"
+    step = torch.load(last, weights_only=False)["global_step"]
+    (line,) = _error_lines(stderr, "[ERROR]")
+    assert re.search(
+        rf"\] - data-parallel process of rank {lost} \(pid {pids[lost]} on "
+        rf"{re.escape(socket.gethostname())}, {'killed by SIGKILL' if lost else 'gone'}\) was "
+        rf"lost at step \d+; this process \(rank {survivor}\) stops too; the last checkpoint is "
+        rf"{re.escape(str(last))} \(step {step}\): resume with ckpt_path={re.escape(str(last))}$",
+        line,
+    ), line
+    assert "Traceback" not in stderr and "Connection reset" not in stderr
+    assert process.returncode == (1 if lost == 1 else -signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not _gone(pids[survivor]):  # rank 1 is no child of this process: its status is unseen
+        assert time.monotonic() < deadline, "the survivor did not end"
+        time.sleep(0.1)
+    log = run / ("train.log" if survivor == 0 else "train_ddp_process_1.log")
+    assert line.split("] - ", 1)[1] in log.read_text()
+    assert not (run / "metrics.json").exists()
+    assert checkpoint_problem(last) is None

@@ -53,6 +53,7 @@ from .training.callbacks import tensorboard_writer
 from .training.faults import check_writable
 from .training.guard import LIKELY_CAUSES, NonFiniteError
 from .training.hparams import flat_hparams, trial_of_this_job
+from .training.lost_process import ProcessWatch, is_lost_peer_error
 from .training.model_summary import with_variational_summary
 from .training.module import BayesByBackprop
 from .training.preemption import (
@@ -318,7 +319,8 @@ def _train(cfg: DictConfig, output_dir: Path, run_config: str) -> dict[str, floa
         check_resumable(model, ckpt_path)
         _check_optimizer(model)
         callbacks = _instantiate_all(cfg.get("callbacks"))
-        callbacks.append(Preemption(_checkpoint_dir(callbacks, output_dir), run_config))
+        checkpoint_dir = _checkpoint_dir(callbacks, output_dir)
+        callbacks += [Preemption(checkpoint_dir, run_config), ProcessWatch(checkpoint_dir)]
         loggers = _instantiate_all(cfg.get("logger"))
         trainer: pl.Trainer = instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=_plugins(cfg)
@@ -410,11 +412,14 @@ def _fit_and_test(
 ) -> dict[str, float]:
     started = time.perf_counter()
     preemption = next(c for c in trainer.callbacks if isinstance(c, Preemption))
+    watch = next(c for c in trainer.callbacks if isinstance(c, ProcessWatch))
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except BaseException as error:
         if stopped_by_sigterm(error):
             raise preempted_fault(preemption.saved, output_dir, "training") from None
+        if is_lost_peer_error(error):
+            raise watch.fault(error) from None
         raise
     fit_seconds = time.perf_counter() - started
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
@@ -427,7 +432,10 @@ def _fit_and_test(
     except BaseException as error:
         if stopped_by_sigterm(error):
             raise preempted_fault(None, output_dir, "testing") from None
+        if is_lost_peer_error(error):
+            raise watch.fault(error) from None
         raise
+    watch.finish()
     model.skipped_steps = skipped_steps
     metrics |= {name: float(value) for name, value in test_results.items()}
     metrics |= {"fit_seconds": fit_seconds, "epochs": float(trainer.current_epoch)}

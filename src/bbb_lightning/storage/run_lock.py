@@ -34,7 +34,14 @@ from ..training.faults import RunFault
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LOCK_NAME", "acquire_run_lock", "is_launching_process", "release_run_lock", "run_lock"]
+__all__ = [
+    "LOCK_NAME",
+    "acquire_run_lock",
+    "is_launching_process",
+    "release_all_run_locks",
+    "release_run_lock",
+    "run_lock",
+]
 
 LOCK_NAME = ".run.lock"
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
@@ -124,7 +131,8 @@ def run_lock(directory: Path, what: str) -> Iterator[None]:
 
 
 @atexit.register
-def _release_all() -> None:
+def release_all_run_locks() -> None:
+    """Release every lock this process holds (at exit, and before an immediate ``os._exit``)."""
     for directory in list(_held):
         release_run_lock(directory)
 
