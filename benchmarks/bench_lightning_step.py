@@ -33,9 +33,9 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
-from bbb_lightning.allocator import retain_freed_memory
 from bbb_lightning.bayes import kl_divergence, sample_forward
 from bbb_lightning.train import build_model
+from bbb_lightning.training.allocator import retain_freed_memory
 
 
 class StepTimer(pl.Callback):

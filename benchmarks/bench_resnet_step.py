@@ -44,10 +44,10 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from torch import Tensor
 
-from bbb_lightning.allocator import retain_freed_memory
 from bbb_lightning.bayes import sample_forward_with_kl
 from bbb_lightning.data import CIFARDataModule
 from bbb_lightning.train import build_model
+from bbb_lightning.training.allocator import retain_freed_memory
 
 ESTIMATORS = ("reparameterization", "local", "flipout")
 NUM_TRAIN = 45_000  # experiment=cifar10_resnet20's training images (50,000 - 5,000 validation)

@@ -35,7 +35,8 @@ Measured, in one process and one run:
    accuracy, NLL and ECE (15 bins) of the predictive with ``--quality-samples`` samples.
 
 Memory: by default the process keeps freed memory for reuse (``--allocator retain``,
-:func:`bbb_lightning.allocator.retain_freed_memory`, as ``python -m bbb_lightning.train`` does),
+:func:`bbb_lightning.training.allocator.retain_freed_memory`, as
+``python -m bbb_lightning.train`` does),
 for every contestant alike; ``--allocator default`` leaves glibc's policy, under which every
 step faults in fresh pages for the tensors the previous step freed.
 
@@ -90,11 +91,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bbb_lightning.bayes as ours
-from bbb_lightning.allocator import retain_freed_memory
 from bbb_lightning.bayes import native
 from bbb_lightning.data import MNISTDataModule
-from bbb_lightning.nets import MLP
-from bbb_lightning.objectives import CategoricalLikelihood, KLTerm
+from bbb_lightning.models.nets import MLP
+from bbb_lightning.training.allocator import retain_freed_memory
+from bbb_lightning.training.objectives import CategoricalLikelihood, KLTerm
 
 REPO = Path(__file__).resolve().parents[1]
 PEER_PINS = {

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from bbb_lightning.allocator import MAX_BLOCK_MIB, retain_freed_memory
+from bbb_lightning.training.allocator import MAX_BLOCK_MIB, retain_freed_memory
 
 glibc_linux = pytest.mark.skipif(
     not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
@@ -23,7 +23,7 @@ glibc_linux = pytest.mark.skipif(
 
 FREE_ONE_TENSOR = """
 import os, sys, torch
-from bbb_lightning.allocator import retain_freed_memory
+from bbb_lightning.training.allocator import retain_freed_memory
 applied = retain_freed_memory() if sys.argv[1] == "retain" else False
 def resident_mib():
     with open("/proc/self/statm") as statm:

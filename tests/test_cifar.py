@@ -284,7 +284,7 @@ def test_the_resnet20_experiment_trains_end_to_end(cifar_run: Path) -> None:
     checkpoint = torch.load(cifar_run / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 2  # 32 training images in batches of 16
     hparams = checkpoint["hyper_parameters"]
-    assert hparams["net"]["_target_"] == "bbb_lightning.resnet.CIFARResNet"
+    assert hparams["net"]["_target_"] == "bbb_lightning.models.resnet.CIFARResNet"
     assert hparams["scheduler"]["milestones"] == [80, 120, 160]
     assert "stages.0.0.bn1.weight" in hparams["exclude"]  # batch norm kept deterministic
     accumulator = events(cifar_run)

@@ -13,11 +13,11 @@ import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bbb_lightning.config_checks import UserError
+from bbb_lightning.cli.errors import UserError
 from bbb_lightning.data import MNISTDataModule, ToyRegressionDataModule
 from bbb_lightning.data.idx import read_idx
 from bbb_lightning.evaluate import evaluate
-from bbb_lightning.runs import resolve_checkpoint
+from bbb_lightning.storage.runs import resolve_checkpoint
 from bbb_testing import compose_config, run_cli
 from conftest import _trained_run
 
@@ -442,7 +442,7 @@ def test_posterior_figure_of_a_diverged_run_leaves_out_infinite_ratios():
     """A diverged run's last good state holds sigma = 0 (softplus of a rho of -1e30), so an SNR
     of inf: the figure's histograms hold the finite values (as TensorBoard's do); numpy's
     histogram raised 'supplied range ... is not finite' and evaluate ended in a traceback."""
-    from bbb_lightning.figures import close, posterior_histograms
+    from bbb_lightning.evaluation.figures import close, posterior_histograms
 
     sigma = torch.tensor([0.0, 1e-3, 1e-2, 1e-1])
     snr = torch.tensor([1.0, 2.0]).abs() / torch.tensor([0.0, 1.0])  # inf, 2

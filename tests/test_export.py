@@ -15,9 +15,9 @@ import torch
 from bbb_lightning.bayes import bayesianize, posterior_mean_network
 from bbb_lightning.data import CSVDataModule
 from bbb_lightning.evaluate import evaluate
-from bbb_lightning.export import export_posterior
-from bbb_lightning.nets import MLP
-from bbb_lightning.pruning import prune_by_snr
+from bbb_lightning.evaluation.export import export_posterior
+from bbb_lightning.evaluation.pruning import prune_by_snr
+from bbb_lightning.models.nets import MLP
 from bbb_testing import compose_config
 from conftest import _trained_run
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bbb_lightning.config_checks import UserError
+from bbb_lightning.cli.errors import UserError
 from bbb_lightning.evaluate import evaluate
-from bbb_lightning.run_lock import LOCK_NAME
+from bbb_lightning.storage.run_lock import LOCK_NAME
 from bbb_lightning.train import train
 from bbb_testing import can_obey_file_permissions, compose_config, obey_file_permissions, run_cli
 
@@ -99,7 +99,8 @@ def test_a_read_only_output_directory_is_one_line_naming_it(tmp_path):
         run.chmod(0o755)
     assert result.returncode == 1
     assert _error_lines(result.stderr, "ERROR") == [
-        f"[bbb_lightning.config_checks][ERROR] - output directory {str(run)!r} is not writable "
+        f"[bbb_lightning.cli.hydra_callbacks][ERROR] - output directory {str(run)!r} is not "
+        "writable "
         f"(it: Permission denied); choose another hydra.run.dir, or make {run} writable"
     ], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -185,7 +186,7 @@ def test_a_second_run_into_the_same_directory_stops_naming_the_first(tmp_path):
     assert second.returncode == 1
     (line,) = _error_lines(second.stderr, "ERROR")
     assert line.startswith(
-        f"[bbb_lightning.config_checks][ERROR] - output directory {str(run)!r} is in use by "
+        f"[bbb_lightning.cli.hydra_callbacks][ERROR] - output directory {str(run)!r} is in use by "
         f"another run (pid {first.pid} on host {socket.gethostname()}, started "
     ), line
     assert line.endswith("); wait for it to end, or choose another hydra.run.dir"), line

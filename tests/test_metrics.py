@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.distributions import Categorical, Normal, kl_divergence
 
-from bbb_lightning.metrics import (
+from bbb_lightning.evaluation.metrics import (
     brier_score,
     calibration_errors,
     classification_metrics,

@@ -13,9 +13,9 @@ from torch.distributions import Normal, kl_divergence
 from torch.utils.data import DataLoader, TensorDataset
 
 from bbb_lightning.bayes import GaussianPrior, MeanFieldNormal, freeze
-from bbb_lightning.module import BayesByBackprop
-from bbb_lightning.objectives import CategoricalLikelihood, GaussianLikelihood, KLTerm
-from bbb_lightning.seeding import derive_seed
+from bbb_lightning.training.module import BayesByBackprop
+from bbb_lightning.training.objectives import CategoricalLikelihood, GaussianLikelihood, KLTerm
+from bbb_lightning.training.seeding import derive_seed
 
 
 class RecordLosses(pl.Callback):

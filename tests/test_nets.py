@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bbb_lightning.nets import CNN, MLP
+from bbb_lightning.models.nets import CNN, MLP
 
 
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", "tanh", "gelu", "silu"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from bbb_lightning.objectives import (
+from bbb_lightning.training.objectives import (
     CategoricalLikelihood,
     GaussianLikelihood,
     KLTerm,

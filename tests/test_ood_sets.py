@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from bbb_lightning.data import CIFARDataModule, MNISTDataModule, ood_sets
-from bbb_lightning.ood import ood_inputs
+from bbb_lightning.evaluation.ood import ood_inputs
 from bbb_testing import write_cifar_batches
 
 IMAGES = "t10k-images-idx3-ubyte"

@@ -11,10 +11,10 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 from bbb_lightning.bayes import GaussianPrior
-from bbb_lightning.guard import NonFiniteError
-from bbb_lightning.module import BayesByBackprop
-from bbb_lightning.objectives import GaussianLikelihood
 from bbb_lightning.train import train
+from bbb_lightning.training.guard import NonFiniteError
+from bbb_lightning.training.module import BayesByBackprop
+from bbb_lightning.training.objectives import GaussianLikelihood
 from bbb_testing import QUICK, SqrtAtZero, compose_config, fit_briefly
 
 

@@ -12,7 +12,7 @@ from bbb_lightning.bayes import (
     named_posteriors,
     posterior_mean_network,
 )
-from bbb_lightning.pruning import prune_by_snr, snr_masks
+from bbb_lightning.evaluation.pruning import prune_by_snr, snr_masks
 
 
 def set_posterior(net: nn.Module, name: str, mu: torch.Tensor, sigma: torch.Tensor) -> None:

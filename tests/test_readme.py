@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_module
 
-from bbb_lightning.config_checks import check_config
+from bbb_lightning.cli.config_checks import check_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

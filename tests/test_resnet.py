@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from bbb_lightning.bayes import named_posteriors
-from bbb_lightning.config_checks import UserError
+from bbb_lightning.cli.errors import UserError
 from bbb_lightning.data import CIFARDataModule
-from bbb_lightning.resnet import CIFARResNet
+from bbb_lightning.models.resnet import CIFARResNet
 from bbb_lightning.train import build_model
 from bbb_testing import compose_config, write_cifar_batches
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bbb_lightning.bayes import bayesianize, named_posteriors, sample_forward, sample_network
-from bbb_lightning.robustness import (
+from bbb_lightning.evaluation.robustness import (
     adversarial_accuracy,
     expected_input_gradient,
     fgsm,

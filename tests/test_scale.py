@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_module
 
 from bbb_lightning.summary import _job_row, collect, metric_mode
 from bbb_lightning.summary import main as summary_main
-from bbb_testing import compose_config, events, run_cli
+from bbb_testing import compose_config, events, hparams_plugin, run_cli
 
 PROBE = Path(__file__).parent / "scripts" / "ddp_probe.py"
 QUIET = ["callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
@@ -223,6 +223,14 @@ def test_optuna_search_runs_three_trials(tmp_path):
     assert best_value == pytest.approx(min(t["best/val/nll"] for t in trials), rel=1e-6)
     for name in ("prior.pi", "prior.sigma1", "prior.sigma2", "optimizer.lr", "num_samples"):
         assert name in best
+    # each trial in the HParams tab is named by the searched values, listed first
+    searched = ["prior.pi", "prior.sigma1", "prior.sigma2", "optimizer.lr"]
+    searched += ["posterior.rho_init", "num_samples"]
+    for i in range(3):
+        experiment, session = hparams_plugin(events(sweep / str(i)))
+        name = session.group_name.split(" · ")[0]
+        assert sorted(item.split("=")[0] for item in name.split()) == sorted(searched)
+        assert {info.name for info in experiment.hparam_infos if info.differs} == set(searched)
     summary = (sweep / "summary.md").read_text().splitlines()
     assert summary[4].count("| ok |") == 1  # the best trial heads the table
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from bbb_lightning.bayes import kl_divergence, posterior_mean
-from bbb_lightning.config_checks import UserError
-from bbb_lightning.guard import NonFiniteError
-from bbb_lightning.module import BayesByBackprop
+from bbb_lightning.cli.errors import UserError
 from bbb_lightning.train import train
+from bbb_lightning.training.guard import NonFiniteError
+from bbb_lightning.training.module import BayesByBackprop
 from bbb_testing import QUICK, compose_config, events, hparams_plugin, run_cli
 
 
@@ -40,8 +40,8 @@ def test_default_run_writes_metrics_checkpoints_and_tensorboard(tmp_path):
         "weights",
         "z_hparams",
     ]
-    assert any(tag.startswith("sigma/net.") for tag in tags["histograms"])
-    assert set(tags["images"]) == {"figures/predictive"}  # no classification figures
+    assert any(tag.startswith("weights/sigma/net.") for tag in tags["histograms"])
+    assert set(tags["images"]) == {"val/predictive"}  # no classification figures
     # the per-layer KL of the final network sums to its KL
     model = BayesByBackprop.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     layer_kls = [accumulator.Scalars(t)[-1] for t in scalars if t.startswith("weights/kl/")]
@@ -73,7 +73,7 @@ def test_default_run_writes_metrics_checkpoints_and_tensorboard(tmp_path):
 )
 def test_the_regression_figure_every_n_epochs_and_at_the_end(tmp_path, overrides, figure_steps):
     train(compose_config(tmp_path, *overrides, "callbacks.progress_bar=null"))
-    images = events(tmp_path).Images("figures/predictive")
+    images = events(tmp_path).Images("val/predictive")
     assert [image.step for image in images] == figure_steps  # 4 steps per epoch
 
 
@@ -132,8 +132,8 @@ def test_mnist_mlp_learns(tmp_path, mnist_dir):
     assert {"train/accuracy", "train/ece", "val/accuracy", "val/ece"} <= set(tags["scalars"])
     # each validation epoch (40 steps of 128): a reliability diagram, the most uncertain
     # examples, the KL of each of the MLP's three layers
-    assert {"figures/reliability", "figures/most_uncertain"} == set(tags["images"])
-    for tag in ("figures/reliability", "figures/most_uncertain"):
+    assert {"val/reliability", "val/most_uncertain"} == set(tags["images"])
+    for tag in ("val/reliability", "val/most_uncertain"):
         assert [image.step for image in accumulator.Images(tag)] == [40, 80]
     layers = {tag for tag in tags["scalars"] if tag.startswith("weights/kl/")}
     assert layers == {f"weights/kl/net.layers.{i}" for i in (1, 3, 5)}
@@ -368,7 +368,7 @@ def test_runs_that_used_to_crash_after_training_finish(tmp_path, overrides):
 
 
 def test_histogram_values_fit_tensorboard_buckets():
-    from bbb_lightning.callbacks import histogram_values
+    from bbb_lightning.training.callbacks import histogram_values
 
     values = histogram_values(torch.tensor([1.0, float("inf"), float("nan"), -1e30, 1e25]))
     assert torch.equal(values, torch.tensor([1.0, -9e19, 9e19]))
@@ -477,3 +477,39 @@ def test_resuming_with_another_network_is_named_before_training(tmp_path):
     )
     with pytest.raises(UserError, match=expected):
         train(cfg)
+
+
+def test_a_run_directory_as_ckpt_path_resumes_that_run_in_place(tmp_path):
+    """``train ckpt_path=<run dir>`` was refused, and a resume from its last.ckpt wrote a new
+    run directory, splitting the TensorBoard curves. It resumes the run where it is, with the
+    run's own overrides, and its curves continue in the one tensorboard/ folder."""
+    first = run_cli(
+        "hydra.run.dir=run", "model.net.hidden=[8]", "trainer.max_epochs=1",
+        "callbacks.progress_bar=null", cwd=tmp_path, env={"PYTHONWARNINGS": "default"},
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    # the summary names the variational tensors; no FLOPs of 0, no tips, no torch deprecations
+    assert "Variational tensors: 4, holding 25 weights (MeanFieldNormal)" in first.stdout
+    for noise in ("FLOPs", "litlogger", "LeafSpec", "exists and is not empty"):
+        assert noise not in first.stdout + first.stderr
+    resumed = run_cli("ckpt_path=run", "trainer.max_epochs=2", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming the run in run in place from last.ckpt with its overrides " in resumed.stderr
+    assert "model.net.hidden=[8]" in resumed.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no new run directory
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 2
+    steps = [event.step for event in events(tmp_path / "run").Scalars("train/loss_epoch")]
+    assert steps == [3, 7]  # both epochs' points on one curve (4 batches an epoch)
+
+    (tmp_path / "bare" / ".hydra").mkdir(parents=True)
+    (tmp_path / "bare" / ".hydra" / "config.yaml").write_text("{}\n")
+    refused = run_cli("ckpt_path=bare", cwd=tmp_path)
+    assert refused.returncode == 1
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "ckpt_path='bare' is not allowed: the run directory holds no checkpoints/last.ckpt to "
+            "resume from (name one of its checkpoints instead)"
+        )
+    )

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from bbb_lightning.config_checks import UserError
+from bbb_lightning.cli.errors import UserError
 from bbb_lightning.data import UCIDataModule
 from bbb_lightning.data import uci as uci_module
-from bbb_lightning.module import BayesByBackprop
-from bbb_lightning.seeding import derive_seed
 from bbb_lightning.summary import main as summary_main
 from bbb_lightning.summary import mean_and_standard_error
 from bbb_lightning.train import train
+from bbb_lightning.training.module import BayesByBackprop
+from bbb_lightning.training.seeding import derive_seed
 from bbb_testing import QUICK, compose_config, run_cli, write_uci_set
 
 SHARED_UCI = Path(__file__).resolve().parents[2] / "shared" / "data" / "UCI"
@@ -181,7 +181,8 @@ def test_multirun_over_splits_and_summary_mean_and_standard_error(uci_dir, tmp_p
     summary_main([str(sweep)])
     out = capsys.readouterr().out
     mean, se = mean_and_standard_error(lls)
-    (row,) = [line for line in out.splitlines() if line.startswith("| experiment=uci")]
+    assert f"Every job: `experiment=uci dataset.name=toyset dataset.data_dir={uci_dir}" in out
+    (row,) = [line for line in out.splitlines() if line.startswith("| - | 2 | ")]
     cells = row.split(" | ")
     header = next(line for line in out.splitlines() if line.startswith("| overrides | splits"))
     column = header.split(" | ").index("test/raw_ll")

@@ -10,15 +10,15 @@ test set, and writes into its own run dir:
 - ``tensorboard/``: the numbers as scalars (curves indexed by S, % pruned, ε · 1000) and every
   figure, also saved as ``figures/<name>.png``;
 - ``export/``: the posterior-mean network, one draw and a pruned mean, as state dicts and
-  TorchScript (:mod:`bbb_lightning.export`).
+  TorchScript (:mod:`bbb_lightning.evaluation.export`).
 
 Keys of ``metrics.json``:
 
 - classification ``test/``: accuracy, nll, ece, mce, brier, entropy, expected_entropy,
-  mutual_information (:mod:`bbb_lightning.metrics`); ``ood/<set>/`` (the set's name, e.g.
+  mutual_information (:mod:`bbb_lightning.evaluation.metrics`); ``ood/<set>/`` (the set's name, e.g.
   ``ood/fashion_mnist/entropy_auroc``): entropy_auroc, entropy_aupr, mi_auroc, mi_aupr (OOD =
   positive), entropy and mutual_information of the OOD set;
-  ``attack/<fgsm|pgd>/<mean|draw|predictive>/eps=<ε>`` (:mod:`bbb_lightning.robustness`);
+  ``attack/<fgsm|pgd>/<mean|draw|predictive>/eps=<ε>`` (:mod:`bbb_lightning.evaluation.robustness`);
   ``gradient/``: expected_l2, draw_l2, coherence (= expected_l2 / draw_l2);
 - regression ``test/``: rmse, nll (the predictive mixture's), gaussian_nll, coverage_50/90/95,
   epistemic_var, aleatoric_var;
@@ -42,24 +42,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.tensorboard import SummaryWriter
 
-from . import figures, ood
 from .bayes import posterior_scales, signal_to_noise
-from .callbacks import add_histogram
-from .command_line import checked
-from .config_checks import (
-    UserError,
-    _is_finite_number,
-    _is_int,
-    _is_list_of,
-    _require,
-    exit_on_user_error,
-    format_metrics,
-    user_errors,
-)
+from .cli.command_line import checked
+from .cli.config_checks import integer_at_least, is_finite_number, list_of, require_value
+from .cli.errors import UserError, exit_on_user_error, user_errors
+from .cli.printing import format_metrics
 from .data.mnist import NORMALIZATIONS
 from .data.pickle_batches import CIFAR_SETS
-from .export import export_posterior
-from .metrics import (
+from .evaluation import figures, ood
+from .evaluation.export import export_posterior
+from .evaluation.metrics import (
     classification_metrics,
     expected_entropy,
     nll_from_samples,
@@ -68,11 +60,12 @@ from .metrics import (
     regression_metrics,
     reliability_bins,
 )
-from .module import BayesByBackprop
-from .objectives import GaussianLikelihood
-from .pruning import prune_by_snr
-from .robustness import ATTACKS, SETTINGS, adversarial_accuracy, input_gradients
-from .runs import load_run, resolve_device, sample_outputs
+from .evaluation.pruning import prune_by_snr
+from .evaluation.robustness import ATTACKS, SETTINGS, adversarial_accuracy, input_gradients
+from .storage.runs import load_run, resolve_device, sample_outputs
+from .training.callbacks import add_histogram
+from .training.module import BayesByBackprop
+from .training.objectives import GaussianLikelihood
 
 log = logging.getLogger(__name__)
 
@@ -437,68 +430,73 @@ def _check(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path is None:
         raise UserError("ckpt_path is required: a training run directory or a .ckpt file")
     for key in ("eval_samples", "batch_size", "calibration_bins"):
-        _require(cfg, key, _is_int(1), "an integer >= 1")
-    _require(cfg, "limit_test", lambda v: v is None or _is_int(1)(v), "null or >= 1")
-    _require(
-        cfg, "sample_counts", _is_list_of(_is_int(1)), "a list of integers >= 1, e.g. [1,10,100]"
+        require_value(cfg, key, integer_at_least(1), "an integer >= 1")
+    require_value(cfg, "limit_test", lambda v: v is None or integer_at_least(1)(v), "null or >= 1")
+    require_value(
+        cfg,
+        "sample_counts",
+        list_of(integer_at_least(1)),
+        "a list of integers >= 1, e.g. [1,10,100]",
     )
-    _require(
+    require_value(
         cfg,
         "pruning_fractions",
-        _is_list_of(lambda v: _is_finite_number(v) and 0 <= v <= 1),
+        list_of(lambda v: is_finite_number(v) and 0 <= v <= 1),
         "a list of numbers in [0, 1]",
     )
-    _require(
+    require_value(
         cfg,
         "interval_levels",
-        _is_list_of(lambda v: _is_finite_number(v) and 0 < v < 1),
+        list_of(lambda v: is_finite_number(v) and 0 < v < 1),
         "a list of numbers in (0, 1)",
     )
-    _require(cfg, "ood.kind", lambda v: v in ood.OOD_KINDS, f"one of {list(ood.OOD_KINDS)}")
-    _require(cfg, "attack.methods", _is_list_of(lambda m: m in ATTACKS), f"in {ATTACKS}")
-    _require(
+    require_value(cfg, "ood.kind", lambda v: v in ood.OOD_KINDS, f"one of {list(ood.OOD_KINDS)}")
+    require_value(cfg, "attack.methods", list_of(lambda m: m in ATTACKS), f"in {ATTACKS}")
+    require_value(
         cfg,
         "attack.epsilons",
-        _is_list_of(lambda e: _is_finite_number(e) and e >= 0),
+        list_of(lambda e: is_finite_number(e) and e >= 0),
         "a list of finite numbers >= 0",
     )
     for key in ("limit", "num_samples", "num_draws", "gradient_draws", "pgd_steps"):
-        _require(cfg, f"attack.{key}", _is_int(1), "an integer >= 1")
-    _require(
+        require_value(cfg, f"attack.{key}", integer_at_least(1), "an integer >= 1")
+    require_value(
         cfg,
         "attack.pgd_step_size",
-        lambda v: _is_finite_number(v) and v > 0,
+        lambda v: is_finite_number(v) and v > 0,
         "a finite number > 0",
     )
     for key in ("figures", "attack.enabled", "attack.relative_to_range", "export.enabled"):
-        _require(cfg, key, lambda v: isinstance(v, bool), "true or false")
-    _require(
+        require_value(cfg, key, lambda v: isinstance(v, bool), "true or false")
+    require_value(
         cfg,
         "export.pruned_fraction",
-        lambda v: v is None or (_is_finite_number(v) and 0 <= v <= 1),
+        lambda v: v is None or (is_finite_number(v) and 0 <= v <= 1),
         "in [0, 1], or null (no pruned network)",
     )
-    _require(cfg, "device", lambda v: v in ("cpu", "cuda", "auto"), "cpu, cuda or auto")
-    _require(
+    require_value(cfg, "device", lambda v: v in ("cpu", "cuda", "auto"), "cpu, cuda or auto")
+    require_value(
         cfg,
         "ood.num_examples",
-        lambda v: v is None or _is_int(1)(v),
+        lambda v: v is None or integer_at_least(1)(v),
         "an integer >= 1, or null (as many as the test examples)",
     )
     if cfg.ood.kind == "rotated":
-        _require(cfg, "ood.angle", _is_finite_number, "a finite number (degrees)")
+        require_value(cfg, "ood.angle", is_finite_number, "a finite number (degrees)")
     if cfg.ood.kind != "none":
-        _require(
+        require_value(
             cfg,
             "ood.name",
             lambda v: v is None or (isinstance(v, str) and re.fullmatch(r"[\w.-]+", v)),
             "a name for the keys ood/<name>/... (letters, digits, _ . -), or null (the kind)",
         )
     if cfg.ood.kind in ("idx", "cifar"):
-        _require(cfg, "ood.path", lambda v: isinstance(v, str) and v != "", "a folder (a path)")
-        _require(cfg, "ood.download", lambda v: isinstance(v, bool), "true or false")
+        require_value(
+            cfg, "ood.path", lambda v: isinstance(v, str) and v != "", "a folder (a path)"
+        )
+        require_value(cfg, "ood.download", lambda v: isinstance(v, bool), "true or false")
     if cfg.ood.kind == "cifar":
-        _require(cfg, "ood.name", lambda v: v in CIFAR_SETS, f"one of {', '.join(CIFAR_SETS)}")
+        require_value(cfg, "ood.name", lambda v: v in CIFAR_SETS, f"one of {', '.join(CIFAR_SETS)}")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:

@@ -29,31 +29,31 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, read_write
 from torch import nn
 
-from .allocator import retain_freed_memory
-from .atomic_files import AtomicCheckpointIO, write_text_atomically
 from .bayes import native
-from .callbacks import tensorboard_writer
-from .command_line import checked
-from .component_checks import AUTO, component_problems, missing_files, unaccepted_arguments
-from .config_checks import (
-    UserError,
+from .cli.command_line import checked
+from .cli.component_checks import AUTO, component_problems, missing_files, unaccepted_arguments
+from .cli.config_checks import (
     check_epoch_length,
-    check_fresh_output_dir,
     check_input_fits,
     check_optimized_metric,
-    check_resumable,
     config_problems,
-    exit_on_user_error,
-    format_metrics,
-    user_errors,
 )
-from .faults import check_writable
-from .guard import LIKELY_CAUSES, NonFiniteError
-from .hparams import flat_hparams, trial_of_this_job
-from .module import BayesByBackprop
-from .resume import nothing_left_to_train
-from .run_lock import run_lock
-from .tensorboard_logger import write_results
+from .cli.errors import UserError, exit_on_user_error, user_errors
+from .cli.printing import format_metrics
+from .cli.resume_in_place import resumed_in_place
+from .cli.run_dir_checks import check_fresh_output_dir, check_resumable
+from .storage.atomic_files import AtomicCheckpointIO, write_text_atomically
+from .storage.checkpoints import ModelCheckpoint
+from .storage.resume import nothing_left_to_train
+from .storage.run_lock import run_lock
+from .training.allocator import retain_freed_memory
+from .training.callbacks import tensorboard_writer
+from .training.faults import check_writable
+from .training.guard import LIKELY_CAUSES, NonFiniteError
+from .training.hparams import flat_hparams, trial_of_this_job
+from .training.model_summary import with_variational_summary
+from .training.module import BayesByBackprop
+from .training.tensorboard_logger import write_results
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,13 @@ def _likelihood_of_task(settings: dict[str, Any], datamodule: Any) -> dict[str, 
     classification, gaussian (with the config's noise settings) for regression."""
     task = getattr(datamodule, "task", None)
     if task == "classification":
-        likelihood = {"_target_": "bbb_lightning.objectives.CategoricalLikelihood"}
+        likelihood = {"_target_": "bbb_lightning.training.objectives.CategoricalLikelihood"}
         likelihood["num_classes"] = None
     elif task == "regression":
-        likelihood = {"_target_": "bbb_lightning.objectives.GaussianLikelihood", "target_dim": None}
+        likelihood = {
+            "_target_": "bbb_lightning.training.objectives.GaussianLikelihood",
+            "target_dim": None,
+        }
         likelihood |= {key: value for key, value in settings.items() if key != "_target_"}
     else:
         raise UserError(
@@ -186,7 +189,7 @@ def _write_results(writer: Any, cfg: DictConfig, trainer: pl.Trainer, metrics: d
     if isinstance(model.hparams.get("net"), dict):
         filled["model"] = {**_container(cfg.model), "net": model.hparams["net"]}
     choices = dict(HydraConfig.get().runtime.choices) if trial is not None else {}
-    overrides = trial.all_overrides if trial is not None else ()
+    overrides = trial.overrides if trial is not None else ()  # also the keys of no group
     hparams = flat_hparams(cfg, filled, choices, overrides)
     name, varied = (trial.name(hparams), trial.varied_keys) if trial is not None else ("", ())
     write_results(writer, hparams, metrics, name, varied, trainer.global_step)
@@ -256,7 +259,7 @@ def check_before_building(cfg: DictConfig) -> None:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, write ``metrics.json``; return the metrics.
 
-    The output directory is locked for the run (:mod:`bbb_lightning.run_lock`): a second run
+    The output directory is locked for the run (:mod:`bbb_lightning.storage.run_lock`): a second run
     into it stops at once. A finished run resumed in place keeps its ``metrics.json`` and
     returns its metrics: there is nothing left to train.
     """
@@ -288,6 +291,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         trainer: pl.Trainer = instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=_plugins(cfg)
         )
+        trainer.callbacks = with_variational_summary(trainer.callbacks)
         check_epoch_length(trainer, datamodule)
     finished = _finished_in_place(output_dir, ckpt_path, trainer)
     if finished is not None:
@@ -330,7 +334,7 @@ def _finished_in_place(
 
 def _plugins(cfg: DictConfig) -> list[Any]:
     """The trainer's plugins: those of ``trainer.plugins``, and checkpoints written whole or
-    not at all (:class:`~bbb_lightning.atomic_files.AtomicCheckpointIO`) unless it names a
+    not at all (:class:`~bbb_lightning.storage.atomic_files.AtomicCheckpointIO`) unless it names a
     checkpoint IO of its own."""
     configured = cfg.trainer.get("plugins") or []
     plugins = [instantiate(p) if OmegaConf.is_config(p) else p for p in configured]
@@ -363,21 +367,21 @@ def _fit_and_test(
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
     checkpoint = trainer.checkpoint_callback
-    best = checkpoint.best_model_path if checkpoint is not None else ""
+    best, best_score = checkpoint.best() if isinstance(checkpoint, ModelCheckpoint) else ("", None)
     skipped_steps = model.skipped_steps  # the run's; loading the best checkpoint restores its own
     (test_results,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
     model.skipped_steps = skipped_steps
     metrics |= {name: float(value) for name, value in test_results.items()}
     metrics |= {"fit_seconds": fit_seconds, "epochs": float(trainer.current_epoch)}
-    if best and checkpoint.best_model_score is not None:  # None: a checkpoint monitoring nothing
-        metrics[f"best/{cfg.optimized_metric}"] = float(checkpoint.best_model_score)
+    if best and best_score is not None:  # None: a checkpoint monitoring nothing
+        metrics[f"best/{cfg.optimized_metric}"] = float(best_score)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # The next job of a multirun starts new processes: it needs a new process group.
         torch.distributed.destroy_process_group()
     return metrics
 
 
-@checked("config")
+@checked("config", rewrite=resumed_in_place)
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the best value of ``cfg.optimized_metric`` over the run's

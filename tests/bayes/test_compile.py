@@ -30,7 +30,7 @@ from bbb_lightning.bayes import (
     sample_forward,
     sample_forward_with_kl,
 )
-from bbb_lightning.nets import CNN, MLP
+from bbb_lightning.models.nets import CNN, MLP
 
 F64 = torch.float64
 

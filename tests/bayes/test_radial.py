@@ -26,7 +26,7 @@ from bbb_lightning.bayes import (
 from bbb_lightning.bayes.forward_pass import KLRecord
 from bbb_lightning.bayes.priors import GaussianPrior
 from bbb_lightning.bayes.radial import radial_entropy_constant
-from bbb_lightning.pruning import prune_by_snr
+from bbb_lightning.evaluation.pruning import prune_by_snr
 
 F64 = torch.float64
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
 from . import functional, gaussian_ops, native
-from ._arguments import is_real
+from .arguments import is_real
 from .forward_pass import ForwardPass
 from .priors import GaussianPrior, Prior
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_map
 
-from ._arguments import is_integer
+from .arguments import is_integer
 from .convert import remove_forward_pass_hooks, remove_recurrent_draw_hook
 from .forward_pass import KLRecord, WeightReadInFold, forward_passes
 from .kl import kl_divergence

@@ -12,7 +12,7 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from bbb_lightning.bayes._arguments import is_integer
+from bbb_lightning.bayes.arguments import is_integer
 from bbb_lightning.data.sampler import EpochPermutationSampler, ResumableEpochLoader
 
 __all__ = ["TASKS", "BBBDataModule"]

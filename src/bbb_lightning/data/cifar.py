@@ -25,7 +25,7 @@ from bbb_lightning.data.pickle_batches import (
     read_batches,
     read_class_names,
 )
-from bbb_lightning.seeding import derive_seed
+from bbb_lightning.training.seeding import derive_seed
 
 __all__ = ["CIFARDataModule", "RandomCropFlip", "channel_moments"]
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from bbb_lightning.bayes._arguments import is_integer, is_real
+from bbb_lightning.bayes.arguments import is_integer, is_real
 from bbb_lightning.data.base import BBBDataModule
 from bbb_lightning.data.csv import column_stats
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .bayes import posterior_mean_network, signal_to_noise
+from ..bayes import posterior_mean_network, signal_to_noise
 
 __all__ = ["PRUNING_FRACTIONS", "prune_by_snr", "snr_masks"]
 

@@ -27,9 +27,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from . import figures
-from .bayes import named_posteriors, posterior_kl, posterior_scales, signal_to_noise
-from .metrics import calibration_errors, predictive_entropy, reliability_bins
+from ..bayes import named_posteriors, posterior_kl, posterior_scales, signal_to_noise
+from ..evaluation import figures
+from ..evaluation.metrics import calibration_errors, predictive_entropy, reliability_bins
 from .objectives import CategoricalLikelihood, GaussianLikelihood
 from .seeding import derive_seed
 
@@ -139,9 +139,9 @@ class LayerKL(Callback):
 
 class ClassificationFigures(Callback):
     """Each ``every_n_epochs`` validation epochs, from the first ``num_examples`` validation
-    examples (the same ones each time) and ``eval_samples`` draws: ``figures/reliability``,
+    examples (the same ones each time) and ``eval_samples`` draws: ``val/reliability``,
     the reliability diagram with its ECE over ``num_bins`` bins, and, for image inputs,
-    ``figures/most_uncertain``, the ``num_shown`` of them with the highest predictive entropy
+    ``val/most_uncertain``, the ``num_shown`` of them with the highest predictive entropy
     H[p̄] = -sum_c p̄_c log p̄_c. A classifier's run only."""
 
     def __init__(
@@ -170,20 +170,20 @@ class ClassificationFigures(Callback):
         confidence, accuracy, count = reliability_bins(probs, y, self.num_bins)
         ece = float(calibration_errors(probs, y, self.num_bins)["ece"])
         diagram = figures.reliability_diagram(confidence, accuracy, count, ece)
-        writer.add_figure("figures/reliability", diagram, step, close=True)
+        writer.add_figure("val/reliability", diagram, step, close=True)
         if x.ndim >= 3:  # images (N, H, W) or (N, C, H, W)
             entropy = predictive_entropy(probs)
             shown = entropy.argsort(descending=True)[: self.num_shown]
             gallery = figures.uncertain_examples(
                 x[shown], entropy[shown], y[shown], probs[shown].argmax(-1)
             )
-            writer.add_figure("figures/most_uncertain", gallery, step, close=True)
+            writer.add_figure("val/most_uncertain", gallery, step, close=True)
 
 
 class PosteriorHistograms(Callback):
     """Each ``every_n_epochs`` epochs: histograms of sigma and of |mu| / sigma per tensor.
 
-    Tags: ``sigma/<tensor>`` and ``snr/<tensor>`` (e.g. ``sigma/net.0.weight``).
+    Tags: ``weights/sigma/<tensor>`` and ``weights/snr/<tensor>`` (``weights/sigma/net.0.weight``).
     """
 
     def __init__(self, every_n_epochs: int = 1) -> None:
@@ -200,18 +200,18 @@ class PosteriorHistograms(Callback):
             ("snr", signal_to_noise(pl_module)),
         ):
             for name, tensor in tensors.items():
-                add_histogram(writer, f"{kind}/{name}", tensor, step)
+                add_histogram(writer, f"weights/{kind}/{name}", tensor, step)
 
 
 class RegressionFigure(Callback):
     """Each ``every_n_epochs`` epochs and at the end of training: the predictive mean with its
     ±2σ bands, total (epistemic + aleatoric) and epistemic only, over ``num_samples`` draws,
-    with the training and test points (:func:`bbb_lightning.figures.regression_band`, the
-    figure ``evaluate`` saves as ``predictive.png``), as ``figures/predictive``.
+    with the training and test points (:func:`bbb_lightning.evaluation.figures.regression_band`, the
+    figure ``evaluate`` saves as ``predictive.png``), as ``val/predictive``.
 
     Needs a datamodule with ``plot_grid()`` and ``train_x`` / ``train_y`` (the toy regression;
     its ``test_set`` if it has one) and a
-    :class:`~bbb_lightning.objectives.GaussianLikelihood`.
+    :class:`~bbb_lightning.training.objectives.GaussianLikelihood`.
     """
 
     def __init__(self, every_n_epochs: int = 25, num_points: int = 200, num_samples: int = 100):
@@ -244,7 +244,7 @@ class RegressionFigure(Callback):
         if writer is None or not self.applies(trainer, pl_module):
             return
         figure = self.figure(trainer, pl_module)
-        writer.add_figure("figures/predictive", figure, trainer.global_step)
+        writer.add_figure("val/predictive", figure, trainer.global_step)
         plt.close(figure)
         self._drawn_at_step = trainer.global_step
 

@@ -12,7 +12,8 @@ point; both, like the test stage's ``test/*``, sort before ``train`` and ``val``
   ``z_hparams/<metric>`` (after every curve, so collapsed at the bottom of the Scalars tab) and
   the HParams plugin's experiment, session start and end: its metric columns read those
   scalars under their own names (``test/nll``), its hyperparameter columns put the trial's
-  varied overrides first, and the trial is named by them (:class:`~bbb_lightning.hparams.Trial`).
+  varied overrides first, and the trial is named by them
+  (:class:`~bbb_lightning.training.hparams.Trial`).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def write_results(
 
     Args:
         writer: the run's ``SummaryWriter``.
-        hparams: flat hyperparameters (:func:`~bbb_lightning.hparams.flat_hparams`).
+        hparams: flat hyperparameters (:func:`~bbb_lightning.training.hparams.flat_hparams`).
         metrics: the final metrics (``metrics.json``); each is written as the scalar
             ``z_hparams/<name>`` at ``step`` and is a metric column named ``<name>``.
         trial_name: the HParams row's name ("" for TensorBoard's own: the run's folder).

@@ -6,7 +6,7 @@
 - :func:`missing_files`: a ``path`` of the dataset that does not exist.
 - :func:`component_problems`: the cheap components (prior, posterior, likelihood, callbacks,
   loggers) built once on their own, so their value errors come before the data is loaded,
-  told in config terms (:func:`~bbb_lightning.config_terms.in_config_terms`).
+  told in config terms (:func:`~bbb_lightning.cli.config_terms.in_config_terms`).
 
 Each returns one line per problem, so that independent problems are reported together.
 """
@@ -23,8 +23,8 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .command_line import close_matches
-from .config_checks import UserError
 from .config_terms import in_config_terms
+from .errors import UserError
 
 __all__ = ["component_problems", "missing_files", "target_nodes", "unaccepted_arguments"]
 

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data.cifar import CIFARDataModule
-from .data.mnist import NORMALIZATIONS
-from .data.ood_sets import cifar_test_images, idx_test_images
-from .data.pickle_batches import CIFAR_SETS
+from ..data.cifar import CIFARDataModule
+from ..data.mnist import NORMALIZATIONS
+from ..data.ood_sets import cifar_test_images, idx_test_images
+from ..data.pickle_batches import CIFAR_SETS
 
 __all__ = ["OOD_KINDS", "flipped", "gaussian_noise", "ood_inputs", "rotated", "set_name"]
 

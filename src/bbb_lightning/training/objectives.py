@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bayes._arguments import is_integer, is_real
-from .bayes.kl import KL_REDUCTIONS
+from ..bayes.arguments import is_integer, is_real
+from ..bayes.kl import KL_REDUCTIONS
 
 __all__ = [
     "KL_WEIGHTINGS",

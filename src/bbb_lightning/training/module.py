@@ -1,6 +1,6 @@
 """The LightningModule: a Bayes-by-Backprop network trained on the minibatch negative ELBO.
 
-The loss of minibatch i (see :mod:`bbb_lightning.objectives` for the weighting) is
+The loss of minibatch i (see :mod:`bbb_lightning.training.objectives` for the weighting) is
 
     loss_i = [ NLL_i + kl_weight_i * KL(q || p) ] / B,
     NLL_i  = -(1/S) sum_s sum_b log p(y_b | x_b, w_s),       S = ``num_samples``.
@@ -18,7 +18,7 @@ Logged per example: ``loss``; ``nll`` = NLL_i / B; ``kl`` = KL / N (the KL each 
 example carries over an epoch); ``kl_weight``; ``elbo`` = -(nll + kl), the per-example ELBO;
 each as ``train/<name>_step`` (averaged over processes, every ``log_every_n_steps`` steps) and
 ``train/<name>_epoch`` (the mean over the epoch's examples on all processes; see
-:mod:`bbb_lightning.step_logging`).
+:mod:`bbb_lightning.training.step_logging`).
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ from torch import Tensor, nn
 from torchmetrics import MeanSquaredError, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from .bayes import bayesianize, is_bayesian, sample_forward, sample_forward_with_kl
-from .bayes._arguments import positive_integer
-from .bayes.posteriors import VariationalPosterior
-from .bayes.priors import Prior
+from ..bayes import bayesianize, is_bayesian, sample_forward, sample_forward_with_kl
+from ..bayes.arguments import positive_integer
+from ..bayes.posteriors import VariationalPosterior
+from ..bayes.priors import Prior
+from ..evaluation.metrics import raw_log_likelihood
 from .guard import (
     NONFINITE_MODES,
     NonFiniteError,
@@ -48,7 +49,6 @@ from .guard import (
     scaler_handles_nonfinite_gradients,
     stop_message,
 )
-from .metrics import raw_log_likelihood
 from .objectives import CategoricalLikelihood, GaussianLikelihood, KLTerm, Likelihood
 from .optimizer_state import with_configured_settings
 from .seeding import derive_seed
@@ -158,11 +158,11 @@ class BayesByBackprop(LightningModule):
             A plain ``DataLoader`` does not: Lightning restarts it at the epoch's first batch
             when resuming mid-epoch, and a shuffling one draws its order from the global RNG.
         on_nonfinite: ``stop`` or ``skip`` a step whose loss or gradients are not finite
-            (see :mod:`bbb_lightning.guard`).
+            (see :mod:`bbb_lightning.training.guard`).
         target_std: for regression on targets standardised as y' = (y - m) / s, the scales s
             (one per target dimension): validation and test then also log ``raw_rmse`` and
             ``raw_ll``, the RMSE and the predictive log-likelihood per example in the target's
-            own units (:func:`~bbb_lightning.metrics.raw_log_likelihood`).
+            own units (:func:`~bbb_lightning.evaluation.metrics.raw_log_likelihood`).
         compile: ``torch.compile`` the network in place (``nn.Module.compile``): False, True
             (the default backend) or a backend name (:func:`compile_backends`). Compiled, the
             layers take the reference path (:mod:`bbb_lightning.bayes.functional`), which the
@@ -201,6 +201,7 @@ class BayesByBackprop(LightningModule):
         self.on_nonfinite = on_nonfinite
         self.seed = seed
         self.skipped_steps = 0
+        self.input_range: tuple[float, float] | None = None  # of the training inputs
         self.num_samples = positive_integer("num_samples", num_samples)
         self.eval_samples = positive_integer("eval_samples", eval_samples)
         self.kl_term = kl if isinstance(kl, KLTerm) else KLTerm(**(kl or {}))
@@ -406,11 +407,23 @@ class BayesByBackprop(LightningModule):
         training accuracy/ECE or RMSE."""
         return [self.train_means, *self.metrics["train_"].values()]
 
+    def on_fit_start(self) -> None:
+        """Note the range of the training inputs (of a datamodule whose training set is a
+        ``TensorDataset``), for ``predict`` to tell inputs in other units (pixels 0..255 where
+        the run trained on normalised ones)."""
+        train_set = getattr(getattr(self.trainer, "datamodule", None), "train_set", None)
+        inputs = getattr(train_set, "tensors", (None,))[0]
+        if isinstance(inputs, Tensor) and inputs.is_floating_point() and inputs.numel():
+            self.input_range = (float(inputs.min()), float(inputs.max()))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Also keep the current epoch's accumulated training metrics, summed over processes
         (every process takes part): a run resumed from a checkpoint taken mid-epoch
-        (``val_check_interval`` < 1) then logs the epoch's means over all of its minibatches."""
+        (``val_check_interval`` < 1) then logs the epoch's means over all of its minibatches;
+        and the training inputs' range (``input_range``)."""
         checkpoint["skipped_steps"] = self.skipped_steps
+        if self.input_range is not None:
+            checkpoint["input_range"] = list(self.input_range)
         states = []
         for metric in self._train_epoch_metrics():
             with metric.sync_context():

@@ -4,13 +4,13 @@ Each exported network is a plain ``nn.Module`` (no posterior, no parametrization
 randomness), written twice:
 
 - ``<name>.pt``: its ``state_dict()``, loadable into the original architecture
-  (e.g. ``bbb_lightning.nets.MLP(...)`` or your own class) with ``load_state_dict``;
+  (e.g. ``bbb_lightning.models.nets.MLP(...)`` or your own class) with ``load_state_dict``;
 - ``<name>.torchscript.pt``: a traced TorchScript module, loadable with ``torch.jit.load``
   alone, with no Python class and no import of this package.
 
 ``torch.jit.trace`` records the operations run on an example input, so networks whose control
 flow depends on the data are not captured faithfully; the MLP and CNN of
-:mod:`bbb_lightning.nets` are fine at any batch size. (Recent torch versions deprecate
+:mod:`bbb_lightning.models.nets` are fine at any batch size. (Recent torch versions deprecate
 TorchScript in favour of ``torch.export``; it still loads everywhere ``torch`` is installed.)
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .bayes import posterior_mean_network, sample_network
+from ..bayes import posterior_mean_network, sample_network
 from .pruning import prune_by_snr
 
 __all__ = ["export_module", "export_posterior"]
@@ -62,7 +62,8 @@ def export_posterior(
     """Export the posterior-mean network, one posterior draw and (optionally) a pruned mean.
 
     Files in ``directory``: ``posterior_mean.*``, ``posterior_draw.*`` and, with
-    ``pruned_fraction`` p, ``pruned_<100 p>.*`` (:func:`~bbb_lightning.pruning.prune_by_snr`).
+    ``pruned_fraction`` p, ``pruned_<100 p>.*``
+    (:func:`~bbb_lightning.evaluation.pruning.prune_by_snr`).
     Returns ``{name: {"state_dict": path, "torchscript": path}}``.
     """
     modules = {

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .bayes._arguments import is_integer, positive_integer
+from ..bayes.arguments import is_integer, positive_integer
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -33,7 +33,7 @@ def make_activation(name: str) -> nn.Module:
         raise ValueError(f"unknown activation {name!r}; allowed: {allowed}") from None
 
 
-def _sizes(name: str, value: Any) -> list[int]:
+def layer_sizes(name: str, value: Any) -> list[int]:
     """``value`` as a list of ``int`` (numpy's integers included, bools not), each at least 1.
 
     Any ordered collection passes (a list, a tuple, an omegaconf ``ListConfig``, a
@@ -76,9 +76,9 @@ class MLP(nn.Module):
         activation: str = "relu",
     ) -> None:
         super().__init__()
-        input_shape = _sizes("input_shape", input_shape)
+        input_shape = layer_sizes("input_shape", input_shape)
         num_outputs = positive_integer("num_outputs", num_outputs)
-        hidden = _sizes("hidden", hidden)
+        hidden = layer_sizes("hidden", hidden)
         widths = [math.prod(input_shape), *hidden]
         layers: list[nn.Module] = [nn.Flatten()]
         for width_in, width_out in pairwise(widths):
@@ -124,11 +124,11 @@ class CNN(nn.Module):
         hidden: int = 128,
     ) -> None:
         super().__init__()
-        shape = _sizes("input_shape", input_shape)
+        shape = layer_sizes("input_shape", input_shape)
         if len(shape) != 3:
             raise ValueError(f"CNN input_shape must be (C, H, W), got {tuple(shape)}")
         num_outputs = positive_integer("num_outputs", num_outputs)
-        channels = _sizes("channels", channels)
+        channels = layer_sizes("channels", channels)
         hidden = positive_integer("hidden", hidden)
         in_channels, height, width = shape
         blocks: list[nn.Module] = []

@@ -37,12 +37,11 @@ class Trial:
 
     Attributes:
         overrides: the run's overrides that vary against the runs it is compared with, in
-            command-line order (``["prior=scale_mixture", "kl.weighting=minibatch"]``).
-        all_overrides: every override of the run (places such as ``paths.*`` left out).
+            command-line order (``["prior=scale_mixture", "kl.weighting=minibatch"]``); places
+            such as ``paths.*`` are left out.
     """
 
     overrides: tuple[str, ...] = ()
-    all_overrides: tuple[str, ...] = ()
 
     @property
     def varied_keys(self) -> frozenset[str]:
@@ -97,10 +96,10 @@ def trial_of_this_job() -> Trial | None:
     hydra_config = HydraConfig.get()
     overrides = tuple(o for o in hydra_config.overrides.task if not _placed(o))
     if hydra_config.mode != RunMode.MULTIRUN:
-        return Trial(overrides, overrides)
+        return Trial(overrides)
     swept = _swept_keys(hydra_config)
     varied = tuple(o for o in overrides if _key(o) in swept) if swept else overrides
-    return Trial(varied, overrides)
+    return Trial(varied)
 
 
 def _scalar(value: Any) -> Scalar:
@@ -131,8 +130,9 @@ def flat_hparams(
             and the likelihood's sizes filled from the dataset, where the config has null).
         choices: the option chosen in each config group (Hydra's ``runtime.choices``), recorded
             under the group's name (``prior: scale_mixture``) for :data:`GROUPS`.
-        overrides: the run's overrides; a key not recorded otherwise (``trainer.precision``)
-            is added with its value in the config (``"null"`` for none).
+        overrides: the run's varied overrides (:attr:`Trial.overrides`); a key not recorded
+            otherwise (``trainer.precision``) is added with its value in the config (``"null"``
+            for none). A sweep's constant overrides add no column before the groups'.
     """
     flat: dict[str, Scalar] = {}
     for group in GROUPS:

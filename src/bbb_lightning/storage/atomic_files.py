@@ -4,7 +4,8 @@ Each file is written to a temporary file in its own directory (``.<name>.<random
 flushed to the disk (``fsync``), then renamed over the target with ``os.replace``, which POSIX
 makes atomic within one file system: a reader sees the old file or the new one, never a part.
 A write that fails (a full disk, a file-size limit, a lost mount) removes its temporary file,
-keeps the earlier file of that name as it was, and raises a :class:`~bbb_lightning.faults.RunFault`
+keeps the earlier file of that name as it was, and raises a
+:class:`~bbb_lightning.training.faults.RunFault`
 naming the path and the free space. Lightning's own ``_atomic_save`` writes the finished bytes
 straight onto the target, which a full disk leaves truncated.
 """
@@ -21,7 +22,7 @@ from typing import IO, Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from .faults import RunFault, describe_free_space
+from ..training.faults import RunFault, describe_free_space
 
 __all__ = ["AtomicCheckpointIO", "write_atomically", "write_text_atomically"]
 

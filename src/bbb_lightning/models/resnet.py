@@ -15,8 +15,8 @@ from itertools import pairwise
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bayes._arguments import positive_integer
-from .nets import _sizes
+from ..bayes.arguments import positive_integer
+from .nets import layer_sizes
 
 __all__ = ["CIFARResNet"]
 
@@ -81,7 +81,7 @@ class CIFARResNet(nn.Module):
         widths: Sequence[int] = (16, 32, 64),
     ) -> None:
         super().__init__()
-        shape = _sizes("input_shape", input_shape)
+        shape = layer_sizes("input_shape", input_shape)
         if len(shape) != 3:
             raise ValueError(f"CIFARResNet input_shape must be (C, H, W), got {tuple(shape)}")
         num_outputs = positive_integer("num_outputs", num_outputs)
@@ -90,7 +90,7 @@ class CIFARResNet(nn.Module):
             raise ValueError(
                 f"CIFARResNet depth must be 6n + 2 >= 8 (20, 32, 44, ...), got {depth}"
             )
-        widths = _sizes("widths", widths)
+        widths = layer_sizes("widths", widths)
         if len(widths) != 3:
             raise ValueError(f"CIFARResNet widths must be three channel counts, got {widths}")
         if any(later < earlier for earlier, later in pairwise(widths)):

@@ -14,9 +14,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 
+from ..cli.errors import UserError, user_errors
+from ..training.module import BayesByBackprop
 from .checkpoint_files import checkpoint_problem, describe_intact_alternative
-from .config_checks import UserError, user_errors
-from .module import BayesByBackprop
 
 __all__ = ["load_model", "load_run", "resolve_checkpoint", "resolve_device", "sample_outputs"]
 

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .faults import RunFault
+from ..training.faults import RunFault
 
 log = logging.getLogger(__name__)
 

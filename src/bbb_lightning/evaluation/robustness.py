@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bayes import posterior_mean_network, sample_forward, sample_network
+from ..bayes import posterior_mean_network, sample_forward, sample_network
 
 __all__ = [
     "ATTACKS",

@@ -1,0 +1,64 @@
+"""OmegaConf resolvers the configs use: ``${fresh_dir:...}`` (the run directories),
+``${config_groups:ood}`` (train's ``--help``), ``${metric_mode:val/accuracy}`` (the checkpoint's
+``mode``) and ``${optuna_direction:...}``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ..summary import metric_mode
+
+
+def config_group_lines(*left_out: str) -> str:
+    """``group: option, option`` for every config group of the package's ``conf/`` folder
+    but ``hydra`` and ``left_out`` (``${config_groups:ood}`` in train's ``--help``: Hydra's
+    own ``$APP_CONFIG_GROUPS`` would list evaluate's ``ood`` there too)."""
+    conf = Path(__file__).parents[1] / "conf"
+    folders = sorted(
+        folder
+        for folder in conf.iterdir()
+        if folder.is_dir() and folder.name not in ("hydra", "__pycache__", *left_out)
+    )
+    return "\n".join(
+        f"{folder.name}: {', '.join(sorted(p.stem for p in folder.glob('*.yaml')))}"
+        for folder in folders
+    )
+
+
+def fresh_directory(path: str) -> str:
+    """``path``, created, or if it exists ``path-2``, ``path-3``, ...: the first one this process
+    could create itself.
+
+    ``hydra.run.dir: ${fresh_dir:outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}}`` names a run by the
+    second it started (as the README writes ``outputs/<date>/<time>``), and two runs started in
+    the same second (``for seed in 1 2; do python -m bbb_lightning.train seed=$seed & done``)
+    still get a directory each: ``mkdir`` fails for all but one of them. Resolved once per
+    process (the resolver's cache), so every later read of ``hydra.run.dir`` gives the same one.
+    """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 10_000):
+        candidate = path if attempt == 1 else f"{path}-{attempt}"
+        try:
+            os.mkdir(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"{path}: 9999 run directories of that name exist already")
+
+
+OmegaConf.register_new_resolver("fresh_dir", fresh_directory, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("config_groups", config_group_lines, replace=True)
+
+
+# ${metric_mode:val/accuracy} -> max (the checkpoint callback's mode), and Optuna's direction.
+OmegaConf.register_new_resolver("metric_mode", metric_mode, replace=True)
+
+
+OmegaConf.register_new_resolver(
+    "optuna_direction",
+    lambda name: "maximize" if metric_mode(name) == "max" else "minimize",
+    replace=True,
+)
