@@ -1,6 +1,6 @@
 """OmegaConf resolvers the configs use: ``${fresh_dir:...}`` (the run directories),
-``${config_groups:ood}`` (train's ``--help``), ``${metric_mode:val/accuracy}`` (the checkpoint's
-``mode``) and ``${optuna_direction:...}``."""
+``${config_groups:ood,analyses}`` and ``${config_options:ood}`` (the ``--help`` texts),
+``${metric_mode:val/accuracy}`` (the checkpoint's ``mode``) and ``${optuna_direction:...}``."""
 
 from __future__ import annotations
 
@@ -49,6 +49,14 @@ def fresh_directory(path: str) -> str:
     raise FileExistsError(f"{path}: 9999 run directories of that name exist already")
 
 
+def config_options(group: str) -> str:
+    """``option, option`` of one config group of the package's ``conf/`` folder
+    (``${config_options:ood}`` in evaluate's ``--help``)."""
+    folder = Path(__file__).parents[1] / "conf" / group
+    return ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+
+
+OmegaConf.register_new_resolver("config_options", config_options, replace=True)
 OmegaConf.register_new_resolver("fresh_dir", fresh_directory, use_cache=True, replace=True)
 OmegaConf.register_new_resolver("config_groups", config_group_lines, replace=True)
 
