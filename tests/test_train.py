@@ -230,6 +230,12 @@ BAD_INPUTS = [  # docs/errors.md, row by row
     ("trainer.min_epochs=-1", "trainer.min_epochs=-1 is not allowed: null or an integer >= 0"),
     ("trainer.deterministic=maybe", "trainer.deterministic='maybe' is not allowed: true, false"),
     ("trainer.enable_model_summary=3", "trainer.enable_model_summary=3 is not allowed: true or"),
+    ("trainer.fast_dev_run=-1", "trainer.fast_dev_run=-1 is not allowed: true, false or an int"),
+    ("trainer.overfit_batches=1.5", "trainer.overfit_batches=1.5 is not allowed: 0 (off), an"),
+    ("trainer.profiler=fancy", "trainer.profiler='fancy' is not allowed: null, one of ['simple'"),
+    ("trainer.detect_anomaly=maybe", "trainer.detect_anomaly='maybe' is not allowed: true or fa"),
+    ("tags=baseline", "tags='baseline' is not allowed: a list of names, e.g. tags=[baseline,mnist]"),
+    ("extras.print_config=maybe", "extras.print_config='maybe' is not allowed: true or false"),
     ("+trainer.val_check_interval=1.5", "trainer.val_check_interval=1.5 is not allowed: null"),
     (
         "+trainer.val_check_interval=100",

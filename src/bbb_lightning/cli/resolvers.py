@@ -1,13 +1,15 @@
 """OmegaConf resolvers the configs use: ``${config_groups:ood}`` (train's ``--help``),
-``${metric_mode:val/accuracy}`` (the checkpoint's ``mode``) and ``${optuna_direction:...}``."""
+``${metric_mode:val/accuracy}`` (the checkpoint's ``mode``), ``${optuna_direction:...}`` and
+``${mlflow_tags:${tags}}`` (the run's tags as MLflow's tag mapping)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ..summary import metric_mode
+from ..summary import metric_mode, tags_text
 
 
 def config_group_lines(*left_out: str) -> str:
@@ -38,3 +40,18 @@ OmegaConf.register_new_resolver(
     lambda name: "maximize" if metric_mode(name) == "max" else "minimize",
     replace=True,
 )
+
+
+def mlflow_tags(tags: Sequence[object]) -> dict[str, str] | None:
+    """The run's ``tags`` list as MLflow's tag mapping: one tag ``tags`` holding them joined
+    by ", " (MLflow's tags are key-value pairs; this one can be searched with
+    ``tags.tags LIKE '%mnist%'``); None for no tags.
+
+    Example:
+        >>> mlflow_tags(["baseline", "mnist"]), mlflow_tags([])
+        ({'tags': 'baseline, mnist'}, None)
+    """
+    return {"tags": tags_text(tags)} if tags else None
+
+
+OmegaConf.register_new_resolver("mlflow_tags", mlflow_tags, replace=True)
