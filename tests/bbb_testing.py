@@ -8,12 +8,14 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from hydra import compose, initialize_config_module
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -35,6 +37,17 @@ def events(run_dir: Path) -> EventAccumulator:
     accumulator = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
     accumulator.Reload()
     return accumulator
+
+
+def hparams_plugin(accumulator: EventAccumulator) -> tuple[Any, Any]:
+    """The HParams plugin's experiment and session start info in a run's events."""
+    found = {}
+    for tag, meta in accumulator.summary_metadata.items():
+        if meta.plugin_data.plugin_name == "hparams":
+            found[tag] = HParamsPluginData.FromString(meta.plugin_data.content)
+    return found["_hparams_/experiment"].experiment, found[
+        "_hparams_/session_start_info"
+    ].session_start_info
 
 
 def run_cli(

@@ -181,3 +181,21 @@ def test_uci_benchmark_writes_the_table_beside_the_reference(tmp_path):
     assert [row["set"] for row in rows] == ["toyset", "energy"]
     assert all(math.isfinite(row["test/raw_ll"]) and row["wall_s"] > 0 for row in rows)
     assert (tmp_path / "out" / "toyset" / "1" / "metrics.json").is_file()
+
+
+def test_bench_resnet_step_quick_run_has_a_ratio_per_estimator(tmp_path):
+    done = _run("bench_resnet_step.py", "--quick", "--json", "out.json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    estimators = ("reparameterization", "local", "flipout")
+    names = ["deterministic", *(f"bayesian-{e}" for e in estimators)]
+    assert [row["contestant"] for row in rows] == names
+    assert rows[0]["ratio"] == 1.0
+    assert all(math.isfinite(row["ratio"]) and row["ratio"] > 0 for row in rows)
+    assert all(f"| {name} |" in done.stdout for name in names)
+
+
+def test_bench_resnet_step_refuses_zero_rounds_in_one_line(tmp_path):
+    done = _run("bench_resnet_step.py", "--rounds", "0", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith("--rounds=0: must be at least 1")

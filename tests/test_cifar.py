@@ -290,3 +290,25 @@ def test_the_resnet20_experiment_trains_end_to_end(cifar_run: Path) -> None:
     accumulator = events(cifar_run)
     assert [event.value for event in accumulator.Scalars("train/lr")] == pytest.approx([1e-3])
     assert "val/accuracy" in accumulator.Tags()["scalars"]
+
+
+@pytest.mark.slow
+def test_cifar100_as_the_ood_set_of_the_cifar10_run_through_the_cli(cifar_run: Path) -> None:
+    """``evaluate ood=cifar100`` on the run: CIFAR-100's test batch (torchvision's root layout,
+    no download) scored against the CIFAR-10 test images, under the set's own name."""
+    root = cifar_run.parent
+    ood_root = write_cifar_batches(root / "ood", "cifar100", per_batch=6, seed=1)
+    out = root / "evaluation"
+    result = run_cli(
+        f"ckpt_path={cifar_run}", "ood=cifar100", f"ood.path={ood_root}", "eval_samples=2",
+        "sample_counts=[1,2]", "attack.enabled=false", "export.enabled=false",
+        "pruning_fractions=[]", "figures=false", f"hydra.run.dir={out}",
+        cwd=root, entry="evaluate",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    keys = {key for key in metrics if key.startswith("ood/")}
+    names = ("entropy_auroc", "entropy_aupr", "mi_auroc", "mi_aupr", "entropy")
+    assert keys == {f"ood/cifar100/{name}" for name in (*names, "mutual_information")}
+    assert all(0 <= metrics[f"ood/cifar100/{name}"] <= 1 for name in names[:4])
+    assert json.loads((out / "evaluation.json").read_text())["ood"] == "cifar100"

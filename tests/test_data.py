@@ -180,6 +180,18 @@ def test_mnist_from_local_copy(mnist_dir: Path) -> None:
     assert torch.equal(counts, torch.bincount(labels, minlength=10))
 
 
+def test_mnist_in_torchvisions_layout(mnist_dir: Path, tmp_path: Path) -> None:
+    """``torchvision.datasets.MNIST(root)`` leaves ``root/MNIST/raw/``: data_dir=root finds it."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for source in [*mnist_dir.glob("*-ubyte*"), *mnist_dir.glob("raw/*-ubyte*")]:
+        (raw / source.name).symlink_to(source.resolve())
+    dm = MNISTDataModule(data_dir=tmp_path, download=False, limit_train=10)
+    dm.prepare_data()
+    dm.setup()
+    assert (len(dm.train_set), len(dm.test_set)) == (10, 10_000)
+
+
 def test_mnist_normalizations_and_limit(mnist_dir: Path) -> None:
     dm = MNISTDataModule(data_dir=mnist_dir, download=False, normalization="none", limit_train=100)
     assert dm.num_train == 100

@@ -52,7 +52,7 @@ def _trained(tmp_path: Path, *overrides: str) -> Path:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert all(value == value for value in metrics.values())  # no NaN
     histograms = events(run_dir).Tags()["histograms"]
-    for name in ("sigma/net.layers.1.weight", "snr/net.layers.1.weight"):
+    for name in ("weights/sigma/net.layers.1.weight", "weights/snr/net.layers.1.weight"):
         assert any(tag.startswith(name) for tag in histograms), histograms
     return run_dir
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
 from bbb_lightning.cli.command_line import command_line_problems
 from bbb_lightning.cli.errors import UserError
+from bbb_lightning.cli.resolvers import fresh_directory
 from bbb_lightning.train import train
 from bbb_testing import QUICK, compose_config, run_cli
 
@@ -114,3 +118,17 @@ def test_a_csv_regression_chooses_the_gaussian_likelihood_by_itself(tmp_path):
         "noise": "fixed",
         "noise_std": 0.1,
     }
+
+
+def test_a_run_directory_is_named_by_the_second_and_never_shared(tmp_path):
+    """Run directories had microseconds (``01-07-36-396672``) where the README says
+    ``<time>``: now ``outputs/<date>/<HH-MM-SS>``, and a second run started in the same second
+    gets ``-2`` (each process creates its own, so two never share one)."""
+    result = run_cli("trainer.max_epochs=1", *QUICK[1:], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = (tmp_path / "outputs").glob("*/*")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d", f"{run_dir.parent.name}/{run_dir.name}")
+    assert (run_dir / "metrics.json").is_file()
+    base = str(tmp_path / "outputs" / "day" / "12-00-00")
+    assert [fresh_directory(base) for _ in range(3)] == [base, f"{base}-2", f"{base}-3"]
+    assert all(Path(path).is_dir() for path in (base, f"{base}-2", f"{base}-3"))

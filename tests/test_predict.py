@@ -127,6 +127,24 @@ def test_classification_outputs_and_their_decomposition(tmp_path, mnist_run, mni
     assert np.load(tmp_path / "p.samples.npz")["sample_probs"].shape == (6, 20, 10)
 
 
+def test_inputs_in_other_units_than_the_training_data_are_named(tmp_path, mnist_run, mnist_inputs):
+    """Pixels 0..255 to a run trained on normalised ones silently gave probabilities of
+    exactly 0 and 1. The inputs' range is checked against the training inputs' (kept in the
+    checkpoint): one line naming both and raw=true; check_input_range=false predicts anyway."""
+    common = [f"ckpt_path={mnist_run}", "eval_samples=2", f"input={mnist_inputs['raw']}"]
+    with pytest.raises(UserError) as error:
+        run_predict(tmp_path, *common)
+    (line,) = error.value.problems
+    assert line.startswith(f"input={str(mnist_inputs['raw'])!r}: values span [0, 255] in the ")
+    assert "far outside the training inputs' [-0.4242, 2.821]; pass raw=true for inputs in " in line
+    assert line.endswith(
+        "raw units (pixel values 0..255), or check_input_range=false to predict anyway"
+    )
+    forced = run_predict(tmp_path, *common, "check_input_range=false")
+    assert forced["probs"].shape == (20, 10)
+    assert run_predict(tmp_path, *common, "raw=true")["probs"].shape == (20, 10)
+
+
 def test_regression_outputs(tmp_path, toy_run):
     inputs = tmp_path / "x.csv"
     inputs.write_text("x\n" + "\n".join(f"{v:.3f}" for v in np.linspace(-0.2, 1.2, 15)) + "\n")

@@ -17,6 +17,7 @@ from torch import nn
 
 from bbb_lightning.bayes import GaussianPrior, MeanFieldNormal
 from bbb_lightning.cli.errors import UserError
+from bbb_lightning.storage.checkpoints import ModelCheckpoint
 from bbb_lightning.train import train
 from bbb_lightning.training.guard import NonFiniteError, first_nonfinite
 from bbb_lightning.training.module import BayesByBackprop
@@ -338,6 +339,35 @@ def test_a_failing_multirun_job_does_not_stop_the_others(tmp_path):
     assert result.returncode != 0  # the sweep as a whole reports the failure
     assert json.loads((tmp_path / "sweep" / "1" / "metrics.json").read_text())["test/nll"]
     summary = (tmp_path / "sweep" / "summary.md").read_text()
-    assert "| 0 | failed | prior.scale=-1.0" in summary
+    # printed at the end, where it is written; the overrides all jobs share named once
+    assert f"The sweep ({tmp_path / 'sweep' / 'summary.md'}, also summary.csv):" in result.stdout
+    assert summary in result.stdout
+    assert "Every job: `trainer.max_epochs=1 callbacks.progress_bar=null" in summary
+    assert "| 0 | failed | prior.scale=-1.0 |" in summary
     assert "prior.scale=-1.0 is not allowed: a finite number > 0" in summary
     assert "| 1 | ok | prior.scale=1.0" in summary
+
+
+def test_a_run_resumed_elsewhere_keeps_the_earlier_directorys_best(tmp_path):
+    """Lightning restarts its top-k bookkeeping in a new directory: the resumed run tested the
+    best epoch after the resume although an earlier one, in the first directory, was better."""
+    earlier = tmp_path / "first" / "epoch001.ckpt"
+    earlier.parent.mkdir()
+    earlier.write_bytes(b"a checkpoint")
+    saved = ModelCheckpoint(dirpath=tmp_path / "first", monitor="val/nll", mode="min")
+    saved.best_model_path, saved.best_model_score = str(earlier), torch.tensor(1.0)
+    resumed = ModelCheckpoint(dirpath=tmp_path / "second", monitor="val/nll", mode="min")
+    with pytest.warns(UserWarning, match="dirpath has changed"):
+        resumed.load_state_dict(saved.state_dict())
+    assert resumed.best() == (str(earlier), torch.tensor(1.0))  # nothing better here yet
+    resumed.best_model_path, resumed.best_model_score = "second/e2.ckpt", torch.tensor(1.5)
+    assert resumed.best() == (str(earlier), torch.tensor(1.0))
+    resumed.best_model_score = torch.tensor(0.5)  # a better epoch after the resume
+    assert resumed.best() == ("second/e2.ckpt", torch.tensor(0.5))
+    again = ModelCheckpoint(dirpath=tmp_path / "third", monitor="val/nll", mode="min")
+    resumed.best_model_score = torch.tensor(1.5)
+    with pytest.warns(UserWarning, match="dirpath has changed"):
+        again.load_state_dict(resumed.state_dict())  # carried on through a second resume
+    assert again.best() == (str(earlier), torch.tensor(1.0))
+    earlier.unlink()
+    assert again.best() == ("", None)  # gone from disk: not tested

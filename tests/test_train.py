@@ -6,14 +6,13 @@ import json
 
 import pytest
 import torch
-from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from bbb_lightning.bayes import posterior_mean
+from bbb_lightning.bayes import kl_divergence, posterior_mean
 from bbb_lightning.cli.errors import UserError
 from bbb_lightning.train import train
 from bbb_lightning.training.guard import NonFiniteError
 from bbb_lightning.training.module import BayesByBackprop
-from bbb_testing import QUICK, compose_config, events, run_cli
+from bbb_testing import QUICK, compose_config, events, hparams_plugin, run_cli
 
 
 def test_default_run_writes_metrics_checkpoints_and_tensorboard(tmp_path):
@@ -32,26 +31,36 @@ def test_default_run_writes_metrics_checkpoints_and_tensorboard(tmp_path):
         assert len(steps) == 8 and len(epochs) == 2  # 512 examples in 4 batches of 128, 2 epochs
         for epoch, mean in enumerate(epochs):  # equal batches: the mean of the step values
             assert mean == pytest.approx(sum(steps[4 * epoch : 4 * epoch + 4]) / 4, rel=1e-5)
-    assert {"val/nll", "val/rmse", "test/nll", "hp/test_nll"} <= set(tags["scalars"])
-    assert any(tag.startswith("sigma/net.") for tag in tags["histograms"])
-    assert "figures/predictive" in tags["images"]
-    hparams = accumulator.summary_metadata  # the HParams plugin's session info
-    assert any(meta.plugin_data.plugin_name == "hparams" for meta in hparams.values())
-    (session,) = (
-        data.session_start_info.hparams
-        for meta in hparams.values()
-        if meta.plugin_data.plugin_name == "hparams"
-        and (data := HParamsPluginData.FromString(meta.plugin_data.content)).HasField(
-            "session_start_info"
-        )
-    )
+    scalars = set(tags["scalars"])
+    assert {"val/nll", "val/rmse", "z_hparams/test/nll", "z_hparams/best/val/nll"} <= scalars
+    # the Scalars tab opens on the first two groups: the curves, not `epoch`, `hp/*` or `test/*`
+    assert sorted({tag.split("/")[0] for tag in scalars}) == [
+        "train",
+        "val",
+        "weights",
+        "z_hparams",
+    ]
+    assert any(tag.startswith("weights/sigma/net.") for tag in tags["histograms"])
+    assert set(tags["images"]) == {"val/predictive"}  # no classification figures
+    # the per-layer KL of the final network sums to its KL
+    model = BayesByBackprop.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    layer_kls = [accumulator.Scalars(t)[-1] for t in scalars if t.startswith("weights/kl/")]
+    assert len(layer_kls) == 3 and {event.step for event in layer_kls} == {8}
+    total = float(kl_divergence(model.net))
+    assert sum(event.value for event in layer_kls) == pytest.approx(total, rel=1e-5)
+    experiment, session = hparams_plugin(accumulator)
     # the sizes filled from the dataset, not the config's null
-    assert session["model/net/input_shape"].string_value == "[1]"
-    assert session["model/net/num_outputs"].number_value == 1
-    assert session["likelihood/target_dim"].number_value == 1
-    assert metrics["test/nll"] == pytest.approx(
-        accumulator.Scalars("hp/test_nll")[-1].value, rel=1e-6
-    )
+    assert session.hparams["model.net.input_shape"].string_value == "[1]"
+    assert session.hparams["model.net.num_outputs"].number_value == 1
+    assert session.hparams["likelihood.target_dim"].number_value == 1
+    columns = [info.display_name for info in experiment.metric_infos]
+    assert columns == [  # the tab shows the first five
+        *("best/val/nll", "test/nll", "test/rmse", "val/nll", "val/rmse", "epochs", "fit_seconds")
+    ]
+    for info in experiment.metric_infos:
+        assert metrics[info.display_name] == pytest.approx(
+            accumulator.Scalars(info.name.tag)[-1].value, rel=1e-6
+        )
 
 
 @pytest.mark.parametrize(
@@ -64,7 +73,7 @@ def test_default_run_writes_metrics_checkpoints_and_tensorboard(tmp_path):
 )
 def test_the_regression_figure_every_n_epochs_and_at_the_end(tmp_path, overrides, figure_steps):
     train(compose_config(tmp_path, *overrides, "callbacks.progress_bar=null"))
-    images = events(tmp_path).Images("figures/predictive")
+    images = events(tmp_path).Images("val/predictive")
     assert [image.step for image in images] == figure_steps  # 4 steps per epoch
 
 
@@ -118,8 +127,16 @@ def test_mnist_mlp_learns(tmp_path, mnist_dir):
     metrics = train(cfg)
     assert metrics["test/accuracy"] > 0.85
     assert 0 <= metrics["test/ece"] < 0.1
-    scalars = events(tmp_path).Tags()["scalars"]
-    assert {"train/accuracy", "train/ece", "val/accuracy", "val/ece"} <= set(scalars)
+    accumulator = events(tmp_path)
+    tags = accumulator.Tags()
+    assert {"train/accuracy", "train/ece", "val/accuracy", "val/ece"} <= set(tags["scalars"])
+    # each validation epoch (40 steps of 128): a reliability diagram, the most uncertain
+    # examples, the KL of each of the MLP's three layers
+    assert {"val/reliability", "val/most_uncertain"} == set(tags["images"])
+    for tag in ("val/reliability", "val/most_uncertain"):
+        assert [image.step for image in accumulator.Images(tag)] == [40, 80]
+    layers = {tag for tag in tags["scalars"] if tag.startswith("weights/kl/")}
+    assert layers == {f"weights/kl/net.layers.{i}" for i in (1, 3, 5)}
 
 
 def test_csv_dataset(tmp_path):
@@ -153,7 +170,19 @@ def test_cli_runs_from_any_directory_into_outputs(tmp_path):
     run_dir = metrics_file.parent
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    # extras.print_config=false: no config tree printed or saved
+    assert "CONFIG" not in result.stdout and not (run_dir / "config_tree.log").exists()
+    experiment, session = hparams_plugin(events(run_dir))
+    # a single run is named by its overrides (what it prints left out); their keys come first
+    overrides = [o for o in QUICK if not o.startswith("extras.")] + ["trainer.max_epochs=1"]
+    assert session.group_name.startswith(" ".join(overrides) + " · ")
+    differing = {info.name for info in experiment.hparam_infos if info.differs}
+    assert differing == {
+        "trainer.max_epochs",
+        "callbacks.progress_bar",
+        "trainer.enable_model_summary",
+    }
+    assert session.hparams["trainer.enable_model_summary"].bool_value is False
 
 
 @pytest.mark.slow
@@ -171,9 +200,15 @@ def test_multirun_gives_one_run_per_combination(tmp_path):
     job_dirs = sorted(p for p in (tmp_path / "multirun").iterdir() if p.is_dir())
     assert [p.name for p in job_dirs] == ["0", "1", "2", "3"]
     seen = set()
+    trial_names = []
     for job in job_dirs:
         assert json.loads((job / "metrics.json").read_text())["test/nll"] > -10
-        assert list((job / "tensorboard").glob("events.out.tfevents.*"))
+        experiment, session = hparams_plugin(events(job))
+        # the HParams tab: the swept choices first, the trial named by them (not 0/tensorboard)
+        differing = [info.name for info in experiment.hparam_infos if info.differs]
+        assert sorted(differing) == ["kl.weighting", "prior"]
+        assert session.hparams["prior"].string_value in ("gaussian", "scale_mixture")
+        trial_names.append(session.group_name.split(" · ")[0])
         overrides = (job / ".hydra" / "overrides.yaml").read_text()
         seen.add(
             tuple(
@@ -181,6 +216,11 @@ def test_multirun_gives_one_run_per_combination(tmp_path):
             )
         )
     assert len(seen) == 4
+    assert trial_names == [
+        f"prior={prior} kl.weighting={weighting}"
+        for prior in ("gaussian", "scale_mixture")
+        for weighting in ("uniform", "minibatch")
+    ]
 
 
 BAD_INPUTS = [  # docs/errors.md, row by row
@@ -234,7 +274,7 @@ BAD_INPUTS = [  # docs/errors.md, row by row
     ("trainer.overfit_batches=1.5", "trainer.overfit_batches=1.5 is not allowed: 0 (off), an"),
     ("trainer.profiler=fancy", "trainer.profiler='fancy' is not allowed: null, one of ['simple'"),
     ("trainer.detect_anomaly=maybe", "trainer.detect_anomaly='maybe' is not allowed: true or fa"),
-    ("tags=baseline", "tags='baseline' is not allowed: a list of names, e.g. tags=[baseline,mnist]"),
+    ("tags=baseline", "tags='baseline' is not allowed: a list of names, e.g. tags=[baseline,"),
     ("extras.print_config=maybe", "extras.print_config='maybe' is not allowed: true or false"),
     ("+trainer.val_check_interval=1.5", "trainer.val_check_interval=1.5 is not allowed: null"),
     (
@@ -256,6 +296,10 @@ BAD_INPUTS = [  # docs/errors.md, row by row
     (
         "callbacks.posterior_histograms.every_n_epochs=0",
         "callbacks.posterior_histograms.every_n_epochs=0 is not allowed: an integer >= 1",
+    ),
+    (
+        "callbacks.classification_figures.num_examples=0",
+        "callbacks.classification_figures.num_examples=0 is not allowed: an integer >= 1",
     ),
     ("posterior.rho_init=abc", "posterior.rho_init='abc' is not allowed: a number or [low,"),
     (  # was a traceback from inside training (a tensor of 0 elements)
@@ -441,3 +485,39 @@ def test_resuming_with_another_network_is_named_before_training(tmp_path):
     )
     with pytest.raises(UserError, match=expected):
         train(cfg)
+
+
+def test_a_run_directory_as_ckpt_path_resumes_that_run_in_place(tmp_path):
+    """``train ckpt_path=<run dir>`` was refused, and a resume from its last.ckpt wrote a new
+    run directory, splitting the TensorBoard curves. It resumes the run where it is, with the
+    run's own overrides, and its curves continue in the one tensorboard/ folder."""
+    first = run_cli(
+        "hydra.run.dir=run", "model.net.hidden=[8]", "trainer.max_epochs=1",
+        "callbacks.progress_bar=null", cwd=tmp_path, env={"PYTHONWARNINGS": "default"},
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    # the summary names the variational tensors; no FLOPs of 0, no tips, no torch deprecations
+    assert "Variational tensors: 4, holding 25 weights (MeanFieldNormal)" in first.stdout
+    for noise in ("FLOPs", "litlogger", "LeafSpec", "exists and is not empty"):
+        assert noise not in first.stdout + first.stderr
+    resumed = run_cli("ckpt_path=run", "trainer.max_epochs=2", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming the run in run in place from last.ckpt with its overrides " in resumed.stderr
+    assert "model.net.hidden=[8]" in resumed.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no new run directory
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 2
+    steps = [event.step for event in events(tmp_path / "run").Scalars("train/loss_epoch")]
+    assert steps == [3, 7]  # both epochs' points on one curve (4 batches an epoch)
+
+    (tmp_path / "bare" / ".hydra").mkdir(parents=True)
+    (tmp_path / "bare" / ".hydra" / "config.yaml").write_text("{}\n")
+    refused = run_cli("ckpt_path=bare", cwd=tmp_path)
+    assert refused.returncode == 1
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "ckpt_path='bare' is not allowed: the run directory holds no checkpoints/last.ckpt to "
+            "resume from (name one of its checkpoints instead)"
+        )
+    )

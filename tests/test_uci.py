@@ -181,7 +181,8 @@ def test_multirun_over_splits_and_summary_mean_and_standard_error(uci_dir, tmp_p
     summary_main([str(sweep)])
     out = capsys.readouterr().out
     mean, se = mean_and_standard_error(lls)
-    (row,) = [line for line in out.splitlines() if line.startswith("| experiment=uci")]
+    assert f"Every job: `experiment=uci dataset.name=toyset dataset.data_dir={uci_dir}" in out
+    (row,) = [line for line in out.splitlines() if line.startswith("| - | 2 | ")]
     cells = row.split(" | ")
     header = next(line for line in out.splitlines() if line.startswith("| overrides | splits"))
     column = header.split(" | ").index("test/raw_ll")

@@ -15,9 +15,9 @@ test set, and writes into its own run dir:
 Keys of ``metrics.json``:
 
 - classification ``test/``: accuracy, nll, ece, mce, brier, entropy, expected_entropy,
-  mutual_information (:mod:`bbb_lightning.evaluation.metrics`); ``ood/``: entropy_auroc,
-  entropy_aupr,
-  mi_auroc, mi_aupr (OOD = positive), entropy and mutual_information of the OOD set;
+  mutual_information (:mod:`bbb_lightning.evaluation.metrics`); ``ood/<set>/`` (the set's name, e.g.
+  ``ood/fashion_mnist/entropy_auroc``): entropy_auroc, entropy_aupr, mi_auroc, mi_aupr (OOD =
+  positive), entropy and mutual_information of the OOD set;
   ``attack/<fgsm|pgd>/<mean|draw|predictive>/eps=<ε>`` (:mod:`bbb_lightning.evaluation.robustness`);
   ``gradient/``: expected_l2, draw_l2, coherence (= expected_l2 / draw_l2);
 - regression ``test/``: rmse, nll (the predictive mixture's), gaussian_nll, coverage_50/90/95,
@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-from collections.abc import Sequence
+import re
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +48,7 @@ from .cli.config_checks import integer_at_least, is_finite_number, list_of, requ
 from .cli.errors import UserError, exit_on_user_error, user_errors
 from .cli.printing import format_metrics
 from .data.mnist import NORMALIZATIONS
+from .data.pickle_batches import CIFAR_SETS
 from .evaluation import figures, ood
 from .evaluation.export import export_posterior
 from .evaluation.metrics import (
@@ -224,38 +224,6 @@ def _regression_figure(
     return figure
 
 
-def _ood_inputs(cfg: DictConfig, x: Tensor, datamodule: Any, input_shape: Sequence[int]) -> Tensor:
-    kind = cfg.ood.kind
-    limit = cfg.ood.get("num_examples")
-    limit = len(x) if limit is None else limit
-    with user_errors():
-        if kind == "noise":
-            return ood.gaussian_noise(x, limit, seed=cfg.seed)
-        if kind == "rotated":
-            return ood.rotated(x[:limit], cfg.ood.angle)
-        if kind == "flipped":
-            return ood.flipped(x[:limit], cfg.ood.axis)
-        normalization = getattr(datamodule, "normalization", None)
-        if normalization not in NORMALIZATIONS:
-            raise UserError(
-                f"ood.kind=idx (ood=fashion_mnist or another IDX image set) needs an MNIST-like "
-                f"image dataset with a pixel normalization; this run's dataset is "
-                f"{type(datamodule).__name__}: use ood=noise or ood=none"
-            )
-        offset, scale = NORMALIZATIONS[normalization]
-        shape = tuple(input_shape)
-
-        def normalize(images: Tensor) -> Tensor:
-            if images[0].numel() != math.prod(shape):
-                raise ValueError(
-                    f"ood.path={cfg.ood.path!r}: images of shape {tuple(images.shape[1:])} do "
-                    f"not fit the model's input shape {shape}"
-                )
-            return ((images.float() - offset) / scale).reshape(-1, *shape)
-
-        return ood.idx_images(cfg.ood.path, normalize)[:limit]
-
-
 def _out_of_distribution(
     report: Report,
     model: BayesByBackprop,
@@ -264,9 +232,10 @@ def _out_of_distribution(
     datamodule: Any,
     cfg: DictConfig,
 ) -> None:
-    x_out = _ood_inputs(
-        cfg, x, datamodule, (model.hparams.get("net") or {}).get("input_shape") or x.shape[1:]
-    )
+    input_shape = (model.hparams.get("net") or {}).get("input_shape") or x.shape[1:]
+    with user_errors():
+        x_out = ood.ood_inputs(cfg.ood, x, datamodule, input_shape, cfg.seed)
+    set_name = ood.set_name(cfg.ood)
     sample_probs = F.softmax(sample_outputs(model, x_out, cfg.eval_samples, cfg.batch_size), -1)
     total = predictive_entropy(sample_probs.mean(0))
     scores_out = {
@@ -275,13 +244,14 @@ def _out_of_distribution(
     }
     for name, short in (("entropy", "entropy"), ("mutual information", "mi")):
         for metric, value in ood_scores(scores_in[name], scores_out[name]).items():
-            report.scalar(f"ood/{short}_{metric}", value)
-    report.scalar("ood/entropy", total.mean().item())
-    report.scalar("ood/mutual_information", scores_out["mutual information"].mean().item())
+            report.scalar(f"ood/{set_name}/{short}_{metric}", value)
+    report.scalar(f"ood/{set_name}/entropy", total.mean().item())
+    information = scores_out["mutual information"].mean().item()
+    report.scalar(f"ood/{set_name}/mutual_information", information)
     if report.figures_enabled:
         report.figure(
             "uncertainty_in_vs_out",
-            figures.uncertainty_histograms(scores_in, scores_out, f"OOD ({cfg.ood.kind})"),
+            figures.uncertainty_histograms(scores_in, scores_out, f"OOD ({set_name})"),
         )
 
 
@@ -513,6 +483,20 @@ def _check(cfg: DictConfig) -> None:
     )
     if cfg.ood.kind == "rotated":
         require_value(cfg, "ood.angle", is_finite_number, "a finite number (degrees)")
+    if cfg.ood.kind != "none":
+        require_value(
+            cfg,
+            "ood.name",
+            lambda v: v is None or (isinstance(v, str) and re.fullmatch(r"[\w.-]+", v)),
+            "a name for the keys ood/<name>/... (letters, digits, _ . -), or null (the kind)",
+        )
+    if cfg.ood.kind in ("idx", "cifar"):
+        require_value(
+            cfg, "ood.path", lambda v: isinstance(v, str) and v != "", "a folder (a path)"
+        )
+        require_value(cfg, "ood.download", lambda v: isinstance(v, bool), "true or false")
+    if cfg.ood.kind == "cifar":
+        require_value(cfg, "ood.name", lambda v: v in CIFAR_SETS, f"one of {', '.join(CIFAR_SETS)}")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -554,7 +538,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         "checkpoint": str(checkpoint),
         "dataset": train_cfg.dataset.get("_target_"),
         "task": model.likelihood.task,
-        "ood": cfg.ood.kind if model.is_classifier else "none",
+        "ood": ood.set_name(cfg.ood) if model.is_classifier else "none",
         "figures": report.figure_files,
         "export": exported,
     }

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "INPUT_SUFFIXES",
     "OUTPUT_SUFFIXES",
+    "check_input_range",
     "csv_header",
     "fit_input_shape",
     "main",
@@ -244,6 +245,16 @@ class _RunData:
             return to_model, None
         return to_model, (target_mean, datamodule.target_std)
 
+    def raw_units(self) -> str | None:
+        """What ``raw=true`` takes, in words, or None where raw and model units are the same."""
+        if self.dataset is None:
+            return None
+        if self.dataset.get("normalization") in NORMALIZATIONS:
+            return "pixel values 0..255"
+        if "ToyRegression" in str(self.dataset.get("_target_")):
+            return None
+        return "the dataset's own feature values"
+
     def classes(self) -> list | None:
         """The labels behind the class indices of a CSV run, else ``None``."""
         if not self.is_csv or self.dataset.get("task") != "classification":
@@ -253,6 +264,30 @@ class _RunData:
         except UserError as error:
             log.warning("No class labels in the output: the run's dataset: %s", error)
             return None
+
+
+def check_input_range(
+    x: Tensor, trained_on: Sequence[float], source: str, raw: bool, raw_units: str | None
+) -> None:
+    """A UserError when the inputs reach more than the training inputs' range ``[lo, hi]``
+    beyond either end (below ``lo - (hi - lo)`` or above ``hi + (hi - lo)``): inputs in other
+    units (pixels 0..255 where the run trained on normalised ones) gave confident nonsense,
+    probabilities of exactly 0 and 1."""
+    lo, hi = trained_on
+    width = hi - lo
+    low, high = float(x.min()), float(x.max())
+    if low >= lo - width and high <= hi + width:
+        return
+    units = "after raw=true's transform" if raw else "in the model's units"
+    hint = (
+        f"pass raw=true for inputs in raw units ({raw_units})"
+        if raw_units is not None and not raw
+        else "check the inputs' units"
+    )
+    raise UserError(
+        f"{source}: values span [{low:.4g}, {high:.4g}] {units}, far outside the training "
+        f"inputs' [{lo:.4g}, {hi:.4g}]; {hint}, or check_input_range=false to predict anyway"
+    )
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -390,7 +425,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             raise UserError(f"{key} is required (python -m bbb_lightning.predict --help)")
     for key in ("eval_samples", "batch_size"):
         require_value(cfg, key, integer_at_least(1), "an integer >= 1")
-    for key in ("raw", "save_samples"):
+    for key in ("raw", "save_samples", "check_input_range"):
         require_value(cfg, key, lambda value: isinstance(value, bool), "true or false")
     raw, save_samples = cfg.raw, cfg.save_samples
     output = (
@@ -426,6 +461,11 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     if raw:
         to_model, to_target = run.raw_transforms()
         x = to_model(x) if to_model is not None else x
+    trained_on = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get(
+        "input_range"
+    )
+    if cfg.check_input_range and trained_on is not None:
+        check_input_range(x, trained_on, source, raw, run.raw_units())
     outputs = sample_outputs(model, x, cfg.eval_samples, cfg.batch_size)
     results: dict[str, Any] = predictive_summaries(model, outputs, save_samples)
     if to_target is not None and not model.is_classifier:

@@ -13,9 +13,11 @@ every other combination of overrides (:func:`over_splits`).
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import json
 import math
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ __all__ = [
     "mean_and_standard_error",
     "metric_mode",
     "over_splits",
+    "shared_overrides",
     "tags_text",
     "write_summary",
 ]
@@ -60,7 +63,7 @@ def _job_row(job_dir: Path) -> dict[str, Any] | None:
     if not overrides_file.is_file():
         return None
     overrides = yaml.safe_load(overrides_file.read_text()) or []
-    row: dict[str, Any] = {"job": job_dir.name, "overrides": " ".join(overrides)}
+    row: dict[str, Any] = {"job": job_dir.name, "overrides": _joined(overrides)}
     tags = _tags(job_dir / ".hydra" / "config.yaml")
     if tags:
         row["tags"] = tags
@@ -90,6 +93,29 @@ def _tags(config_file: Path) -> str:
     if not config_file.is_file():
         return ""
     return tags_text((yaml.safe_load(config_file.read_text()) or {}).get("tags"))
+
+
+def _joined(overrides: list[str]) -> str:
+    """The overrides as one command-line string (an item with a space quoted, as typed)."""
+    return " ".join(shlex.quote(item) if " " in item else item for item in overrides)
+
+
+def shared_overrides(rows: list[dict]) -> list[str]:
+    """The overrides every job of the sweep has (none for a single job: nothing to compare).
+
+    Example:
+        >>> shared_overrides([{"overrides": "a=1 b=2"}, {"overrides": "a=1 b=3"}])
+        ['a=1']
+    """
+    if len(rows) < 2:
+        return []
+    lists = [shlex.split(row["overrides"]) for row in rows]
+    return [item for item in lists[0] if all(item in others for others in lists[1:])]
+
+
+def _shown(overrides: str, shared: list[str]) -> str:
+    """``overrides`` without the ``shared`` ones: what sets a job apart."""
+    return _joined([item for item in shlex.split(overrides) if item not in shared]) or "-"
 
 
 def collect(sweep_dir: Path, sort_by: str = "val/nll", descending: bool = False) -> list[dict]:
@@ -135,7 +161,9 @@ def mean_and_standard_error(values: list[float]) -> tuple[float, float]:
 
 
 def _without_split(overrides: str) -> str:
-    return " ".join(item for item in overrides.split() if not item.startswith(f"{SPLIT_KEY}="))
+    return _joined(
+        [item for item in shlex.split(overrides) if not item.startswith(f"{SPLIT_KEY}=")]
+    )
 
 
 def over_splits(rows: list[dict]) -> list[dict[str, Any]]:
@@ -162,7 +190,7 @@ def over_splits(rows: list[dict]) -> list[dict[str, Any]]:
     return table
 
 
-def _splits_markdown(table: list[dict[str, Any]]) -> list[str]:
+def _splits_markdown(table: list[dict[str, Any]], shared: list[str]) -> list[str]:
     """The test metrics (and training time) of :func:`over_splits` as mean ± SE cells."""
     metrics = sorted(
         {name for entry in table for name in entry if name.startswith("test/")}
@@ -184,16 +212,19 @@ def _splits_markdown(table: list[dict[str, Any]]) -> list[str]:
         "| overrides | splits | " + " | ".join(metrics) + " |",
         "|" + "---|" * (len(metrics) + 2),
         *(
-            f"| {entry['overrides']} | {entry['splits']} | {row} |"
+            f"| {_shown(entry['overrides'], shared)} | {entry['splits']} | {row} |"
             for entry, row in zip(table, cells, strict=True)
         ),
     ]
 
 
 def write_summary(sweep_dir: Path, sort_by: str = "val/nll", descending: bool = False) -> str:
-    """Write ``summary.csv`` and ``summary.md`` in ``sweep_dir``; return the markdown."""
+    """Write ``summary.csv`` (each job's every override) and ``summary.md`` (the overrides
+    every job shares named once above the table, a row's own in it) in ``sweep_dir``; return
+    the markdown."""
     rows = collect(sweep_dir, sort_by, descending)
     columns = _columns(rows)
+    shared = shared_overrides(rows)
     with (sweep_dir / "summary.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
@@ -201,10 +232,14 @@ def write_summary(sweep_dir: Path, sort_by: str = "val/nll", descending: bool = 
     lines = [
         f"Sorted by `best/{sort_by}` where a job has it, else `{sort_by}` "
         f"({'descending' if descending else 'ascending'}); failed jobs last.",
+        *([f"Every job: `{_joined(shared)}`."] if shared else []),
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
-        *("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows),
+        *(
+            "| " + " | ".join(_cell(_markdown_value(row, c, shared)) for c in columns) + " |"
+            for row in rows
+        ),
     ]
     splits = over_splits(rows)
     if splits:
@@ -213,14 +248,21 @@ def write_summary(sweep_dir: Path, sort_by: str = "val/nll", descending: bool = 
             writer = csv.DictWriter(handle, fieldnames=names)
             writer.writeheader()
             writer.writerows(splits)
-        lines += _splits_markdown(splits)
+        lines += _splits_markdown(splits, shared)
     markdown = "\n".join(lines) + "\n"
     (sweep_dir / "summary.md").write_text(markdown)
     return markdown
 
 
+def _markdown_value(row: dict, column: str, shared: list[str]) -> Any:
+    value = row.get(column, "")
+    return _shown(value, shared) if column == "overrides" else value
+
+
 class SweepSummary(Callback):
-    """Hydra callback: after each multirun job, record a failure and refresh the summary."""
+    """Hydra callback: after each multirun job, record a failure and refresh the summary; when
+    the multirun ends, print it and where it is (the last job's metrics were the last lines a
+    sweep printed)."""
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         hydra_config = HydraConfig.get()
@@ -233,6 +275,19 @@ class SweepSummary(Callback):
             (job_dir / ERROR_FILE).write_text(f"{type(error).__name__}: {message}\n")
         sort_by = config.get("optimized_metric", "val/nll")
         write_summary(Path(hydra_config.sweep.dir), sort_by, metric_mode(sort_by) == "max")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # At exit rather than on_multirun_end, which Hydra skips when a job failed.
+        sort_by = config.get("optimized_metric", "val/nll")
+        atexit.register(_print_summary, Path(str(config.hydra.sweep.dir)), sort_by)
+
+
+def _print_summary(sweep_dir: Path, sort_by: str) -> None:
+    """Print the sweep's table and where it is written (nothing if no job started)."""
+    if not sweep_dir.is_dir() or not collect(sweep_dir):
+        return
+    markdown = write_summary(sweep_dir, sort_by, metric_mode(sort_by) == "max")
+    print(f"\nThe sweep ({sweep_dir / 'summary.md'}, also summary.csv):\n\n{markdown}", end="")
 
 
 def main(argv: list[str] | None = None) -> None:

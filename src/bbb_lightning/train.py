@@ -46,15 +46,21 @@ from .cli.preset_checks import (
     missing_logger_packages,
 )
 from .cli.printing import format_metrics
+from .cli.resume_in_place import resumed_in_place
 from .cli.run_dir_checks import check_fresh_output_dir, check_resumable
 from .storage.atomic_files import AtomicCheckpointIO, write_text_atomically
+from .storage.checkpoints import ModelCheckpoint
 from .storage.resume import nothing_left_to_train
 from .storage.run_lock import run_lock
 from .summary import tags_text
 from .training.allocator import retain_freed_memory
+from .training.callbacks import tensorboard_writer
 from .training.faults import check_writable
 from .training.guard import LIKELY_CAUSES, NonFiniteError
+from .training.hparams import flat_hparams, trial_of_this_job
+from .training.model_summary import with_variational_summary
 from .training.module import BayesByBackprop
+from .training.tensorboard_logger import write_results
 
 log = logging.getLogger(__name__)
 
@@ -181,31 +187,21 @@ def _target_std(datamodule: pl.LightningDataModule, likelihood: dict) -> list[fl
     return [float(value) for value in torch.as_tensor(target_std).reshape(-1)]
 
 
-def _flat_hparams(cfg: DictConfig, model: BayesByBackprop) -> dict[str, Any]:
-    """The run's choices as flat ``group/key`` -> scalar, for TensorBoard's HParams tab; the
-    net's and the likelihood's sizes as filled from the dataset (null in the config)."""
-    keep = ("dataset", "model", "prior", "posterior", "kl", "optimizer", "scheduler")
-    keep += ("likelihood",)
-    flat: dict[str, Any] = {}
-
-    def visit(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key not in ("_partial_",):
-                    visit(f"{prefix}/{key}" if prefix else str(key), value)
-        else:
-            flat[prefix] = node if isinstance(node, int | float | str | bool) else str(node)
-
-    choices = {key: _container(cfg[key]) for key in keep if key in cfg}
-    choices["likelihood"] = model.hparams.get("likelihood", choices.get("likelihood"))
-    if isinstance(choices.get("model"), dict) and isinstance(model.hparams.get("net"), dict):
-        choices["model"] = {**choices["model"], "net": model.hparams["net"]}
-    visit("", choices)
-    for key in ("seed", "num_samples", "eval_samples"):
-        flat[key] = cfg[key]
-    flat["trainer/max_epochs"] = cfg.trainer.get("max_epochs")
-    flat["tags"] = tags_text(cfg.get("tags"))
-    return flat
+def _write_results(writer: Any, cfg: DictConfig, trainer: pl.Trainer, metrics: dict) -> None:
+    """The final metrics and hyperparameters in TensorBoard (HParams tab): the net's and the
+    likelihood's sizes as filled from the dataset, named and ordered by this job's trial; the
+    run's ``tags`` (``tags=[baseline,mnist]``) as the column ``tags``."""
+    trial = trial_of_this_job()
+    model = trainer.lightning_module
+    filled = {"likelihood": model.hparams.get("likelihood")}
+    if isinstance(model.hparams.get("net"), dict):
+        filled["model"] = {**_container(cfg.model), "net": model.hparams["net"]}
+    choices = dict(HydraConfig.get().runtime.choices) if trial is not None else {}
+    overrides = trial.overrides if trial is not None else ()  # also the keys of no group
+    hparams = flat_hparams(cfg, filled, choices, overrides)
+    name, varied = (trial.name(hparams), trial.varied_keys) if trial is not None else ("", ())
+    hparams["tags"] = tags_text(cfg.get("tags"))  # labels, not settings: not in the name's digest
+    write_results(writer, hparams, metrics, name, varied, trainer.global_step)
 
 
 @rank_zero_only
@@ -215,14 +211,11 @@ def _report(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float]) -> 
     write_text_atomically(
         output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n"
     )
+    writer = tensorboard_writer(trainer)
+    if writer is not None:
+        _write_results(writer, cfg, trainer, metrics)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            hp_metrics = {
-                f"hp/{name.replace('/', '_')}": value
-                for name, value in metrics.items()
-                if name.startswith(("val/", "test/"))
-            }
-            logger.log_hyperparams(_flat_hparams(cfg, trainer.lightning_module), metrics=hp_metrics)
             logger.finalize("success")
     log.info("Metrics (also in %s):\n%s", output_dir / "metrics.json", format_metrics(metrics))
 
@@ -313,6 +306,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         trainer: pl.Trainer = instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=_plugins(cfg)
         )
+        trainer.callbacks = with_variational_summary(trainer.callbacks)
         check_epoch_length(trainer, datamodule)
     finished = _finished_in_place(output_dir, ckpt_path, trainer)
     if finished is not None:
@@ -405,21 +399,21 @@ def _fit_and_test(
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
     checkpoint = trainer.checkpoint_callback
-    best = checkpoint.best_model_path if checkpoint is not None else ""
+    best, best_score = checkpoint.best() if isinstance(checkpoint, ModelCheckpoint) else ("", None)
     skipped_steps = model.skipped_steps  # the run's; loading the best checkpoint restores its own
     (test_results,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
     model.skipped_steps = skipped_steps
     metrics |= {name: float(value) for name, value in test_results.items()}
     metrics |= {"fit_seconds": fit_seconds, "epochs": float(trainer.current_epoch)}
-    if best and checkpoint.best_model_score is not None:  # None: a checkpoint monitoring nothing
-        metrics[f"best/{cfg.optimized_metric}"] = float(checkpoint.best_model_score)
+    if best and best_score is not None:  # None: a checkpoint monitoring nothing
+        metrics[f"best/{cfg.optimized_metric}"] = float(best_score)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # The next job of a multirun starts new processes: it needs a new process group.
         torch.distributed.destroy_process_group()
     return metrics
 
 
-@checked("config")
+@checked("config", rewrite=resumed_in_place)
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the best value of ``cfg.optimized_metric`` over the run's

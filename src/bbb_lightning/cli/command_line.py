@@ -35,6 +35,8 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .quiet import silence_library_noise
+
 __all__ = ["check_command_line", "checked", "close_matches", "command_line_problems"]
 
 CONFIG_MODULE = "bbb_lightning.conf"
@@ -54,20 +56,39 @@ def close_matches(word: str, candidates: Sequence[str]) -> list[str]:
     return difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
 
 
-def checked(config_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorate a ``@hydra.main`` entry point: called from the command line (no config passed
-    in), it first runs :func:`check_command_line` on ``sys.argv``."""
+def checked(
+    config_name: str,
+    rewrite: Callable[[list[str]], tuple[list[str], str | None]] | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a ``@hydra.main`` entry point: it silences the libraries' noise
+    (:func:`~bbb_lightning.cli.quiet.silence_library_noise`); called from the command line (no
+    config passed in), it first rewrites ``sys.argv`` with ``rewrite`` (which returns the new
+    arguments and a line to print, or raises ValueError: one line, exit status 1), then runs
+    :func:`check_command_line` on it."""
 
     def decorate(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(hydra_main)
         def entry_point(cfg_passthrough: DictConfig | None = None) -> Any:
+            silence_library_noise()
             if cfg_passthrough is None:
+                if rewrite is not None:
+                    _rewrite_argv(rewrite)
                 check_command_line(config_name)
             return hydra_main(cfg_passthrough)
 
         return entry_point
 
     return decorate
+
+
+def _rewrite_argv(rewrite: Callable[[list[str]], tuple[list[str], str | None]]) -> None:
+    try:
+        sys.argv[1:], said = rewrite(sys.argv[1:])
+    except ValueError as error:
+        print(f"[{__name__}][ERROR] - {error}", file=sys.stderr)
+        sys.exit(1)
+    if said:
+        print(f"[{__name__}][INFO] - {said}", file=sys.stderr)
 
 
 def check_command_line(config_name: str, argv: Sequence[str] | None = None) -> None:

@@ -1,9 +1,11 @@
-"""OmegaConf resolvers the configs use: ``${config_groups:ood}`` (train's ``--help``),
-``${metric_mode:val/accuracy}`` (the checkpoint's ``mode``), ``${optuna_direction:...}`` and
-``${mlflow_tags:${tags}}`` (the run's tags as MLflow's tag mapping)."""
+"""OmegaConf resolvers the configs use: ``${fresh_dir:...}`` (the run directories),
+``${config_groups:ood}`` (train's ``--help``), ``${metric_mode:val/accuracy}`` (the checkpoint's
+``mode``), ``${optuna_direction:...}`` and ``${mlflow_tags:${tags}}`` (the run's tags as
+MLflow's tag mapping)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +30,28 @@ def config_group_lines(*left_out: str) -> str:
     )
 
 
+def fresh_directory(path: str) -> str:
+    """``path``, created, or if it exists ``path-2``, ``path-3``, ...: the first one this process
+    could create itself.
+
+    ``hydra.run.dir: ${fresh_dir:outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}}`` names a run by the
+    second it started (as the README writes ``outputs/<date>/<time>``), and two runs started in
+    the same second (``for seed in 1 2; do python -m bbb_lightning.train seed=$seed & done``)
+    still get a directory each: ``mkdir`` fails for all but one of them. Resolved once per
+    process (the resolver's cache), so every later read of ``hydra.run.dir`` gives the same one.
+    """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 10_000):
+        candidate = path if attempt == 1 else f"{path}-{attempt}"
+        try:
+            os.mkdir(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"{path}: 9999 run directories of that name exist already")
+
+
+OmegaConf.register_new_resolver("fresh_dir", fresh_directory, use_cache=True, replace=True)
 OmegaConf.register_new_resolver("config_groups", config_group_lines, replace=True)
 
 

@@ -53,12 +53,14 @@ class MNISTDataModule(BBBDataModule):
     The test set is the 10,000 ``t10k`` images.
 
     The files ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``
-    and ``t10k-labels-idx1-ubyte`` are looked up in ``data_dir`` and ``data_dir/raw``, each
-    either uncompressed or gzipped (``.gz``). :meth:`prepare_data` downloads missing ones into
+    and ``t10k-labels-idx1-ubyte`` are looked up in ``data_dir``, ``data_dir/raw`` and
+    ``data_dir/MNIST/raw`` (what ``torchvision.datasets.MNIST(data_dir)`` leaves), each either
+    uncompressed or gzipped (``.gz``). :meth:`prepare_data` downloads missing ones into
     ``data_dir/raw`` when ``download`` is true.
 
     Args:
-        data_dir: Directory holding the IDX files (or their ``raw/`` subdirectory).
+        data_dir: Directory holding the IDX files (or their ``raw/`` subdirectory, or
+            torchvision's ``MNIST/raw/``).
         batch_size, num_workers, seed, pin_memory: See :class:`BBBDataModule`.
         val_size: Training images held out for validation, ``>= 1``.
         normalization: ``"standard"`` (``(x/255 - 0.1307) / 0.3081``), ``"blundell"``
@@ -140,7 +142,7 @@ class MNISTDataModule(BBBDataModule):
         self.test_set = TensorDataset(self._normalize(test_x), test_y)
 
     def _find(self, name: str) -> Path | None:
-        for folder in (self.data_dir, self.data_dir / "raw"):
+        for folder in (self.data_dir, self.data_dir / "raw", self.data_dir / "MNIST" / "raw"):
             for candidate in (folder / name, folder / f"{name}.gz"):
                 if candidate.is_file():
                     return candidate
@@ -195,7 +197,7 @@ class MNISTDataModule(BBBDataModule):
     def _missing_message(self, reason: str) -> str:
         expected = ", ".join(_MD5)
         return (
-            f"MNIST not found in {self.data_dir} (or its raw/): expected {expected} "
+            f"MNIST not found in {self.data_dir} (or its raw/ or MNIST/raw/): expected {expected} "
             f"(optionally .gz); {reason}. Set dataset.data_dir=... (evaluate: data_dir=...) to "
             "a local copy"
         )

@@ -29,6 +29,7 @@ __all__ = [
     "regression_band",
     "reliability_diagram",
     "save_figure",
+    "uncertain_examples",
     "uncertainty_histograms",
 ]
 
@@ -209,6 +210,38 @@ def input_gradient_images(inputs: Tensor, draw: Tensor, expected: Tensor) -> Fig
             axes[row, column].axis("off")
         axes[row, 0].set_title(label, fontsize="small", loc="left")
     figure.suptitle("input gradient d loss / d x")
+    figure.tight_layout()
+    return figure
+
+
+def uncertain_examples(
+    images: Tensor, entropy: Tensor, labels: Tensor, predicted: Tensor, columns: int = 4
+) -> Figure:
+    """A gallery of examples (N, C, H, W) or (N, H, W), each titled with its predictive entropy
+    H (nats), its label y and the predicted class. One channel is shown in gray; three as RGB,
+    each image rescaled to [0, 1] by its own range (normalised pixels)."""
+    num = images.shape[0]
+    rows = max(1, -(-num // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(1.5 * columns, 1.9 * rows), squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if index >= num:
+            continue
+        image = images[index].detach().float().cpu()
+        image = image.unsqueeze(0) if image.ndim == 2 else image
+        low, high = image.min(), image.max()
+        image = (image - low) / (high - low).clamp_min(1e-12)
+        if image.shape[0] == 3:
+            axis.imshow(_numpy(image.permute(1, 2, 0)))
+        else:
+            axis.imshow(_numpy(image[0]), cmap="gray")
+        wrong = int(labels[index]) != int(predicted[index])
+        axis.set_title(
+            f"H {float(entropy[index]):.2f}\ny {int(labels[index])} → {int(predicted[index])}",
+            fontsize="small",
+            color="C3" if wrong else "k",
+        )
+    figure.suptitle("most uncertain validation examples\n(red: misclassified)", fontsize="medium")
     figure.tight_layout()
     return figure
 

@@ -1,7 +1,14 @@
-"""TensorBoard callbacks: posterior histograms and the regression predictive figure.
+"""TensorBoard callbacks: what a run shows beyond its curves while it trains.
 
-Both write only from global rank 0 and only through a ``TensorBoardLogger``; with another
-logger (or none) they do nothing.
+- :class:`PosteriorHistograms`: sigma and SNR per tensor, each epoch;
+- :class:`LayerKL`: KL(q || p) per layer, each validation epoch (``weights/kl/<layer>``);
+- :class:`ClassificationFigures`: a reliability diagram and the most uncertain validation
+  examples, each validation epoch;
+- :class:`RegressionFigure`: the toy regression's predictive with its epistemic and total bands.
+
+Each writes only from global rank 0 and only through a ``TensorBoardLogger``; with another
+logger (or none) it does nothing. The validation ones skip Lightning's sanity check, look at a
+few hundred examples at most, and leave the global random state as they found it.
 """
 
 from __future__ import annotations
@@ -20,10 +27,15 @@ from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ..bayes import posterior_scales, signal_to_noise
-from .objectives import GaussianLikelihood
+from ..bayes import named_posteriors, posterior_kl, posterior_scales, signal_to_noise
+from ..evaluation import figures
+from ..evaluation.metrics import calibration_errors, predictive_entropy, reliability_bins
+from .objectives import CategoricalLikelihood, GaussianLikelihood
+from .seeding import derive_seed
 
 __all__ = [
+    "ClassificationFigures",
+    "LayerKL",
     "PosteriorHistograms",
     "RegressionFigure",
     "add_histogram",
@@ -66,10 +78,112 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
+def _validation_epoch_due(trainer: Trainer, every_n_epochs: int) -> bool:
+    """A real validation epoch (not the sanity check) whose number is a multiple of n."""
+    return not trainer.sanity_checking and (trainer.current_epoch + 1) % every_n_epochs == 0
+
+
+def first_examples(loader: Any, limit: int) -> tuple[Tensor, Tensor]:
+    """The first ``limit`` examples ``(x, y)`` of a loader of ``(x, y)`` batches."""
+    xs, ys, count = [], [], 0
+    for x, y in loader:
+        xs.append(x[: limit - count])
+        ys.append(y[: limit - count])
+        count += len(xs[-1])
+        if count >= limit:
+            break
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _evaluation_outputs(trainer: Trainer, pl_module: LightningModule, x: Tensor) -> Tensor:
+    """The module's outputs (S, B, ...) for ``x`` in evaluation mode, S = ``eval_samples``,
+    under the trainer's precision, drawn from a seed of (seed, epoch) in a forked random
+    state: the run's own randomness is left as it was."""
+    precision = trainer.precision_plugin
+    seed = derive_seed(getattr(pl_module, "seed", None) or 0, "figures", trainer.current_epoch)
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            torch.manual_seed(seed)
+            with precision.forward_context():
+                return pl_module(precision.convert_input(x.to(pl_module.device)))
+    finally:
+        pl_module.train(was_training)
+
+
+class LayerKL(Callback):
+    """Each ``every_n_epochs`` validation epochs: KL(q || p) of each layer in nats, summed over
+    its variational tensors, as ``weights/kl/<layer>`` (e.g. ``weights/kl/net.layers.1``).
+
+    The closed form where one exists, else a Monte Carlo estimate from one fresh draw (the
+    scale-mixture prior). The layers' sum is the ELBO's KL (``kl.reduction=sum``).
+    """
+
+    def __init__(self, every_n_epochs: int = 1) -> None:
+        self.every_n_epochs = _positive_int("every_n_epochs", every_n_epochs)
+
+    @rank_zero_only
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        writer = tensorboard_writer(trainer)
+        if writer is None or not _validation_epoch_due(trainer, self.every_n_epochs):
+            return
+        per_layer: dict[str, float] = {}
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            for name, posterior in named_posteriors(pl_module):
+                layer = name.rpartition(".")[0] or name
+                per_layer[layer] = per_layer.get(layer, 0.0) + float(posterior_kl(posterior))
+        for layer, kl in per_layer.items():
+            writer.add_scalar(f"weights/kl/{layer}", kl, trainer.global_step)
+
+
+class ClassificationFigures(Callback):
+    """Each ``every_n_epochs`` validation epochs, from the first ``num_examples`` validation
+    examples (the same ones each time) and ``eval_samples`` draws: ``val/reliability``,
+    the reliability diagram with its ECE over ``num_bins`` bins, and, for image inputs,
+    ``val/most_uncertain``, the ``num_shown`` of them with the highest predictive entropy
+    H[p̄] = -sum_c p̄_c log p̄_c. A classifier's run only."""
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        num_examples: int = 256,
+        num_shown: int = 16,
+        num_bins: int = 10,
+    ) -> None:
+        self.every_n_epochs = _positive_int("every_n_epochs", every_n_epochs)
+        self.num_examples = _positive_int("num_examples", num_examples)
+        self.num_shown = _positive_int("num_shown", num_shown)
+        self.num_bins = _positive_int("num_bins", num_bins)
+
+    @rank_zero_only
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        writer = tensorboard_writer(trainer)
+        likelihood = getattr(pl_module, "likelihood", None)
+        if writer is None or not isinstance(likelihood, CategoricalLikelihood):
+            return
+        if not _validation_epoch_due(trainer, self.every_n_epochs):
+            return
+        x, y = first_examples(trainer.val_dataloaders, self.num_examples)
+        probs = CategoricalLikelihood.predictive_probs(_evaluation_outputs(trainer, pl_module, x))
+        probs, y, step = probs.float().cpu(), y.cpu(), trainer.global_step
+        confidence, accuracy, count = reliability_bins(probs, y, self.num_bins)
+        ece = float(calibration_errors(probs, y, self.num_bins)["ece"])
+        diagram = figures.reliability_diagram(confidence, accuracy, count, ece)
+        writer.add_figure("val/reliability", diagram, step, close=True)
+        if x.ndim >= 3:  # images (N, H, W) or (N, C, H, W)
+            entropy = predictive_entropy(probs)
+            shown = entropy.argsort(descending=True)[: self.num_shown]
+            gallery = figures.uncertain_examples(
+                x[shown], entropy[shown], y[shown], probs[shown].argmax(-1)
+            )
+            writer.add_figure("val/most_uncertain", gallery, step, close=True)
+
+
 class PosteriorHistograms(Callback):
     """Each ``every_n_epochs`` epochs: histograms of sigma and of |mu| / sigma per tensor.
 
-    Tags: ``sigma/<tensor>`` and ``snr/<tensor>`` (e.g. ``sigma/net.0.weight``).
+    Tags: ``weights/sigma/<tensor>`` and ``weights/snr/<tensor>`` (``weights/sigma/net.0.weight``).
     """
 
     def __init__(self, every_n_epochs: int = 1) -> None:
@@ -86,16 +200,18 @@ class PosteriorHistograms(Callback):
             ("snr", signal_to_noise(pl_module)),
         ):
             for name, tensor in tensors.items():
-                add_histogram(writer, f"{kind}/{name}", tensor, step)
+                add_histogram(writer, f"weights/{kind}/{name}", tensor, step)
 
 
 class RegressionFigure(Callback):
-    """Each ``every_n_epochs`` epochs and at the end of training: data, predictive mean,
-    +-2 sigma.
+    """Each ``every_n_epochs`` epochs and at the end of training: the predictive mean with its
+    ±2σ bands, total (epistemic + aleatoric) and epistemic only, over ``num_samples`` draws,
+    with the training and test points (:func:`bbb_lightning.evaluation.figures.regression_band`, the
+    figure ``evaluate`` saves as ``predictive.png``), as ``val/predictive``.
 
-    Needs a datamodule with ``plot_grid()`` and ``train_x`` / ``train_y`` (the toy regression)
-    and a :class:`~bbb_lightning.training.objectives.GaussianLikelihood`. The band is the total
-    predictive standard deviation (epistemic + aleatoric) over ``num_samples`` draws.
+    Needs a datamodule with ``plot_grid()`` and ``train_x`` / ``train_y`` (the toy regression;
+    its ``test_set`` if it has one) and a
+    :class:`~bbb_lightning.training.objectives.GaussianLikelihood`.
     """
 
     def __init__(self, every_n_epochs: int = 25, num_points: int = 200, num_samples: int = 100):
@@ -128,7 +244,7 @@ class RegressionFigure(Callback):
         if writer is None or not self.applies(trainer, pl_module):
             return
         figure = self.figure(trainer, pl_module)
-        writer.add_figure("figures/predictive", figure, trainer.global_step)
+        writer.add_figure("val/predictive", figure, trainer.global_step)
         plt.close(figure)
         self._drawn_at_step = trainer.global_step
 
@@ -136,17 +252,25 @@ class RegressionFigure(Callback):
         datamodule = trainer.datamodule
         dtype = next(pl_module.parameters()).dtype  # trainer.precision=64-true / bf16-true
         grid = datamodule.plot_grid(self.num_points).to(pl_module.device, dtype)
-        with torch.inference_mode():
-            outputs = pl_module(grid, self.num_samples)
-            mean, epistemic, aleatoric = pl_module.likelihood.predictive_moments(outputs)
-        x = grid[:, 0].float().cpu()  # matplotlib reads float32/64 only
-        mean = mean[:, 0].float().cpu()
-        std = (epistemic + aleatoric)[:, 0].sqrt().float().cpu()
-        figure, axes = plt.subplots(figsize=(6, 4))
-        axes.scatter(datamodule.train_x[:, 0], datamodule.train_y[:, 0], s=6, c="k", label="train")
-        axes.plot(x, mean, c="C0", label="predictive mean")
-        axes.fill_between(x, mean - 2 * std, mean + 2 * std, color="C0", alpha=0.25, label="±2σ")
-        axes.set(xlabel="x", ylabel="y", title=f"epoch {trainer.current_epoch + 1}")
-        axes.legend(loc="upper left")
-        figure.tight_layout()
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.inference_mode():
+                outputs = pl_module(grid, self.num_samples)
+                mean, epistemic, aleatoric = pl_module.likelihood.predictive_moments(outputs)
+        finally:
+            pl_module.train(was_training)
+        data = {"train": (datamodule.train_x[:, 0], datamodule.train_y[:, 0])}
+        test_set = getattr(datamodule, "test_set", None)
+        if test_set is not None:
+            test_x, test_y = test_set.tensors
+            data["test"] = (test_x[:, 0], test_y[:, 0])
+        figure = figures.regression_band(
+            grid[:, 0].float(),  # matplotlib reads float32/64 only
+            mean[:, 0].float(),
+            epistemic[:, 0].sqrt().float(),
+            (epistemic + aleatoric)[:, 0].sqrt().float(),
+            data,
+        )
+        figure.axes[0].set_title(f"predictive distribution after {trainer.global_step} steps")
         return figure

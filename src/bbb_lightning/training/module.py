@@ -201,6 +201,7 @@ class BayesByBackprop(LightningModule):
         self.on_nonfinite = on_nonfinite
         self.seed = seed
         self.skipped_steps = 0
+        self.input_range: tuple[float, float] | None = None  # of the training inputs
         self.num_samples = positive_integer("num_samples", num_samples)
         self.eval_samples = positive_integer("eval_samples", eval_samples)
         self.kl_term = kl if isinstance(kl, KLTerm) else KLTerm(**(kl or {}))
@@ -406,11 +407,23 @@ class BayesByBackprop(LightningModule):
         training accuracy/ECE or RMSE."""
         return [self.train_means, *self.metrics["train_"].values()]
 
+    def on_fit_start(self) -> None:
+        """Note the range of the training inputs (of a datamodule whose training set is a
+        ``TensorDataset``), for ``predict`` to tell inputs in other units (pixels 0..255 where
+        the run trained on normalised ones)."""
+        train_set = getattr(getattr(self.trainer, "datamodule", None), "train_set", None)
+        inputs = getattr(train_set, "tensors", (None,))[0]
+        if isinstance(inputs, Tensor) and inputs.is_floating_point() and inputs.numel():
+            self.input_range = (float(inputs.min()), float(inputs.max()))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Also keep the current epoch's accumulated training metrics, summed over processes
         (every process takes part): a run resumed from a checkpoint taken mid-epoch
-        (``val_check_interval`` < 1) then logs the epoch's means over all of its minibatches."""
+        (``val_check_interval`` < 1) then logs the epoch's means over all of its minibatches;
+        and the training inputs' range (``input_range``)."""
         checkpoint["skipped_steps"] = self.skipped_steps
+        if self.input_range is not None:
+            checkpoint["input_range"] = list(self.input_range)
         states = []
         for metric in self._train_epoch_metrics():
             with metric.sync_context():
