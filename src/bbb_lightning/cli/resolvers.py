@@ -1,4 +1,5 @@
-"""OmegaConf resolvers the configs use: ``${fresh_dir:...}`` (the run directories),
+"""OmegaConf resolvers the configs use: ``${run_dir:...}`` and ``${fresh_dir:...}`` (the run
+directories),
 ``${config_groups:ood}`` (train's ``--help``), ``${metric_mode:val/accuracy}`` (the checkpoint's
 ``mode``), ``${optuna_direction:...}`` and ``${mlflow_tags:${tags}}`` (the run's tags as
 MLflow's tag mapping)."""
@@ -9,6 +10,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
 
 from ..summary import metric_mode, tags_text
@@ -51,7 +53,23 @@ def fresh_directory(path: str) -> str:
     raise FileExistsError(f"{path}: 9999 run directories of that name exist already")
 
 
+def run_directory(root: str, name: str) -> str:
+    """A training run's directory: ``<root>/slurm-<job id>`` inside a SLURM batch job (Lightning's
+    test: ``SLURM_NTASKS`` set and not an interactive job), else ``fresh_dir`` of
+    ``<root>/<name>``.
+
+    A requeued SLURM job keeps its job id, so it finds the directory of its first start, whose
+    unfinished run it resumes (an array's tasks have a job id each). Several runs in one batch
+    job share it: give each its own ``hydra.run.dir``.
+    """
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and SLURMEnvironment.detect():
+        return f"{root}/slurm-{job}"
+    return fresh_directory(f"{root}/{name}")
+
+
 OmegaConf.register_new_resolver("fresh_dir", fresh_directory, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("run_dir", run_directory, use_cache=True, replace=True)
 OmegaConf.register_new_resolver("config_groups", config_group_lines, replace=True)
 
 
