@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal as signal_module
 import subprocess
 import sys
 from collections.abc import Callable
@@ -23,6 +24,7 @@ QUICK = [
     "trainer.max_epochs=2",
     "callbacks.progress_bar=null",
     "trainer.enable_model_summary=false",
+    "extras.print_config=false",
 ]
 
 
@@ -116,6 +118,34 @@ class WidthNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         out = self.out(torch.relu(self.hidden(x)))
         return (out, x) if self.as_tuple else out
+
+
+class SignalAt(pl.Callback):
+    """Send ``signal`` (a name: ``SIGTERM``) to this process at ``hook`` (``on_train_batch_end``,
+    ``on_validation_batch_end`` or ``on_train_epoch_end``) of training epoch ``epoch`` at its
+    ``batch`` (the batch index within the epoch or the validation; ignored for epoch ends):
+    ``callbacks.signal_at._target_=bbb_testing.SignalAt``. A real signal, handled by the handlers
+    Lightning installs, at a chosen point of training."""
+
+    def __init__(self, hook: str, epoch: int, batch: int = 0, signal: str = "SIGTERM") -> None:
+        self.hook, self.epoch, self.batch, self.signal = hook, epoch, batch, signal
+        self.sent = False
+
+    def _maybe_send(self, trainer: pl.Trainer, hook: str, batch: int) -> None:
+        if self.sent or trainer.sanity_checking or hook != self.hook:
+            return
+        if trainer.current_epoch == self.epoch and batch == self.batch:
+            self.sent = True
+            os.kill(os.getpid(), getattr(signal_module, self.signal))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._maybe_send(trainer, "on_train_batch_end", batch_idx)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *_) -> None:
+        self._maybe_send(trainer, "on_validation_batch_end", batch_idx)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._maybe_send(trainer, "on_train_epoch_end", self.batch)
 
 
 class SqrtAtZero(nn.Module):

@@ -86,7 +86,7 @@ def test_bayesian_torch_contestant_minimises_the_elbo(kind):
 
 
 def test_bench_training_quick_run_writes_its_tables(tmp_path, mnist_dir):
-    common = ("--quick", "--skip-peers", "--data-dir", str(mnist_dir.parent))
+    common = ("--quick", "--repeats", "1", "--skip-peers", "--data-dir", str(mnist_dir.parent))
     done = _run(
         "bench_training.py", *common, "--quality-epochs", "0", "--out-dir", "out", cwd=tmp_path
     )
@@ -132,13 +132,18 @@ def test_bench_training_quick_run_writes_its_tables(tmp_path, mnist_dir):
         (["--train-samples", "4", "16"], "--train-samples=[4, 16]: must be positive and include 1"),
     ],
 )
-def test_bench_training_refuses_bad_arguments_in_one_line(tmp_path, args, message):
+def test_bench_training_refuses_bad_arguments_in_one_line(
+    tmp_path, monkeypatch, capsys, args, message
+):
     """Before any work: a traceback after the data and models were built (--repeats 0,
-    --steps-per-block 0), or 'vs S=1' ratios taken against S=4 (--train-samples 4 16)."""
-    done = _run("bench_training.py", *args, "--out-dir", "out", cwd=tmp_path)
-    assert done.returncode == 2
-    assert message in done.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "out").exists()
+    --steps-per-block 0), or 'vs S=1' ratios taken against S=4 (--train-samples 4 16). The
+    script's own argument parser, in this process (its main parses first, before any work)."""
+    bench = _load("bench_training.py")
+    monkeypatch.setattr(sys, "argv", ["bench_training.py", *args, "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_status:
+        bench.parse_args()
+    assert exit_status.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_bench_lightning_step_refuses_zero_steps_in_one_line(tmp_path):

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_module
 
 from bbb_lightning.cli.errors import UserError
 from bbb_lightning.evaluate import evaluate
 from bbb_lightning.storage.run_lock import LOCK_NAME
 from bbb_lightning.train import train
+from bbb_lightning.training.faults import RunFault
 from bbb_testing import can_obey_file_permissions, compose_config, obey_file_permissions, run_cli
 
 QUIET = ["callbacks.progress_bar=null", "trainer.enable_model_summary=false", "logger=none"]
@@ -222,3 +224,212 @@ def test_resuming_a_finished_run_in_place_keeps_its_metrics(tmp_path):
     ), line
     after = _files(run)
     assert {name: after[name] for name in before} == before
+
+
+# -- preemption (SIGTERM) --------------------------------------------------------------------------
+def _without_timing(metrics: dict[str, float]) -> dict[str, float]:
+    return {name: value for name, value in metrics.items() if name != "fit_seconds"}
+
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def _assert_same_weights(one: Path, other: Path) -> None:
+    ours, theirs = _weights(one), _weights(other)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("hook", "batch", "step", "where"),
+    [
+        ("on_train_batch_end", 1, 6, "batch 2 of 4)"),
+        ("on_validation_batch_end", 0, 8, "batch 4 of 4, at the validation)"),
+        ("on_train_epoch_end", 0, 8, "batch 4 of 4, at the end of the epoch)"),
+    ],
+    ids=["mid-epoch", "mid-validation", "epoch-end"],
+)
+def test_a_run_stopped_by_sigterm_resumes_as_if_never_stopped(tmp_path, hook, batch, step, where):
+    """A real SIGTERM to this process at a chosen point of epoch 1 (of 3; 4 minibatches and 2
+    validation batches per epoch), handled by Lightning's handler: the state of that step is
+    saved, and a resume from it ends with the uninterrupted run's metrics and weights. Lightning
+    alone exited with status 0 and saved nothing; resumed from a mid-validation state it would
+    have skipped that validation."""
+    # a checkpoint per validation: one not run after the resume is a file missing
+    overrides = ["trainer.max_epochs=3", "+callbacks.model_checkpoint.save_top_k=-1", *QUIET]
+    reference = train(compose_config(tmp_path / "reference", *overrides))
+    run = tmp_path / "run"
+    signal_at = "+callbacks.signal_at."
+    signalled = [f"{signal_at}_target_=bbb_testing.SignalAt", f"{signal_at}hook={hook}"]
+    signalled += [f"{signal_at}epoch=1", f"{signal_at}batch={batch}"]
+    with pytest.raises(RunFault) as fault:
+        train(compose_config(run, *overrides, *signalled))
+    last = run / "checkpoints" / "last.ckpt"
+    assert fault.value.exit_status == 143
+    assert str(fault.value).startswith(f"stopped by SIGTERM at step {step} (epoch 1, {where}; ")
+    assert torch.load(last, weights_only=False)["global_step"] == step
+    assert not (run / "metrics.json").exists()
+
+    resumed = train(compose_config(run, *overrides, f"ckpt_path={last}"))
+    assert _without_timing(resumed) == pytest.approx(_without_timing(reference), rel=1e-6)
+    _assert_same_weights(last, tmp_path / "reference" / "checkpoints" / "last.ckpt")
+    checkpoints = sorted(os.listdir(run / "checkpoints"))
+    assert checkpoints == sorted(os.listdir(tmp_path / "reference" / "checkpoints"))
+    assert checkpoints == ["epoch000.ckpt", "epoch001.ckpt", "epoch002.ckpt", "last.ckpt"]
+
+
+PREEMPTED = ["trainer.max_epochs=3", "dataset.batch_size=32", *QUIET]  # 16 steps an epoch
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The run that the preempted ones below must end as (trained once for the module)."""
+    run = tmp_path_factory.mktemp("uninterrupted")
+    train(compose_config(run, *PREEMPTED))
+    return run
+
+
+def _start(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``python -m bbb_lightning.train <args>`` as a real process whose stderr is kept."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "bbb_lightning.train", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _stopped_line(stderr: str, run: Path) -> tuple[str, int]:
+    """The one line of a run stopped by SIGTERM, and the step it names."""
+    (line,) = _error_lines(stderr, "stopped by SIGTERM")
+    last = run / "checkpoints" / "last.ckpt"
+    saved, folder = re.escape(str(last)), re.escape(str(run))
+    match = re.search(
+        rf"\[ERROR\] - stopped by SIGTERM at step (\d+) \(epoch (\d), batch (\d+) of 16(, at the "
+        rf"(validation|end of the epoch))?\); the state of that step is saved in {saved}; to go "
+        rf"on, run the same command again in {folder} \(a requeued SLURM job does so by "
+        rf"itself\), or resume it with ckpt_path={saved}$",
+        line,
+    )
+    assert match, line
+    step, epoch, batch = (int(match.group(i)) for i in (1, 2, 3))
+    assert step == 16 * epoch + batch
+    assert torch.load(last, weights_only=False)["global_step"] == step
+    return line, step
+
+
+def _assert_ends_as(run: Path, uninterrupted: Path) -> None:
+    ours = json.loads((run / "metrics.json").read_text())
+    theirs = json.loads((uninterrupted / "metrics.json").read_text())
+    assert _without_timing(ours) == pytest.approx(_without_timing(theirs), rel=1e-6)
+    checkpoints = "checkpoints/last.ckpt"
+    _assert_same_weights(run / checkpoints, uninterrupted / checkpoints)
+
+
+def test_sigterm_saves_the_step_exits_143_and_the_same_command_resumes(tmp_path, uninterrupted):
+    """A real SIGTERM to a real run after its first epoch: it exited 0 after `Received SIGTERM`,
+    with last.ckpt at the epoch before, no metrics.json and an empty train.log. Now: the state
+    of the step it reached, one line (on stderr and in train.log), status 143; the same command
+    again resumes from that state and ends as the uninterrupted run."""
+    run = tmp_path / "run"
+    command = [f"hydra.run.dir={run}", *PREEMPTED]
+    process = _start(*command, cwd=tmp_path)
+    try:
+        _wait_for((run / "checkpoints" / "last.ckpt").is_file, process, "its first checkpoint")
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr[-3000:]
+    line, step = _stopped_line(stderr, run)
+    assert 16 <= step < 48
+    assert "Traceback" not in stderr
+    assert not (run / "metrics.json").exists()
+    assert line.split("] - ", 1)[1] in (run / "train.log").read_text()
+
+    again = run_cli(*command, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (resumed,) = _error_lines(again.stderr, "Resuming the unfinished run")
+    last = run / "checkpoints" / "last.ckpt"
+    assert resumed.endswith(
+        f"Resuming the unfinished run in {run} from {last} (step {step}): it was started with "
+        "this same config"
+    ), resumed
+    _assert_ends_as(run, uninterrupted)
+
+
+def _fake_scontrol(folder: Path) -> Path:
+    """An ``scontrol`` that records its arguments and, as SLURM does to a job it requeues, sends
+    SIGTERM to the job (its caller)."""
+    folder.mkdir()
+    script = folder / "scontrol"
+    script.write_text('#!/bin/sh\necho "$@" >> "$SCONTROL_LOG"\nkill -TERM "$PPID"\n')
+    script.chmod(0o755)
+    return folder
+
+
+def test_under_slurm_the_requeue_signal_requeues_and_the_requeued_job_resumes(
+    tmp_path, uninterrupted
+):
+    """SLURM simulated by its environment (a batch job of one task) and an ``scontrol`` on the
+    PATH; the signals are real. SIGUSR1 (``--signal=USR1@<s>``): Lightning's requeue handler
+    saves hpc_ckpt_1.ckpt and calls ``scontrol requeue 4242``, whose SIGTERM stops the run at
+    the next step (status 143). The requeued job, the same command in the same environment,
+    finds its directory (outputs/slurm-4242) and resumes by itself."""
+    log = tmp_path / "scontrol.log"
+    env = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "bbb",
+        "SLURM_NTASKS": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+        "SCONTROL_LOG": str(log),
+        "PATH": f"{_fake_scontrol(tmp_path / 'bin')}{os.pathsep}{os.environ['PATH']}",
+    }
+    run = tmp_path / "outputs" / "slurm-4242"
+    process = _start(*PREEMPTED, cwd=tmp_path, env=env)
+    try:
+        _wait_for((run / "checkpoints" / "last.ckpt").is_file, process, "its first checkpoint")
+        process.send_signal(signal.SIGUSR1)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr[-3000:]
+    assert log.read_text() == "requeue 4242\n"
+    requeue_state = torch.load(run / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"]
+    _, step = _stopped_line(stderr, run)
+    assert 16 <= requeue_state <= step < 48
+    assert "Traceback" not in stderr and not (run / "metrics.json").exists()
+
+    requeued = run_cli(*PREEMPTED, cwd=tmp_path, env={**env, "SLURM_RESTART_COUNT": "1"})
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert len(_error_lines(requeued.stderr, f"Resuming the unfinished run in {run}")) == 1
+    assert log.read_text() == "requeue 4242\n"  # no second requeue
+    assert sorted(path.name for path in (tmp_path / "outputs").iterdir()) == ["slurm-4242"]
+    _assert_ends_as(run, uninterrupted)
+
+
+def test_the_slurm_launcher_asks_for_the_signal_lightning_requeues_on(tmp_path):
+    """The sbatch script of ``hydra/launcher=slurm`` has SLURM send USR1 signal_delay_s ahead of
+    the time limit and allows the requeue; the job's trainer listens to that signal."""
+    submitit_slurm = pytest.importorskip("submitit.slurm.slurm")
+    from bbb_lightning.training.preemption import requeue_signal
+
+    with initialize_config_module("bbb_lightning.conf", version_base="1.3"):
+        overrides = ["hydra/launcher=slurm", "hydra.launcher.signal_delay_s=300"]
+        launcher = compose("config", overrides, return_hydra_config=True).hydra.launcher
+    script = submitit_slurm._make_sbatch_string(
+        command="python -m submitit.core._submit",
+        folder=str(tmp_path),
+        signal_delay_s=launcher.signal_delay_s,
+        additional_parameters=dict(launcher.additional_parameters),
+    )
+    assert "#SBATCH --signal=USR1@300" in script.splitlines()
+    assert "#SBATCH --requeue" in script.splitlines()
+    assert requeue_signal(launcher) == signal.SIGUSR1

@@ -23,10 +23,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import ClusterEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from torch import nn
 
 from .bayes import native
@@ -38,14 +40,21 @@ from .cli.config_checks import (
     check_optimized_metric,
     config_problems,
 )
+from .cli.config_tree import config_tree, print_config_tree, save_config_tree
 from .cli.errors import UserError, exit_on_user_error, user_errors
+from .cli.preset_checks import (
+    callbacks_without_their_input,
+    check_monitors,
+    missing_logger_packages,
+)
 from .cli.printing import format_metrics
 from .cli.resume_in_place import resumed_in_place
 from .cli.run_dir_checks import check_fresh_output_dir, check_resumable
 from .storage.atomic_files import AtomicCheckpointIO, write_text_atomically
 from .storage.checkpoints import ModelCheckpoint
-from .storage.resume import nothing_left_to_train
+from .storage.resume import latest_state_of_same_run, nothing_left_to_train
 from .storage.run_lock import run_lock
+from .summary import tags_text
 from .training.allocator import retain_freed_memory
 from .training.callbacks import tensorboard_writer
 from .training.faults import check_writable
@@ -53,6 +62,13 @@ from .training.guard import LIKELY_CAUSES, NonFiniteError
 from .training.hparams import flat_hparams, trial_of_this_job
 from .training.model_summary import with_variational_summary
 from .training.module import BayesByBackprop
+from .training.preemption import (
+    Preemption,
+    preempted_fault,
+    run_config_text,
+    slurm_environment,
+    stopped_by_sigterm,
+)
 from .training.tensorboard_logger import write_results
 
 log = logging.getLogger(__name__)
@@ -182,7 +198,8 @@ def _target_std(datamodule: pl.LightningDataModule, likelihood: dict) -> list[fl
 
 def _write_results(writer: Any, cfg: DictConfig, trainer: pl.Trainer, metrics: dict) -> None:
     """The final metrics and hyperparameters in TensorBoard (HParams tab): the net's and the
-    likelihood's sizes as filled from the dataset, named and ordered by this job's trial."""
+    likelihood's sizes as filled from the dataset, named and ordered by this job's trial; the
+    run's ``tags`` (``tags=[baseline,mnist]``) as the column ``tags``."""
     trial = trial_of_this_job()
     model = trainer.lightning_module
     filled = {"likelihood": model.hparams.get("likelihood")}
@@ -192,6 +209,7 @@ def _write_results(writer: Any, cfg: DictConfig, trainer: pl.Trainer, metrics: d
     overrides = trial.overrides if trial is not None else ()  # also the keys of no group
     hparams = flat_hparams(cfg, filled, choices, overrides)
     name, varied = (trial.name(hparams), trial.varied_keys) if trial is not None else ("", ())
+    hparams["tags"] = tags_text(cfg.get("tags"))  # labels, not settings: not in the name's digest
     write_results(writer, hparams, metrics, name, varied, trainer.global_step)
 
 
@@ -244,9 +262,11 @@ def _relaunch_as_this_job() -> Iterator[None]:
 
 def check_before_building(cfg: DictConfig) -> None:
     """Every check that needs no data, model or kernels, all problems in one UserError: keys
-    and values (:func:`config_problems`), the targets' arguments, the dataset's file, and the
-    cheap components built once on their own (those with a problem already named are not)."""
+    and values (:func:`config_problems`), the targets' arguments, the dataset's file, the
+    loggers' optional packages and what the callbacks need, and the cheap components built once
+    on their own (those with a problem already named are not)."""
     problems = config_problems(cfg) + unaccepted_arguments(cfg) + missing_files(cfg)
+    problems += missing_logger_packages(cfg) + callbacks_without_their_input(cfg)
 
     def reported(key: str) -> bool:
         return any(problem.startswith((f"{key}.", f"{key}=", f"{key}:")) for problem in problems)
@@ -261,20 +281,45 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     The output directory is locked for the run (:mod:`bbb_lightning.storage.run_lock`): a second run
     into it stops at once. A finished run resumed in place keeps its ``metrics.json`` and
-    returns its metrics: there is nothing left to train.
+    returns its metrics: there is nothing left to train. An unfinished run started again with
+    the same config in the same directory (a requeued SLURM job) resumes from its latest state.
+    At SIGTERM the run saves the state of the step it reached and stops with
+    :class:`~bbb_lightning.faults.RunFault` (exit status 143; :mod:`bbb_lightning.preemption`).
     """
     with user_errors():
         native.check_setting()  # a bad BBB_LIGHTNING_NATIVE fails here, before any work
     check_before_building(cfg)
     output_dir = Path(cfg.paths.output_dir)
     check_writable(output_dir, "paths.output_dir")
+    run_config = run_config_text(cfg)
     with run_lock(output_dir, "paths.output_dir"):
-        return _train(cfg, output_dir)
+        _resume_same_run(cfg, output_dir, run_config)
+        return _train(cfg, output_dir, run_config)
 
 
-def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
+def _resume_same_run(cfg: DictConfig, output_dir: Path, run_config: str) -> None:
+    """Point ``cfg.ckpt_path`` at the latest state of this same run when ``output_dir`` holds
+    it unfinished (:func:`~bbb_lightning.resume.latest_state_of_same_run`)."""
+    latest = latest_state_of_same_run(output_dir, run_config)
+    if latest is None or (cfg.get("ckpt_path") and Path(cfg.ckpt_path) == latest[0]):
+        return
+    path, step = latest
+    log.info(
+        "Resuming the unfinished run in %s from %s (step %d): it was started with this same config",
+        output_dir,
+        path,
+        step,
+    )
+    with read_write(cfg), open_dict(cfg):
+        cfg.ckpt_path = str(path)
+
+
+def _train(cfg: DictConfig, output_dir: Path, run_config: str) -> dict[str, float]:
     ckpt_path = cfg.get("ckpt_path")
     check_fresh_output_dir(output_dir, ckpt_path)
+    tree = config_tree(cfg) if (cfg.get("extras") or {}).get("print_config") else None
+    if tree is not None:
+        print_config_tree(tree)
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.retain_freed_memory:
         retain_freed_memory()
@@ -284,9 +329,11 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         datamodule.setup("fit")
         model = build_model(cfg, datamodule)
         check_optimized_metric(cfg.optimized_metric, model.metrics["val_"].keys())
+        check_monitors(cfg, _validation_metrics(model))
         check_resumable(model, ckpt_path)
         _check_optimizer(model)
         callbacks = _instantiate_all(cfg.get("callbacks"))
+        callbacks.append(Preemption(_checkpoint_dir(callbacks, output_dir), run_config))
         loggers = _instantiate_all(cfg.get("logger"))
         trainer: pl.Trainer = instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=_plugins(cfg)
@@ -301,12 +348,29 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         # build, 30 to 100 s once), then one forward pass that checks the data fits the net.
         native.kernels()
         check_input_fits(model, next(iter(datamodule.train_dataloader())))
+    if tree is not None:
+        save_config_tree(tree, output_dir)
 
     with _relaunch_as_this_job():
-        metrics = _fit_and_test(cfg, trainer, model, datamodule)
+        metrics = _fit_and_test(cfg, trainer, model, datamodule, output_dir)
     _report(cfg, trainer, metrics)
+    if trainer.fast_dev_run:
+        log.info(
+            "fast_dev_run: a check of %d training, validation and test batch(es); Lightning "
+            "writes no checkpoint and no logger output in this mode, and metrics.json holds "
+            "those batches' metrics",
+            int(trainer.fast_dev_run),
+        )
     _check_finite(metrics, model.skipped_steps)
     return metrics
+
+
+def _validation_metrics(model: BayesByBackprop) -> list[str]:
+    """The names the model logs at validation (``val/nll``, ``val/accuracy``, ...)."""
+    names = ["val/nll", *(f"val/{metric}" for metric in model.metrics["val_"])]
+    if model.target_std is not None and not model.is_classifier:
+        names.append("val/raw_ll")
+    return names
 
 
 def _finished_in_place(
@@ -340,7 +404,21 @@ def _plugins(cfg: DictConfig) -> list[Any]:
     plugins = [instantiate(p) if OmegaConf.is_config(p) else p for p in configured]
     if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
         plugins.append(AtomicCheckpointIO())
+    if not any(isinstance(plugin, ClusterEnvironment) for plugin in plugins):
+        launcher = HydraConfig.get().launcher if HydraConfig.initialized() else None
+        environment = slurm_environment(launcher)
+        if environment is not None:
+            plugins.append(environment)
     return plugins
+
+
+def _checkpoint_dir(callbacks: list[Any], output_dir: Path) -> Path:
+    """Where the run's ``last.ckpt`` goes: its checkpoint callback's folder, else
+    ``<output_dir>/checkpoints``."""
+    for callback in callbacks:
+        if isinstance(callback, LightningModelCheckpoint) and callback.dirpath is not None:
+            return Path(callback.dirpath)
+    return output_dir / "checkpoints"
 
 
 def _check_finite(metrics: dict[str, float], skipped_steps: int) -> None:
@@ -360,16 +438,28 @@ def _fit_and_test(
     trainer: pl.Trainer,
     model: BayesByBackprop,
     datamodule: pl.LightningDataModule,
+    output_dir: Path,
 ) -> dict[str, float]:
     started = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    preemption = next(c for c in trainer.callbacks if isinstance(c, Preemption))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except BaseException as error:
+        if stopped_by_sigterm(error):
+            raise preempted_fault(preemption.saved, output_dir, "training") from None
+        raise
     fit_seconds = time.perf_counter() - started
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
     checkpoint = trainer.checkpoint_callback
     best, best_score = checkpoint.best() if isinstance(checkpoint, ModelCheckpoint) else ("", None)
     skipped_steps = model.skipped_steps  # the run's; loading the best checkpoint restores its own
-    (test_results,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+    try:
+        (test_results,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+    except BaseException as error:
+        if stopped_by_sigterm(error):
+            raise preempted_fault(None, output_dir, "testing") from None
+        raise
     model.skipped_steps = skipped_steps
     metrics |= {name: float(value) for name, value in test_results.items()}
     metrics |= {"fit_seconds": fit_seconds, "epochs": float(trainer.current_epoch)}

@@ -65,12 +65,16 @@ def exit_on_user_error(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
     traceback. In a multirun the
     error is re-raised, so that Hydra records the job as failed and runs the others. A
     :class:`NonFiniteError` is decided by every process of a data-parallel run together and
-    raised by each with the same message: rank 0 alone logs it.
+    raised by each with the same message: rank 0 alone logs it, as a fault raised by every
+    process (a SIGTERM).
     """
     try:
         return task(cfg)
     except (UserError, FloatingPointError, RunFault) as error:
-        if not (isinstance(error, NonFiniteError) and rank_zero_only.rank > 0):
+        reported_by_rank_zero = isinstance(error, NonFiniteError) or getattr(
+            error, "every_process", False
+        )
+        if not (reported_by_rank_zero and rank_zero_only.rank > 0):
             for line in UserError.describe(error).splitlines():
                 log.error("%s", line)
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:

@@ -12,8 +12,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from ..storage.resume import latest_state_of_same_run
 from ..storage.run_lock import acquire_run_lock, release_run_lock
 from ..training.faults import RunFault, check_writable
+from ..training.preemption import run_config_text
 from .errors import UserError
 from .run_dir_checks import (
     check_fresh_output_dir,
@@ -40,6 +42,8 @@ class RefuseEarlierRunDirectory(Callback):
         with _refused_on_stderr():
             check_writable(run_dir, "hydra.run.dir")
             with _released_if_refused(run_dir, acquire_run_lock(run_dir, "hydra.run.dir")):
+                if latest_state_of_same_run(run_dir, run_config_text(config)) is not None:
+                    return  # the same command again: train resumes the unfinished run
                 ckpt_path = config.get("ckpt_path")
                 check_fresh_output_dir(run_dir, ckpt_path)
                 if resumes_in(run_dir, ckpt_path):

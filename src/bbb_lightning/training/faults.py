@@ -22,9 +22,12 @@ EXIT_PREEMPTED = 143
 class RunFault(Exception):
     """A fault of the machine or the cluster, not of the config: one line, then ``exit_status``."""
 
-    def __init__(self, message: str, exit_status: int = 1) -> None:
+    def __init__(self, message: str, exit_status: int = 1, every_process: bool = False) -> None:
+        """``every_process``: each process of a data-parallel run raises it (a SIGTERM reaches
+        them all): the first process alone reports it."""
         super().__init__(message)
         self.exit_status = exit_status
+        self.every_process = every_process
 
 
 def describe_free_space(directory: Path) -> str:
