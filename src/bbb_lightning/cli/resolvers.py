@@ -1,8 +1,7 @@
 """OmegaConf resolvers the configs use: ``${run_dir:...}`` and ``${fresh_dir:...}`` (the run
-directories),
-``${config_groups:ood}`` (train's ``--help``), ``${metric_mode:val/accuracy}`` (the checkpoint's
-``mode``), ``${optuna_direction:...}`` and ``${mlflow_tags:${tags}}`` (the run's tags as
-MLflow's tag mapping)."""
+directories), ``${config_groups:ood,analyses}`` and ``${config_options:ood}`` (the ``--help``
+texts), ``${metric_mode:val/accuracy}`` (the checkpoint's ``mode``), ``${optuna_direction:...}``
+and ``${mlflow_tags:${tags}}`` (the run's tags as MLflow's tag mapping)."""
 
 from __future__ import annotations
 
@@ -51,6 +50,16 @@ def fresh_directory(path: str) -> str:
             continue
         return candidate
     raise FileExistsError(f"{path}: 9999 run directories of that name exist already")
+
+
+def config_options(group: str) -> str:
+    """``option, option`` of one config group of the package's ``conf/`` folder
+    (``${config_options:ood}`` in evaluate's ``--help``)."""
+    folder = Path(__file__).parents[1] / "conf" / group
+    return ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+
+
+OmegaConf.register_new_resolver("config_options", config_options, replace=True)
 
 
 def run_directory(root: str, name: str) -> str:
