@@ -163,7 +163,8 @@ def report(seconds: dict[str, list[float]], batch_size: int) -> list[dict[str, f
     return rows
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The options, checked (a bad one exits with one line, status 2, before any work)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -182,6 +183,11 @@ def main() -> None:
         if getattr(args, name) < 1:
             flag = name.replace("_", "-")
             parser.error(f"--{flag}={getattr(args, name)}: must be at least 1")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -24,6 +24,7 @@ QUICK = [
     "trainer.max_epochs=2",
     "callbacks.progress_bar=null",
     "trainer.enable_model_summary=false",
+    "extras.print_config=false",
 ]
 
 

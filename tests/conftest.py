@@ -31,7 +31,12 @@ def mnist_dir() -> Path:
     return root
 
 
-TRAIN_QUICK = ["callbacks.progress_bar=null", "trainer.enable_model_summary=false", "logger=none"]
+TRAIN_QUICK = [
+    "callbacks.progress_bar=null",
+    "trainer.enable_model_summary=false",
+    "logger=none",
+    "extras.print_config=false",
+]
 MNIST_QUICK = [
     "dataset=mnist",
     "model=mlp",

@@ -200,7 +200,11 @@ def test_bench_resnet_step_quick_run_has_a_ratio_per_estimator(tmp_path):
     assert all(f"| {name} |" in done.stdout for name in names)
 
 
-def test_bench_resnet_step_refuses_zero_rounds_in_one_line(tmp_path):
-    done = _run("bench_resnet_step.py", "--rounds", "0", cwd=tmp_path)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].endswith("--rounds=0: must be at least 1")
+def test_bench_resnet_step_refuses_zero_rounds_in_one_line(monkeypatch, capsys):
+    bench = _load("bench_resnet_step.py")
+    monkeypatch.setattr(sys, "argv", ["bench_resnet_step.py", "--rounds", "0"])
+    with pytest.raises(SystemExit) as exit_status:
+        bench.parse_args()
+    assert exit_status.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.endswith("--rounds=0: must be at least 1")

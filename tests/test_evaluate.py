@@ -25,6 +25,7 @@ CONF = Path(__file__).parents[1] / "src" / "bbb_lightning" / "conf"
 
 # Small but complete evaluations.
 FAST = [
+    "analyses=all",
     "eval_samples=4",
     "sample_counts=[1,2,4]",
     "attack.limit=64",
@@ -211,13 +212,22 @@ def test_fashion_mnist_from_torchvisions_layout_through_the_cli(tmp_path, mnist_
     write_idx_images(raw / "t10k-images-idx3-ubyte.gz", digits)
     out = tmp_path / "evaluation"
     result = run_cli(
-        f"ckpt_path={mnist_run}", "limit_test=100", *FAST, "ood=fashion_mnist",
-        f"ood.path={tmp_path / 'vision_root'}", "eval_samples=8", "attack.enabled=false",
-        "export.enabled=false", "pruning_fractions=[]", "figures=false", f"hydra.run.dir={out}",
-        cwd=tmp_path, entry="evaluate",
+        f"ckpt_path={mnist_run}", "limit_test=100", "ood=fashion_mnist",
+        f"ood.path={tmp_path / 'vision_root'}", "eval_samples=8", "figures=false",
+        f"hydra.run.dir={out}", cwd=tmp_path, entry="evaluate",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    # the default analyses=standard: a line per phase, no attacks, pruning or export
+    phases = [line for line in result.stderr.splitlines() if line.startswith("evaluate [")]
+    assert phases == [
+        "evaluate [1/3] the test predictive, S=10",
+        "evaluate [2/3] out of distribution: fashion_mnist",
+        "evaluate [3/3] posterior sigma and SNR",
+    ]
     metrics = json.loads((out / "metrics.json").read_text())
+    assert not any(key.startswith(("attack/", "pruning/", "gradient/")) for key in metrics)
+    assert {"samples/accuracy/S=1", "samples/accuracy/S=10"} <= set(metrics)
+    assert not (out / "export").exists()
     assert not any(key.startswith("ood/") and "/fashion_mnist/" not in key for key in metrics)
     assert abs(metrics["ood/fashion_mnist/entropy_auroc"] - 0.5) < 0.15
     assert metrics["ood/fashion_mnist/entropy"] == pytest.approx(metrics["test/entropy"], rel=0.2)
@@ -420,7 +430,7 @@ def test_help_lists_only_the_groups_the_entry_point_composes(tmp_path, entry):
         folders = {
             folder.name: sorted(p.stem for p in folder.glob("*.yaml"))
             for folder in CONF.iterdir()
-            if folder.is_dir() and folder.name not in ("hydra", "ood", "__pycache__")
+            if folder.is_dir() and folder.name not in ("hydra", "ood", "analyses", "__pycache__")
         }
         assert listed == folders
         assert "hydra/launcher=basic" in result.stdout and "slurm" in result.stdout

@@ -102,6 +102,7 @@ def test_manifest_units_turn_raw_csv_rows_into_predictions(tmp_path, tmp_path_fa
         "trainer.max_epochs=2",
     )
     overrides = ["eval_samples=2", "sample_counts=[]", "pruning_fractions=[0.0]", "figures=false"]
+    overrides.append("export.enabled=true")
     out = tmp_path / "evaluation"
     metrics = evaluate(compose_config(out, f"ckpt_path={run}", *overrides, config_name="evaluate"))
     manifest = json.loads((out / "export" / "manifest.json").read_text())

@@ -57,6 +57,11 @@ def test_the_cli_names_a_mistyped_key_and_choice_in_one_line_each(tmp_path):
                                 "model.net.hidden? (the keys of model.net: input_shape, "]),
         (["model.net.hidden=[8"], ["model.net.hidden=[8: not an override (no viable alternative"]),
         (["priors=x"], ["priors=x: no key priors; did you mean prior or posterior?"]),
+        (  # a choice in a list of a group's options
+            ["callbacks=[default,early_stoping]"],
+            ["callbacks=[default,early_stoping]: no choice 'early_stoping' in callbacks; did you "
+             "mean callbacks=early_stopping? (the choices: default, diagnostics, early_stopping, "],
+        ),
         (["-m", "prior=gaussian,laplace", "hparams_search=optuna", "trainer.max_epochs=1"], []),
     ],
 )  # fmt: skip

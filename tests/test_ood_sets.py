@@ -171,7 +171,7 @@ def test_a_set_that_does_not_fit_the_run_is_one_line(tmp_path, cifar10):
         (
             {"kind": "idx", "name": "fashion_mnist", "path": str(tmp_path), "download": False},
             cifar10,
-            r"^ood\.kind=idx \(ood=fashion_mnist .*CIFARDataModule: use ood=noise or ood=none$",
+            r"^ood\.kind=idx \(ood=fashion_mnist .*CIFARDataModule: use ood=cifar100, ood=noise",
         ),
     ]
     for ood, datamodule, message in cases:

@@ -170,9 +170,11 @@ def test_cli_runs_from_any_directory_into_outputs(tmp_path):
     run_dir = metrics_file.parent
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    # extras.print_config=false: no config tree printed or saved
+    assert "CONFIG" not in result.stdout and not (run_dir / "config_tree.log").exists()
     experiment, session = hparams_plugin(events(run_dir))
-    # a single run is named by its overrides; their keys are listed first
-    overrides = [*QUICK, "trainer.max_epochs=1"]
+    # a single run is named by its overrides (what it prints left out); their keys come first
+    overrides = [o for o in QUICK if not o.startswith("extras.")] + ["trainer.max_epochs=1"]
     assert session.group_name.startswith(" ".join(overrides) + " · ")
     differing = {info.name for info in experiment.hparam_infos if info.differs}
     assert differing == {
@@ -268,6 +270,12 @@ BAD_INPUTS = [  # docs/errors.md, row by row
     ("trainer.min_epochs=-1", "trainer.min_epochs=-1 is not allowed: null or an integer >= 0"),
     ("trainer.deterministic=maybe", "trainer.deterministic='maybe' is not allowed: true, false"),
     ("trainer.enable_model_summary=3", "trainer.enable_model_summary=3 is not allowed: true or"),
+    ("trainer.fast_dev_run=-1", "trainer.fast_dev_run=-1 is not allowed: true, false or an int"),
+    ("trainer.overfit_batches=1.5", "trainer.overfit_batches=1.5 is not allowed: 0 (off), an"),
+    ("trainer.profiler=fancy", "trainer.profiler='fancy' is not allowed: null, one of ['simple'"),
+    ("trainer.detect_anomaly=maybe", "trainer.detect_anomaly='maybe' is not allowed: true or fa"),
+    ("tags=baseline", "tags='baseline' is not allowed: a list of names, e.g. tags=[baseline,"),
+    ("extras.print_config=maybe", "extras.print_config='maybe' is not allowed: true or false"),
     ("+trainer.val_check_interval=1.5", "trainer.val_check_interval=1.5 is not allowed: null"),
     (
         "+trainer.val_check_interval=100",

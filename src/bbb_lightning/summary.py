@@ -37,6 +37,7 @@ __all__ = [
     "metric_mode",
     "over_splits",
     "shared_overrides",
+    "tags_text",
     "write_summary",
 ]
 
@@ -63,6 +64,9 @@ def _job_row(job_dir: Path) -> dict[str, Any] | None:
         return None
     overrides = yaml.safe_load(overrides_file.read_text()) or []
     row: dict[str, Any] = {"job": job_dir.name, "overrides": _joined(overrides)}
+    tags = _tags(job_dir / ".hydra" / "config.yaml")
+    if tags:
+        row["tags"] = tags
     metrics_file, error_file = job_dir / "metrics.json", job_dir / ERROR_FILE
     if metrics_file.is_file():  # also a job that failed at the end (non-finite final metrics)
         row |= json.loads(metrics_file.read_text())
@@ -71,6 +75,24 @@ def _job_row(job_dir: Path) -> dict[str, Any] | None:
     else:
         row["status"] = "ok" if metrics_file.is_file() else "running or killed"
     return row
+
+
+def tags_text(tags: Any) -> str:
+    """A run's ``tags`` (``tags=[baseline,mnist]``) as one text, the way the sweep summary,
+    TensorBoard's HParams tab and MLflow show them; "" for none.
+
+    Example:
+        >>> tags_text(["baseline", "mnist", 2024]), tags_text(None)
+        ('baseline, mnist, 2024', '')
+    """
+    return ", ".join(map(str, tags or []))
+
+
+def _tags(config_file: Path) -> str:
+    """:func:`tags_text` of the ``tags`` in a job's saved config ("" without one)."""
+    if not config_file.is_file():
+        return ""
+    return tags_text((yaml.safe_load(config_file.read_text()) or {}).get("tags"))
 
 
 def _joined(overrides: list[str]) -> str:
@@ -114,6 +136,7 @@ def collect(sweep_dir: Path, sort_by: str = "val/nll", descending: bool = False)
 
 def _columns(rows: list[dict]) -> list[str]:
     first = ["job", "status", "overrides"]
+    first += ["tags"] if any("tags" in row for row in rows) else []
     rest = sorted({name for row in rows for name in row} - {*first, "error"})
     return first + rest + (["error"] if any("error" in row for row in rows) else [])
 

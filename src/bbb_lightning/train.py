@@ -40,7 +40,13 @@ from .cli.config_checks import (
     check_optimized_metric,
     config_problems,
 )
+from .cli.config_tree import config_tree, print_config_tree, save_config_tree
 from .cli.errors import UserError, exit_on_user_error, user_errors
+from .cli.preset_checks import (
+    callbacks_without_their_input,
+    check_monitors,
+    missing_logger_packages,
+)
 from .cli.printing import format_metrics
 from .cli.resume_in_place import resumed_in_place
 from .cli.run_dir_checks import check_fresh_output_dir, check_resumable
@@ -48,6 +54,7 @@ from .storage.atomic_files import AtomicCheckpointIO, write_text_atomically
 from .storage.checkpoints import ModelCheckpoint
 from .storage.resume import latest_state_of_same_run, nothing_left_to_train
 from .storage.run_lock import run_lock
+from .summary import tags_text
 from .training.allocator import retain_freed_memory
 from .training.callbacks import tensorboard_writer
 from .training.faults import check_writable
@@ -192,7 +199,8 @@ def _target_std(datamodule: pl.LightningDataModule, likelihood: dict) -> list[fl
 
 def _write_results(writer: Any, cfg: DictConfig, trainer: pl.Trainer, metrics: dict) -> None:
     """The final metrics and hyperparameters in TensorBoard (HParams tab): the net's and the
-    likelihood's sizes as filled from the dataset, named and ordered by this job's trial."""
+    likelihood's sizes as filled from the dataset, named and ordered by this job's trial; the
+    run's ``tags`` (``tags=[baseline,mnist]``) as the column ``tags``."""
     trial = trial_of_this_job()
     model = trainer.lightning_module
     filled = {"likelihood": model.hparams.get("likelihood")}
@@ -202,6 +210,7 @@ def _write_results(writer: Any, cfg: DictConfig, trainer: pl.Trainer, metrics: d
     overrides = trial.overrides if trial is not None else ()  # also the keys of no group
     hparams = flat_hparams(cfg, filled, choices, overrides)
     name, varied = (trial.name(hparams), trial.varied_keys) if trial is not None else ("", ())
+    hparams["tags"] = tags_text(cfg.get("tags"))  # labels, not settings: not in the name's digest
     write_results(writer, hparams, metrics, name, varied, trainer.global_step)
 
 
@@ -254,9 +263,11 @@ def _relaunch_as_this_job() -> Iterator[None]:
 
 def check_before_building(cfg: DictConfig) -> None:
     """Every check that needs no data, model or kernels, all problems in one UserError: keys
-    and values (:func:`config_problems`), the targets' arguments, the dataset's file, and the
-    cheap components built once on their own (those with a problem already named are not)."""
+    and values (:func:`config_problems`), the targets' arguments, the dataset's file, the
+    loggers' optional packages and what the callbacks need, and the cheap components built once
+    on their own (those with a problem already named are not)."""
     problems = config_problems(cfg) + unaccepted_arguments(cfg) + missing_files(cfg)
+    problems += missing_logger_packages(cfg) + callbacks_without_their_input(cfg)
 
     def reported(key: str) -> bool:
         return any(problem.startswith((f"{key}.", f"{key}=", f"{key}:")) for problem in problems)
@@ -307,6 +318,9 @@ def _resume_same_run(cfg: DictConfig, output_dir: Path, run_config: str) -> None
 def _train(cfg: DictConfig, output_dir: Path, run_config: str) -> dict[str, float]:
     ckpt_path = cfg.get("ckpt_path")
     check_fresh_output_dir(output_dir, ckpt_path)
+    tree = config_tree(cfg) if (cfg.get("extras") or {}).get("print_config") else None
+    if tree is not None:
+        print_config_tree(tree)
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.retain_freed_memory:
         retain_freed_memory()
@@ -316,6 +330,7 @@ def _train(cfg: DictConfig, output_dir: Path, run_config: str) -> dict[str, floa
         datamodule.setup("fit")
         model = build_model(cfg, datamodule)
         check_optimized_metric(cfg.optimized_metric, model.metrics["val_"].keys())
+        check_monitors(cfg, _validation_metrics(model))
         check_resumable(model, ckpt_path)
         _check_optimizer(model)
         callbacks = _instantiate_all(cfg.get("callbacks"))
@@ -335,12 +350,29 @@ def _train(cfg: DictConfig, output_dir: Path, run_config: str) -> dict[str, floa
         # build, 30 to 100 s once), then one forward pass that checks the data fits the net.
         native.kernels()
         check_input_fits(model, next(iter(datamodule.train_dataloader())))
+    if tree is not None:
+        save_config_tree(tree, output_dir)
 
     with _relaunch_as_this_job():
         metrics = _fit_and_test(cfg, trainer, model, datamodule, output_dir)
     _report(cfg, trainer, metrics)
+    if trainer.fast_dev_run:
+        log.info(
+            "fast_dev_run: a check of %d training, validation and test batch(es); Lightning "
+            "writes no checkpoint and no logger output in this mode, and metrics.json holds "
+            "those batches' metrics",
+            int(trainer.fast_dev_run),
+        )
     _check_finite(metrics, model.skipped_steps)
     return metrics
+
+
+def _validation_metrics(model: BayesByBackprop) -> list[str]:
+    """The names the model logs at validation (``val/nll``, ``val/accuracy``, ...)."""
+    names = ["val/nll", *(f"val/{metric}" for metric in model.metrics["val_"])]
+    if model.target_std is not None and not model.is_classifier:
+        names.append("val/raw_ll")
+    return names
 
 
 def _finished_in_place(

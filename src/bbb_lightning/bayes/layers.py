@@ -72,14 +72,14 @@ ESTIMATORS = ("reparameterization", "local", "flipout")
 
 # Without gradients, S per-sample weight draws (weight reparameterization, flipout) are made at
 # most this many weights at a time (4 MiB in float32): memory does not grow with S, and each
-# chunk is multiplied while it is still in cache (measured 1.3x faster than 64 MiB chunks).
+# chunk is multiplied while it is still in cache (docs/performance.md, "Constants set by
+# measurement").
 _MAX_DRAWN_WEIGHTS = 1 << 20
 
 # In inference mode, local reparameterization and flipout draw one weight per sample once a
 # sample has this many output positions (rows x spatial positions): one product and in x out
-# normals then cost less than local reparameterization's two products. Measured on 2 CPU threads
-# for S = 100: 400 x 400 weights break even at 64 rows per sample (1.3x faster at 128, 0.6x
-# at 32); 400 x 10 weights at 16; convolutions were 1.8x faster from 4 images of 14 x 14.
+# normals then cost less than local reparameterization's two products (the break-even points
+# measured: docs/performance.md, "Constants set by measurement").
 _MIN_POSITIONS_FOR_WEIGHT_DRAWS = 64
 
 

@@ -179,9 +179,12 @@ def _composition_problems(config_name: str, overrides: list[Override]) -> list[s
     return problems
 
 
+def _group_options(name: str) -> list[str]:
+    return GlobalHydra.instance().config_loader().get_group_options(name.lstrip("+~"))
+
+
 def _is_group(name: str) -> bool:
-    loader = GlobalHydra.instance().config_loader()
-    return bool(loader.get_group_options(name.lstrip("+~")))
+    return bool(_group_options(name))
 
 
 def _compose_once(
@@ -204,7 +207,8 @@ def _missing_choice(
 ) -> tuple[str | None, str | None]:
     missing = error.missing_cfg_file or ""
     group, _, choice = missing.rpartition("/")
-    options = list(error.options or [])
+    # a choice in a list (callbacks=[default,early_stoping]): Hydra lists no options then
+    options = list(error.options or (_group_options(group) if group else []))
     culprit = next(
         (line for line in lines if line.split("=", 1)[0].lstrip("+~").split("@")[0] == group),
         None,

@@ -24,6 +24,9 @@ from ..training.objectives import KL_WEIGHTINGS
 from .errors import UserError
 from .run_dir_checks import check_checkpoint
 
+# The profilers Lightning's Trainer(profiler=...) takes by name.
+PROFILERS = ("simple", "advanced", "pytorch", "xla")
+
 
 def require_value(cfg: DictConfig, key: str, ok: Callable[[Any], bool], allowed: str) -> None:
     """A UserError ``key=value is not allowed: allowed`` unless ``ok(value)``; an absent key is
@@ -47,6 +50,14 @@ def is_positive(v: Any) -> bool:
 
 def is_finite_number(v: Any) -> bool:
     return is_real(v) and math.isfinite(v)
+
+
+def is_tag_list(v: Any) -> bool:
+    """A list of non-empty names (strings or numbers, as ``tags=[v2,2024]`` parses); absent or
+    null: no tags."""
+    return v is None or list_of(
+        lambda tag: isinstance(tag, str | int | float) and not isinstance(tag, bool) and str(tag)
+    )(v)
 
 
 def list_of(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
@@ -128,6 +139,24 @@ def config_problems(cfg: DictConfig) -> list[str]:
         require(f"trainer.{key}", lambda v: v is None or integer_at_least(1)(v), "an integer >= 1")
     for key in ("enable_model_summary", "enable_progress_bar", "enable_checkpointing"):
         require(f"trainer.{key}", lambda v: v is None or isinstance(v, bool), "true or false")
+    require("trainer.detect_anomaly", lambda v: v is None or isinstance(v, bool), "true or false")
+    require(
+        "trainer.fast_dev_run",
+        lambda v: v is None or isinstance(v, bool) or integer_at_least(0)(v),
+        "true, false or an integer >= 1 (that many batches of each stage)",
+    )
+    require(
+        "trainer.overfit_batches",
+        lambda v: v is None or integer_at_least(0)(v) or (isinstance(v, float) and 0 <= v <= 1),
+        "0 (off), an integer >= 1 (that many batches) or a fraction in (0, 1]",
+    )
+    require(
+        "trainer.profiler",
+        lambda v: v is None or v in PROFILERS or isinstance(v, DictConfig),
+        f"null, one of {list(PROFILERS)} or a profiler's _target_ node",
+    )
+    require("tags", is_tag_list, "a list of names, e.g. tags=[baseline,mnist]")
+    require("extras.print_config", lambda v: v is None or isinstance(v, bool), "true or false")
     require(
         "trainer.deterministic",
         lambda v: v is None or isinstance(v, bool) or v == "warn",

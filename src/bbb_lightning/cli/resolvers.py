@@ -1,17 +1,18 @@
 """OmegaConf resolvers the configs use: ``${run_dir:...}`` and ``${fresh_dir:...}`` (the run
-directories),
-``${config_groups:ood}`` (train's ``--help``), ``${metric_mode:val/accuracy}`` (the checkpoint's
-``mode``) and ``${optuna_direction:...}``."""
+directories), ``${config_groups:ood,analyses}`` and ``${config_options:ood}`` (the ``--help``
+texts), ``${metric_mode:val/accuracy}`` (the checkpoint's ``mode``), ``${optuna_direction:...}``
+and ``${mlflow_tags:${tags}}`` (the run's tags as MLflow's tag mapping)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
 
-from ..summary import metric_mode
+from ..summary import metric_mode, tags_text
 
 
 def config_group_lines(*left_out: str) -> str:
@@ -51,6 +52,16 @@ def fresh_directory(path: str) -> str:
     raise FileExistsError(f"{path}: 9999 run directories of that name exist already")
 
 
+def config_options(group: str) -> str:
+    """``option, option`` of one config group of the package's ``conf/`` folder
+    (``${config_options:ood}`` in evaluate's ``--help``)."""
+    folder = Path(__file__).parents[1] / "conf" / group
+    return ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+
+
+OmegaConf.register_new_resolver("config_options", config_options, replace=True)
+
+
 def run_directory(root: str, name: str) -> str:
     """A training run's directory: ``<root>/slurm-<job id>`` inside a SLURM batch job (Lightning's
     test: ``SLURM_NTASKS`` set and not an interactive job), else ``fresh_dir`` of
@@ -80,3 +91,18 @@ OmegaConf.register_new_resolver(
     lambda name: "maximize" if metric_mode(name) == "max" else "minimize",
     replace=True,
 )
+
+
+def mlflow_tags(tags: Sequence[object]) -> dict[str, str] | None:
+    """The run's ``tags`` list as MLflow's tag mapping: one tag ``tags`` holding them joined
+    by ", " (MLflow's tags are key-value pairs; this one can be searched with
+    ``tags.tags LIKE '%mnist%'``); None for no tags.
+
+    Example:
+        >>> mlflow_tags(["baseline", "mnist"]), mlflow_tags([])
+        ({'tags': 'baseline, mnist'}, None)
+    """
+    return {"tags": tags_text(tags)} if tags else None
+
+
+OmegaConf.register_new_resolver("mlflow_tags", mlflow_tags, replace=True)

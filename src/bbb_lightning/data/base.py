@@ -76,11 +76,15 @@ class BBBDataModule(LightningDataModule):
         The order depends only on (seed, epoch) and, under data parallelism, the process's rank:
         a resumed run sees the same batches as an uninterrupted one, and R processes with batch B
         see the batches of one process with batch R * B. Attached to a trainer, the loader is
-        built for the trainer's current epoch (the configs reload it every epoch).
+        built for the trainer's current epoch (the configs reload it every epoch). Under
+        ``trainer.overfit_batches`` it is the set in its own order, so every epoch trains on the
+        same first batches (Lightning would otherwise swap in a sequential sampler itself).
         """
         if self.train_set is None:
             raise RuntimeError(f"{type(self).__name__} has no train set yet: call setup() first")
         trainer = self.trainer
+        if trainer is not None and trainer.overfit_batches > 0:
+            return self._loader(self.train_set, "train", sampler=self._shard(self.train_set))
         sampler = EpochPermutationSampler(
             len(self.train_set),
             seed=self.seed,

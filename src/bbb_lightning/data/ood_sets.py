@@ -94,9 +94,14 @@ def _download_idx(root: Path, spec: IdxSet) -> Path:
             continue
         raw_dir = root / "raw"
         raw_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=raw_dir, suffix=".part", delete=False) as tmp:
-            tmp.write(payload)
         target = raw_dir / f"{IDX_TEST_IMAGES}.gz"
+        with tempfile.NamedTemporaryFile(dir=raw_dir, suffix=".part", delete=False) as tmp:
+            try:
+                tmp.write(payload)
+            except OSError:  # a full disk: no partial file left behind
+                tmp.close()
+                os.unlink(tmp.name)
+                raise
         os.replace(tmp.name, target)
         return target
     raise OSError("download failed: " + "; ".join(failures))

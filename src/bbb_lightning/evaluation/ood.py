@@ -89,10 +89,11 @@ def _idx_inputs(ood: Mapping[str, Any], datamodule: Any, shape: tuple[int, ...])
     """IDX test images, normalised as the run's MNIST-like images: (pixels - offset) / scale."""
     normalization = getattr(datamodule, "normalization", None)
     if normalization not in NORMALIZATIONS:
+        cifar = "ood=cifar100, " if isinstance(datamodule, CIFARDataModule) else ""
         raise ValueError(
             f"ood.kind=idx (ood={set_name(ood)} and other IDX image sets) needs an MNIST-like "
             f"image dataset with a pixel normalization; this run's dataset is "
-            f"{type(datamodule).__name__}: use ood=noise or ood=none"
+            f"{type(datamodule).__name__}: use {cifar}ood=noise or ood=none"
         )
     images = idx_test_images(ood["path"], set_name(ood), bool(ood.get("download", False)))
     if images[0].numel() != math.prod(shape):

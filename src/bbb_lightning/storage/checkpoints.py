@@ -5,7 +5,9 @@ saves a top-k checkpoint, and at the end of training only if it never saved one:
 default top-1 by ``val/nll``, ``last.ckpt`` stays at the best epoch, so a resume from it silently
 repeats every later epoch and "the final model" is the best one. :class:`ModelCheckpoint` keeps
 Lightning's top-k files and writes ``last.ckpt`` at every point where Lightning checks whether
-to checkpoint (each validation, or each training epoch's end) and when training ends.
+to checkpoint (each validation, or each training epoch's end) and when training ends. A
+``fast_dev_run`` writes no checkpoint at all, as Lightning documents (its ``on_train_end``
+wrote ``last.ckpt`` anyway).
 
 A run resumed into another directory than the one it was saved in starts Lightning's top-k
 bookkeeping afresh (its files belong to the earlier directory, and deleting a displaced one there
@@ -65,6 +67,8 @@ class ModelCheckpoint(LightningModelCheckpoint):
             self._save_last_if_behind(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.fast_dev_run:  # Lightning's on_train_end writes last.ckpt even then (2.6)
+            return
         super().on_train_end(trainer, pl_module)
         self._save_last_if_behind(trainer)  # e.g. max_steps ended the run mid-epoch
 

@@ -27,8 +27,8 @@ __all__ = ["GROUPS", "Trial", "flat_hparams", "trial_of_this_job"]
 Scalar = int | float | str | bool
 # The config groups that make the model and its training, recorded key by key.
 GROUPS = ("dataset", "model", "likelihood", "prior", "posterior", "kl", "optimizer", "scheduler")
-# Overrides that say where a run writes, not what it is.
-_PLACES = ("paths.", "hydra.", "ckpt_path")
+# Overrides that say where a run writes or what it prints, not what it is.
+_PLACES = ("paths.", "hydra.", "ckpt_path", "extras.")
 
 
 @dataclass(frozen=True)

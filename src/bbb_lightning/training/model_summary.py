@@ -1,7 +1,8 @@
 """The model summary at the start of training, with the variational tensors and without FLOPs.
 
 Lightning's summary counts FLOPs only for a module with an ``example_input_array``: for ours
-it printed a column of zeros and ``Total FLOPs: 0``. This one prints, per top-level module, its
+it printed a column of zeros and ``Total FLOPs: 0``. This one prints, per module down to
+``max_depth`` (1: the top-level ones; ``callbacks=[default,model_summary]``: 3), its
 parameters and how many of its tensors are variational (each one a posterior q(w) with its
 prior, trained through its mu and rho), then the totals.
 """
@@ -20,8 +21,9 @@ __all__ = ["VariationalModelSummary", "with_variational_summary"]
 
 
 class VariationalModelSummary(ModelSummary):
-    """A rich table: name, type, parameters and variational tensors of each top-level module;
-    then the trainable parameters, the variational tensors and what they hold, the size."""
+    """A rich table: name, type, parameters and variational tensors of each module down to
+    ``max_depth`` (-1: all); then the trainable parameters, the variational tensors and what
+    they hold, the size."""
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._max_depth or not trainer.is_global_zero:
@@ -33,7 +35,10 @@ class VariationalModelSummary(ModelSummary):
         for column, justify in (("Name", "left"), ("Type", "left"), ("Params", "right")):
             table.add_column(column, justify=justify)  # type: ignore[arg-type]
         table.add_column("Variational tensors", justify="right")
-        for name, module in pl_module.named_children():
+        for name, module in pl_module.named_modules():
+            depth = name.count(".") + 1
+            if not name or 0 <= self._max_depth < depth:  # max_depth -1: every module
+                continue
             params = sum(p.numel() for p in module.parameters())
             variational = sum(1 for _ in named_posteriors(module))
             table.add_row(

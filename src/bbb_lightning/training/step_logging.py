@@ -1,8 +1,8 @@
 """Training-step logging that costs microseconds, not milliseconds.
 
-Lightning's ``self.log`` costs about half a millisecond per value and step on a CPU, whether or
-not the value is written (measured: five values logged ``on_step`` and ``on_epoch`` add 2.8 ms
-to every step, a sixth of a Bayes-by-Backprop MLP step on MNIST). So the training step
+Lightning's ``self.log`` costs a fixed price per value and step, whether or not the value is
+written: a large part of a small network's step (docs/performance.md, "Constants set by
+measurement"). So the training step
 
 - accumulates its scalars into one :class:`WeightedMeans` (one tensor update per step), logged
   as ``<name>_epoch`` at the end of the epoch, averaged over every example of every process;
