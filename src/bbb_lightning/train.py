@@ -53,7 +53,7 @@ from .cli.run_dir_checks import check_fresh_output_dir, check_resumable
 from .storage.atomic_files import AtomicCheckpointIO, write_text_atomically
 from .storage.checkpoints import ModelCheckpoint
 from .storage.resume import latest_state_of_same_run, nothing_left_to_train
-from .storage.run_lock import run_lock
+from .storage.run_lock import is_launching_process, run_lock
 from .summary import tags_text
 from .training.allocator import retain_freed_memory
 from .training.callbacks import tensorboard_writer
@@ -65,6 +65,7 @@ from .training.model_summary import with_variational_summary
 from .training.module import BayesByBackprop
 from .training.preemption import (
     Preemption,
+    install_signal_connector,
     preempted_fault,
     run_config_text,
     slurm_environment,
@@ -305,7 +306,8 @@ def _resume_same_run(cfg: DictConfig, output_dir: Path, run_config: str) -> None
     if latest is None or (cfg.get("ckpt_path") and Path(cfg.ckpt_path) == latest[0]):
         return
     path, step = latest
-    log.info(
+    log_once = log.info if is_launching_process() else log.debug  # ranks > 0 resume it too
+    log_once(
         "Resuming the unfinished run in %s from %s (step %d): it was started with this same config",
         output_dir,
         path,
@@ -342,6 +344,7 @@ def _train(cfg: DictConfig, output_dir: Path, run_config: str) -> dict[str, floa
         )
         trainer.callbacks = with_variational_summary(trainer.callbacks)
         check_epoch_length(trainer, datamodule)
+    install_signal_connector(trainer)
     finished = _finished_in_place(output_dir, ckpt_path, trainer)
     if finished is not None:
         return finished

@@ -15,10 +15,13 @@ batches; this way the whole validation runs again (its randomness is seeded per 
 gives the uninterrupted run's metrics).
 
 Under SLURM, Lightning's ``SLURMEnvironment(auto_requeue=True, requeue_signal=SIGUSR1)``
-handles the signal SLURM sends ahead of the time limit (``--signal=USR1@<seconds>``, set by the
-``slurm`` launcher config): it saves ``hpc_ckpt_<n>.ckpt`` and calls ``scontrol requeue``; SLURM
-then ends the job with SIGTERM, which lands here. :func:`slurm_environment` builds that plugin
-with the signal the launcher asked SLURM for.
+makes the connector handle the signal SLURM sends ahead of the time limit
+(``--signal=USR1@<seconds>``, set by the ``slurm`` launcher config) by ``scontrol requeue``;
+SLURM then ends the job with SIGTERM, which lands here. :func:`slurm_environment` builds that
+plugin with the signal the launcher asked SLURM for. The handlers are those of
+:class:`SignalConnector`: Lightning's own run collectives inside the handler (a broadcast, the
+requeue handler's checkpoint), which hang a data-parallel run whose processes are in another
+collective when the signal lands.
 
 Every checkpoint also records the run's config (:meth:`Preemption.on_save_checkpoint`), which
 is how the same command, started again, recognises the state of its own unfinished run
@@ -29,15 +32,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_prefixed_message, rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from ..storage.resume import RUN_CONFIG_KEY
@@ -48,6 +56,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "Preemption",
     "SavedAtSignal",
+    "SignalConnector",
+    "install_signal_connector",
     "requeue_signal",
     "run_config_text",
     "slurm_environment",
@@ -97,6 +107,11 @@ class Preemption(Callback):
             loops = checkpoint["loops"]["fit_loop"]
             loops["epoch_loop.val_loop.batch_progress"] = self._val_progress_before
 
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        connector = trainer._signal_connector
+        if isinstance(connector, SignalConnector):
+            connector.agree()
+
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
@@ -124,6 +139,73 @@ class Preemption(Callback):
             num_batches=trainer.num_training_batches,
             during=during,
         )
+
+
+class SignalConnector(_SignalConnector):
+    """Lightning's signal connector with its two handlers kept free of collectives.
+
+    Lightning's SIGTERM handler broadcasts from inside the handler, and its SLURM requeue
+    handler saves a checkpoint there (a barrier): under data parallelism a signal lands in the
+    middle of another collective (a metric's all-reduce, a barrier), the processes wait in
+    different collectives, and the run hangs until it is killed (seen with 2 gloo processes).
+    Here the handlers only note the signal (and forward SIGTERM to the processes this one
+    launched, as Lightning's does; the requeue handler calls ``scontrol requeue`` and saves
+    nothing: SLURM's SIGTERM that follows saves the exact state). The processes agree on it
+    after each training batch (:meth:`agree`, one all-reduce), and
+    ``received_sigterm``, which the loops read, is that agreed value: every process stops at
+    the same point.
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self._noted = False  # this process received SIGTERM
+        self._agreed = False  # some process did, as all of them know (after agree())
+        super().__init__(trainer)
+
+    @property  # type: ignore[override]
+    def received_sigterm(self) -> bool:
+        return self._agreed if self.trainer.world_size > 1 else self._noted
+
+    @received_sigterm.setter
+    def received_sigterm(self, value: bool) -> None:  # Lightning resets it at each fit/test
+        self._noted = self._agreed = bool(value)
+
+    def agree(self) -> None:
+        """Share whether any process received SIGTERM (a collective: every process calls it)."""
+        if self.trainer.world_size > 1:
+            noted = torch.tensor([float(self._noted)], device=self.trainer.strategy.root_device)
+            torch.distributed.all_reduce(noted, op=torch.distributed.ReduceOp.MAX)
+            self._agreed = bool(noted.item())
+
+    def _sigterm_notifier_fn(self, signum: Any, _: Any) -> None:
+        log.info(rank_prefixed_message(f"Received SIGTERM: {signum}", self.trainer.local_rank))
+        if not self._noted and self.trainer.strategy.launcher is not None:
+            self.trainer.strategy.launcher.kill(signum)
+        self._noted = True
+
+    def _slurm_sigusr_handler_fn(self, signum: Any, _: Any) -> None:
+        rank_zero_info(f"Handling auto-requeue signal: {signum}")
+        if not self.trainer.is_global_zero:
+            return
+        array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+        job = (
+            f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+            if array_job is not None
+            else os.environ["SLURM_JOB_ID"]
+        )
+        try:
+            status = subprocess.call(["scontrol", "requeue", job])
+        except FileNotFoundError:
+            status = None
+        if status == 0:
+            log.info("Requeued SLURM job %s; its SIGTERM saves the state of the step", job)
+        else:
+            log.warning("Requeuing SLURM job %s failed (scontrol: %s)", job, status)
+
+
+def install_signal_connector(trainer: Trainer) -> None:
+    """Give ``trainer`` the :class:`SignalConnector` (before fit: it registers the handlers)."""
+    if type(trainer._signal_connector) is _SignalConnector:
+        trainer._signal_connector = SignalConnector(trainer)
 
 
 def _validation_not_started(progress: Any) -> dict[str, Any]:
