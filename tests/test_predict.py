@@ -296,7 +296,8 @@ def test_csv_classification_outputs_the_class_labels(tmp_path, tmp_path_factory,
     classes = ["big", "small"]  # sorted: the order of the datamodule's class indices
     for suffix in (".csv", ".npz", ".pt"):
         output = tmp_path / f"p{suffix}"
-        results = run_predict(tmp_path, f"ckpt_path={run}", f"input={inputs}", f"output={output}")
+        common = [f"ckpt_path={run}", f"input={inputs}", f"output={output}", "raw=true"]
+        results = run_predict(tmp_path, *common)  # the table's own feature values
         labels = [classes[int(i)] for i in results["prediction"]]
         assert results["label"] == labels
         if suffix == ".csv":

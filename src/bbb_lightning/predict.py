@@ -266,15 +266,19 @@ class _RunData:
             return None
 
 
+_RANGE_MARGIN = 10  # training ranges beyond either end that an input may reach
+
+
 def check_input_range(
     x: Tensor, trained_on: Sequence[float], source: str, raw: bool, raw_units: str | None
 ) -> None:
-    """A UserError when the inputs reach more than the training inputs' range ``[lo, hi]``
-    beyond either end (below ``lo - (hi - lo)`` or above ``hi + (hi - lo)``): inputs in other
-    units (pixels 0..255 where the run trained on normalised ones) gave confident nonsense,
-    probabilities of exactly 0 and 1."""
+    """A UserError when the inputs reach more than ten times the training inputs' range
+    ``[lo, hi]`` beyond either end (below ``lo - 10 (hi - lo)`` or above ``hi + 10 (hi - lo)``):
+    inputs in other units (pixels 0..255 where the run trained on normalised ones, whose range
+    is about 3) gave confident nonsense, probabilities of exactly 0 and 1. Inputs a few ranges
+    away, as a regression's extrapolation asks for, pass."""
     lo, hi = trained_on
-    width = hi - lo
+    width = _RANGE_MARGIN * (hi - lo)
     low, high = float(x.min()), float(x.max())
     if low >= lo - width and high <= hi + width:
         return

@@ -248,7 +248,9 @@ def _relaunch_as_this_job() -> Iterator[None]:
         yield
         return
     hydra_config = HydraConfig.get()
-    argv, run_dir, environment = sys.argv, hydra_config.run.dir, dict(os.environ)
+    # unresolved: resolving ${run_dir:...} would create a directory under outputs/
+    run_dir = OmegaConf.to_container(hydra_config.run, resolve=False)["dir"]
+    argv, environment = sys.argv, dict(os.environ)
     sys.argv = [argv[0], *hydra_config.overrides.task, "hydra.mode=RUN"]
     with read_write(hydra_config):
         hydra_config.run.dir = hydra_config.runtime.output_dir
